@@ -1,0 +1,33 @@
+"""hescape.data: paired H&E / gene-expression datasets.
+
+Gene panels of the HESCAPE benchmark, a synthetic Xenium-like generator, 55 µm pseudo-spot pooling,
+sharded Arrow datasets with a manifest, and a torch Dataset over them.
+"""
+
+from .arrow import SCHEMA_VERSION, DatasetWriter, SpotRecords, read_manifest, verify_dataset
+from .build import build_synthetic_dataset, cache_dir, default_dataset
+from .dataset import PairedSpotDataset, decode_image
+from .errors import DatasetFormatError, HescapeDataError, PanelMismatchError, SplitLeakageError
+from .panels import GenePanel, list_panels, load_panel, load_split_preset
+from .pseudospots import assign_cells, pool_counts, spot_grid
+from .splits import check_no_donor_leakage
+from .synthetic import SyntheticConfig, generate_sample
+from .transforms import get_gene_transform, log1p, normalize_total_log1p
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # datasets on disk
+    "SCHEMA_VERSION", "DatasetWriter", "SpotRecords", "read_manifest", "verify_dataset",
+    "PairedSpotDataset", "decode_image",
+    # synthetic data
+    "SyntheticConfig", "generate_sample", "build_synthetic_dataset", "default_dataset", "cache_dir",
+    # panels and splits
+    "GenePanel", "list_panels", "load_panel", "load_split_preset", "check_no_donor_leakage",
+    # pooling
+    "spot_grid", "assign_cells", "pool_counts",
+    # transforms
+    "get_gene_transform", "log1p", "normalize_total_log1p",
+    # errors
+    "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError",
+]

@@ -1,0 +1,133 @@
+"""A map-style torch Dataset over the memory-mapped shards of a HESCAPE Arrow dataset."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .arrow import iter_split_names, open_shard, read_manifest
+from .errors import DatasetFormatError, PanelMismatchError
+
+__all__ = ["PairedSpotDataset", "decode_image"]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Decode PNG/JPEG bytes to a ``(3, H, W)`` uint8 tensor."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class PairedSpotDataset(torch.utils.data.Dataset):
+    """Random access to (image, raw counts) pairs of one or more splits.
+
+    Shards are memory-mapped lazily in each process, so the dataset is safe to use with
+    ``DataLoader(num_workers > 0)``: a worker opens its own maps after the fork.
+
+    Parameters
+    ----------
+    path
+        Dataset directory (holds ``manifest.json``).
+    split
+        ``"train"``, ``"val"``, ``"test"``, several of them, or None for all rows.
+    genes
+        If given, the gene panel the caller expects; a dataset with another panel is refused.
+    image_transform, gene_transform
+        Applied to the ``(3, H, W)`` uint8 image tensor and to the float32 raw-count vector.
+
+    Items are dicts with ``image``, ``gexp``, ``index`` (row in this dataset), ``sample`` and ``donor``.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str | Sequence[str] | None = None, *,
+                 genes: Sequence[str] | None = None,
+                 image_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 gene_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.genes: list[str] = list(self.manifest["genes"])
+        if genes is not None and list(genes) != self.genes:
+            missing = [g for g in genes if g not in set(self.genes)]
+            msg = (f"dataset {self.path} has a {len(self.genes)}-gene panel but {len(genes)} genes were asked for"
+                   f" ({len(missing)} of them absent, e.g. {missing[:5]}); use a dataset built with the same panel")
+            raise PanelMismatchError(msg)
+        names = iter_split_names(self.manifest, split)
+        self.image_transform = image_transform
+        self.gene_transform = gene_transform
+        rows: list[np.ndarray] = []
+        shard_ids: list[np.ndarray] = []
+        self._samples: list[str] = []
+        self._donors: list[str] = []
+        for i, s in enumerate(self.manifest["shards"]):
+            t = open_shard(self.path / s["file"], s["rows"])
+            col_names = t.column("name").to_numpy(zero_copy_only=False)
+            col_donor = t.column("donor").to_numpy(zero_copy_only=False)
+            keep = np.flatnonzero(np.isin(col_names, list(names)))
+            rows.append(keep)
+            shard_ids.append(np.full(len(keep), i))
+            self._samples.extend(col_names[keep].tolist())
+            self._donors.extend(col_donor[keep].tolist())
+        self._row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        self._shard = np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int64)
+        if len(self._row) == 0:
+            msg = f"dataset {self.path} has no rows in split {split!r}"
+            raise DatasetFormatError(msg)
+        self._tables: dict[int, object] | None = None
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def donors(self) -> list[str]:
+        return self._donors
+
+    @property
+    def samples(self) -> list[str]:
+        return self._samples
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tables"] = None  # memory maps are reopened in each worker
+        return state
+
+    def _table(self, shard: int):
+        if self._tables is None:
+            self._tables = {}
+        t = self._tables.get(shard)
+        if t is None:
+            s = self.manifest["shards"][shard]
+            t = self._tables[shard] = open_shard(self.path / s["file"], s["rows"])
+        return t
+
+    def raw_counts(self) -> np.ndarray:
+        """All raw count vectors of this dataset, ``(len(self), n_genes)`` float32."""
+        out = np.empty((len(self), self.n_genes), dtype=np.float32)
+        for shard in np.unique(self._shard):
+            sel = np.flatnonzero(self._shard == shard)
+            col = self._table(int(shard)).column("gexp").combine_chunks()
+            flat = col.values.to_numpy().reshape(-1, self.n_genes)
+            out[sel] = flat[self._row[sel]]
+        return out
+
+    def __getitem__(self, idx: int) -> dict:
+        if idx < 0 or idx >= len(self):
+            msg = f"index {idx} out of range for a dataset of {len(self)} rows"
+            raise IndexError(msg)
+        t = self._table(int(self._shard[idx]))
+        r = int(self._row[idx])
+        image = decode_image(t.column("image")[r]["bytes"].as_py())
+        gexp = torch.from_numpy(np.asarray(t.column("gexp")[r].values.to_numpy(), dtype=np.float32).copy())
+        if self.image_transform is not None:
+            image = self.image_transform(image)
+        if self.gene_transform is not None:
+            gexp = self.gene_transform(gexp)
+        return {"image": image, "gexp": gexp, "index": idx, "sample": self._samples[idx], "donor": self._donors[idx]}
