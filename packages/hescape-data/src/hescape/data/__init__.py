@@ -1,18 +1,31 @@
 """hescape.data: paired H&E / gene-expression datasets.
 
 Gene panels of the HESCAPE benchmark, a synthetic Xenium-like generator, 55 µm pseudo-spot pooling,
-sharded Arrow datasets with a manifest, and a torch Dataset over them.
+sharded Arrow datasets with a manifest, and a torch Dataset over them; readers of real Xenium bundles and
+Space Ranger outputs with µm-exact H&E patches (``hescape-data build ...``).
 """
 
 from .arrow import SCHEMA_VERSION, DatasetWriter, SpotRecords, read_manifest, verify_dataset
 from .build import build_synthetic_dataset, cache_dir, default_dataset
 from .dataset import PairedSpotDataset, decode_image
-from .errors import DatasetFormatError, HescapeDataError, PanelMismatchError, SplitLeakageError
+from .errors import (
+    AlignmentError,
+    DatasetFormatError,
+    HescapeDataError,
+    InputFormatError,
+    PanelMismatchError,
+    SplitLeakageError,
+)
+from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
 from .panels import GenePanel, list_panels, load_panel, load_split_preset
+from .patches import extract_patch, extract_patches
 from .pseudospots import assign_cells, pool_counts, spot_grid
+from .readers.visium import read_visium
+from .readers.xenium import read_xenium
 from .splits import check_no_donor_leakage
 from .synthetic import SyntheticConfig, generate_sample
 from .transforms import get_gene_transform, log1p, normalize_total_log1p
+from .xenium_bundle import XeniumBundleOptions, write_xenium_bundle
 
 __version__ = "0.1.0"
 
@@ -24,10 +37,14 @@ __all__ = [
     "SyntheticConfig", "generate_sample", "build_synthetic_dataset", "default_dataset", "cache_dir",
     # panels and splits
     "GenePanel", "list_panels", "load_panel", "load_split_preset", "check_no_donor_leakage",
+    # real inputs: readers, µm-exact patches, ingestion
+    "read_xenium", "read_visium", "extract_patch", "extract_patches", "build_xenium_dataset", "build_visium_dataset",
+    "SpotOptions", "PatchOptions", "XeniumBundleOptions", "write_xenium_bundle",
     # pooling
     "spot_grid", "assign_cells", "pool_counts",
     # transforms
     "get_gene_transform", "log1p", "normalize_total_log1p",
     # errors
-    "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError",
+    "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
+    "AlignmentError",
 ]

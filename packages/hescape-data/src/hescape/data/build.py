@@ -22,7 +22,7 @@ from .synthetic import SyntheticConfig, crop_patch, generate_sample
 __all__ = ["GENERATOR_VERSION", "build_synthetic_dataset", "default_dataset", "cache_dir", "donor_splits"]
 
 #: Bumped whenever the generator's output changes, so cached default datasets are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 
 def cache_dir() -> Path:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError"]
+__all__ = [
+    "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
+    "AlignmentError",
+]
 
 
 class HescapeDataError(ValueError):
@@ -19,3 +22,11 @@ class PanelMismatchError(HescapeDataError):
 
 class SplitLeakageError(HescapeDataError):
     """A donor appears in more than one split."""
+
+
+class InputFormatError(HescapeDataError):
+    """A raw input (Xenium bundle, Space Ranger output, image) is missing, malformed or inconsistent."""
+
+
+class AlignmentError(InputFormatError):
+    """An image alignment matrix is unreadable, singular or not affine."""

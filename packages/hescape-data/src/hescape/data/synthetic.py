@@ -8,6 +8,8 @@ mixture. Every cell type has
 * an expression program over the real gene panel: the panel's per-gene mean counts as baseline,
   strong up-regulation of the type's canonical markers when the panel has them, and a random
   type-specific log-fold-change over all genes;
+* continuous cell states (proliferation, hypoxia/stress, inflammation) that vary smoothly in space,
+  each with its own gene program and a visible effect on nuclei and cytoplasm;
 * an image appearance in an H&E rendering (Beer–Lambert mix of haematoxylin and eosin optical
   densities): nucleus size, shape, darkness and cytoplasm eosin intensity.
 
@@ -53,6 +55,14 @@ NICHES: dict[str, tuple[dict[str, float], float, float]] = {
     "adipose": ({"adipocyte": 0.6, "endothelial": 0.25, "fibroblast": 0.1, "macrophage": 0.05}, 0.3, 0.1),
 }
 
+#: continuous cell states varying smoothly in space; each has a gene program and an image effect:
+#: (name, image effect on nuclei haematoxylin, on cytoplasm eosin, on nucleus size)
+STATES: tuple[tuple[str, float, float, float], ...] = (
+    ("proliferation", 0.9, 0.0, 0.45),  # larger, hyperchromatic nuclei
+    ("hypoxia_stress", -0.4, 1.4, 0.0),  # pale nuclei, eosinophilic cytoplasm
+    ("inflammation", 0.4, -0.5, -0.25),  # small dark nuclei, less cytoplasm
+)
+
 # Haematoxylin and eosin optical-density colour vectors (R, G, B), as in colour-deconvolution practice.
 _H_VEC = np.array([0.65, 0.70, 0.29])
 _E_VEC = np.array([0.07, 0.99, 0.11])
@@ -72,7 +82,8 @@ class SyntheticConfig:
     spot_grid: str = "hex"  # "hex" or "square"
     spot_diameter_um: float = 55.0  # pseudo-spot diameter (Visium: 55 µm)
     patch_fov_um: float = 112.0  # field of view of each H&E patch
-    niche_scale_um: float = 180.0  # length scale of the niche fields
+    niche_scale_um: float = 150.0  # length scale of the niche fields
+    state_scale_um: float = 110.0  # length scale of the continuous cell-state fields (see STATES)
     counts_per_cell: float | None = None  # mean counts per cell; None -> panel spot mean / cells per spot
     donor_gene_shift_sd: float = 0.25  # sd of the per-donor, per-gene log shift
     donor_stain_shift_sd: float = 0.08  # sd of the per-donor stain vector perturbation
@@ -126,6 +137,15 @@ def _type_programs(rng: np.random.Generator, panel: GenePanel) -> np.ndarray:
     return lfc
 
 
+def _state_programs(rng: np.random.Generator, panel: GenePanel) -> np.ndarray:
+    """Log-fold-change of each continuous state at full activation, shape (n_states, n_genes)."""
+    lfc = np.zeros((len(STATES), panel.n_genes))
+    for k in range(len(STATES)):
+        genes = rng.choice(panel.n_genes, size=max(4, panel.n_genes // 20), replace=False)
+        lfc[k, genes] = rng.uniform(1.5, 2.5, size=len(genes))
+    return lfc
+
+
 def _nucleus_stamp(radius_px: float, elong: float, angle: float) -> np.ndarray:
     """A soft elliptical disc (values 0..1) for a nucleus or a cytoplasm."""
     a, b = radius_px * np.sqrt(elong), radius_px / np.sqrt(elong)
@@ -149,7 +169,7 @@ def _add_stamp(canvas: np.ndarray, stamp: np.ndarray, cy: float, cx: float, weig
     canvas[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1] += weight * stamp[sy0:sy1, sx0:sx1]
 
 
-def _render(rng, cfg: SyntheticConfig, cell_xy, cell_type, niche_prob, donor_stain) -> np.ndarray:
+def _render(rng, cfg: SyntheticConfig, cell_xy, cell_type, cell_state, niche_prob, donor_stain) -> np.ndarray:
     px = cfg.pixel_size_um
     n = int(round(cfg.sample_size_um / px))
     types = list(CELL_TYPES.values())
@@ -164,16 +184,19 @@ def _render(rng, cfg: SyntheticConfig, cell_xy, cell_type, niche_prob, donor_sta
     fib = (fib - fib.min()) / (np.ptp(fib) + 1e-9)
     eosin = level * (0.45 + 0.9 * fib)
     haem = np.zeros((n, n))
+    fx = np.array([[st[1], st[2], st[3]] for st in STATES])  # (n_states, 3)
+    effect = 1.0 + cell_state @ fx  # per cell: haematoxylin, eosin, size multipliers
     for t in range(len(types)):
         sel = np.flatnonzero(cell_type == t)
         _markers, r_nuc, elong, h_dens, e_dens, r_cyt = types[t]
         for k, i in enumerate(sel):
             ang = rng.uniform(0, np.pi)
-            jitter = rng.uniform(0.85, 1.15)
+            jitter = rng.uniform(0.9, 1.1)
+            h_mul, e_mul, size_mul = np.clip(effect[i], 0.3, None)
             cy, cx = cell_xy[i, 1] / px, cell_xy[i, 0] / px
-            if k % 1 == 0:
-                _add_stamp(eosin, _nucleus_stamp(r_cyt * jitter / px, 1.0 + 0.3 * (elong - 1), ang), cy, cx, e_dens)
-            _add_stamp(haem, _nucleus_stamp(r_nuc * jitter / px, elong, ang), cy, cx, h_dens * jitter)
+            _add_stamp(eosin, _nucleus_stamp(r_cyt * jitter / px, 1.0 + 0.3 * (elong - 1), ang), cy, cx, e_dens * e_mul)
+            r = r_nuc * jitter * size_mul / px
+            _add_stamp(haem, _nucleus_stamp(r, elong, ang), cy, cx, h_dens * jitter * h_mul)
     h_vec = _H_VEC + donor_stain[0]
     e_vec = _E_VEC + donor_stain[1]
     h_vec, e_vec = h_vec / np.linalg.norm(h_vec), e_vec / np.linalg.norm(e_vec)
@@ -202,6 +225,7 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int, p
     # Shared biology (same for every donor): type programs. Donor effects: from the donor's stream.
     bio_rng = np.random.default_rng([cfg.seed, 0])
     programs = _type_programs(bio_rng, panel)
+    state_programs = _state_programs(bio_rng, panel)
     donor_rng = np.random.default_rng([cfg.seed, 1, donor_index])
     gene_shift = donor_rng.normal(0.0, cfg.donor_gene_shift_sd, size=panel.n_genes)
     lib_factor = float(np.exp(donor_rng.normal(0.0, 0.2)))
@@ -223,7 +247,7 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int, p
     field_fn = _smooth_fields(rng, len(niche_names), cfg.niche_scale_um)
 
     def niche_prob(xy):
-        z = 6.0 * field_fn(xy)
+        z = 3.5 * field_fn(xy)
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -240,12 +264,14 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int, p
     p_type /= p_type.sum(1, keepdims=True)
     cell_type = (rng.uniform(size=(len(xy), 1)) > np.cumsum(p_type, axis=1)).sum(1)
     cell_type = np.minimum(cell_type, len(type_names) - 1)
+    state_fn = _smooth_fields(rng, len(STATES), cfg.state_scale_um)
+    cell_state = 1.0 / (1.0 + np.exp(-3.0 * state_fn(xy)))  # (n_cells, n_states) in (0, 1)
 
     # Expression: gamma-Poisson around the type program, with the donor's shift and library factor.
     cells_per_spot = np.pi * (cfg.spot_diameter_um / 2) ** 2 / s**2 * float(density.mean())
     per_cell = cfg.counts_per_cell or float(panel.mean_counts.sum() / cells_per_spot)
     base = np.log(panel.mean_counts / panel.mean_counts.sum() + 1e-8)
-    logits = base[None, :] + programs[cell_type] + gene_shift[None, :]
+    logits = base[None, :] + programs[cell_type] + cell_state @ state_programs + gene_shift[None, :]
     frac = np.exp(logits - logits.max(1, keepdims=True))
     frac /= frac.sum(1, keepdims=True)
     lib = per_cell * lib_factor * np.exp(rng.normal(0, 0.3, size=(len(xy), 1)))
@@ -253,7 +279,7 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int, p
     counts = rng.poisson(rng.gamma(shape=4.0, scale=mu / 4.0)).astype(np.float32)
     cell_counts = sp.csr_matrix(counts)
 
-    image = _render(rng, cfg, xy, cell_type, niche_prob, stain)
+    image = _render(rng, cfg, xy, cell_type, cell_state, niche_prob, stain)
 
     spots = spot_grid((0, 0, cfg.sample_size_um, cfg.sample_size_um), pitch_um=cfg.spot_pitch_um,
                       kind=cfg.spot_grid, margin_um=cfg.patch_fov_um / 2)
@@ -271,4 +297,5 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int, p
         spot_n_cells=n_cells,
         spot_niche=niche_prob(spots).argmax(1) if len(spots) else np.zeros(0, dtype=int),
         image=image,
+        extra={"cell_state": cell_state},
     )

@@ -10,8 +10,14 @@ i.e. the number of gallery items scoring strictly higher, plus the items that ti
 match and come earlier in the gallery (ties are broken by gallery index, as a stable sort on
 descending score would). ``Recall@k = mean(rank < k)``; mean and median ranks are reported 1-based.
 
-The similarity matrix is never materialised whole: queries are processed in blocks of
-``block_size`` rows, so memory is ``O(block_size · N + N · d)``, and there is no sort.
+With several positives per query (``positives=`` labels), the rank is that of the best positive among
+the negatives only: negatives scoring strictly higher than it, plus negatives tying with it at a lower
+gallery index (see :mod:`hescape.eval._backend`). It is the position of the first positive in a
+stable descending sort, so ``Recall@k`` is the fraction of queries with some positive in the top ``k``.
+
+The similarity matrix is never materialised whole and nothing is sorted: the C++/CUDA kernels fuse
+the dot products with the compare-and-count, and the torch fallback works in blocks of
+``block_size`` query rows (memory ``O(block_size · N + N · d)``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._backend import compute_ranks
 from .errors import HescapeEvalError
 
 __all__ = ["RetrievalResult", "match_ranks", "recall_at_k", "retrieval_metrics", "chance_recall"]
@@ -29,7 +36,10 @@ __all__ = ["RetrievalResult", "match_ranks", "recall_at_k", "retrieval_metrics",
 
 @dataclass(frozen=True)
 class RetrievalResult:
-    """Metrics of one retrieval direction. ``recall[k]`` and ``chance[k]`` are fractions in [0, 1]."""
+    """Metrics of one retrieval direction. ``recall[k]`` and ``chance[k]`` are fractions in [0, 1].
+
+    ``backend`` records what computed the ranks (``"cuda"``, ``"cpp-avx2"``, ``"cpp-generic"``, ``"torch"``).
+    """
 
     n: int
     recall: dict[int, float]
@@ -37,6 +47,7 @@ class RetrievalResult:
     mean_rank: float
     median_rank: float
     chance_mean_rank: float
+    backend: str = "torch"
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         out = {f"{prefix}R@{k}": v for k, v in self.recall.items()}
@@ -46,91 +57,90 @@ class RetrievalResult:
         return out
 
 
-def _as_tensor(x, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        msg = f"{name}: expected a torch.Tensor or numpy array, found {type(x).__name__}"
-        raise HescapeEvalError(msg)
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        msg = f"{name}: expected a floating-point array, found dtype {x.dtype}; cast with .float()"
-        raise HescapeEvalError(msg)
-    if x.ndim != 2:
-        msg = f"{name}: expected shape (N, d), found {tuple(x.shape)}"
-        raise HescapeEvalError(msg)
-    if x.shape[0] == 0:
-        msg = f"{name}: expected at least one row, found an empty array"
-        raise HescapeEvalError(msg)
-    if not torch.isfinite(x).all():
-        msg = f"{name}: found NaN or inf values; check the encoder outputs before evaluating"
-        raise HescapeEvalError(msg)
-    return x
-
-
-def match_ranks(queries, gallery, *, block_size: int = 1024) -> torch.Tensor:
+def match_ranks(queries, gallery, *, block_size: int = 1024, positives=None, backend: str = "auto") -> torch.Tensor:
     """0-based rank of each query's true match (gallery row ``i`` for query ``i``), by the rule above.
 
-    Scores are inner products computed in float32 (float64 inputs stay float64).
+    ``positives`` (labels, or a ``(query_labels, gallery_labels)`` pair) generalises the true match to
+    several positives; ``backend`` picks the kernel (see :func:`hescape.eval.compute_ranks`, which also
+    reports the backend used). Scores are float32 inner products (float64 inputs stay float64 on torch).
     """
-    q = _as_tensor(queries, "queries")
-    g = _as_tensor(gallery, "gallery")
-    if q.shape != g.shape:
-        msg = f"queries and gallery must be paired row by row with equal shapes; found {tuple(q.shape)} and {tuple(g.shape)}"
-        raise HescapeEvalError(msg)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, g = q.to(dtype), g.to(dtype)
-    n = q.shape[0]
-    ranks = torch.empty(n, dtype=torch.int64)
-    idx = torch.arange(n)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        s = q[start:stop] @ g.T  # (b, N)
-        rows = torch.arange(stop - start)
-        p = s[rows, idx[start:stop]].unsqueeze(1)
-        higher = (s > p).sum(dim=1)
-        tie_before = ((s == p) & (idx.unsqueeze(0) < idx[start:stop].unsqueeze(1))).sum(dim=1)
-        ranks[start:stop] = higher + tie_before
-    return ranks
+    return compute_ranks(queries, gallery, positives=positives, backend=backend, block_size=block_size).ranks
 
 
-def chance_recall(n: int, k: int) -> float:
-    """Recall@k of a random ranking of a gallery of ``n`` items: ``min(k, n) / n``."""
-    return min(k, n) / n
+def chance_recall(n: int, k: int, n_positives: int = 1) -> float:
+    """Recall@k of a random ranking of ``n`` items with ``n_positives`` positives.
+
+    ``1 - C(n - P, k) / C(n, k)``; for one positive, ``min(k, n) / n``.
+    """
+    if k >= n - n_positives + 1:
+        return 1.0
+    miss = 1.0
+    for t in range(min(k, n)):
+        miss *= (n - n_positives - t) / (n - t)
+    return 1.0 - miss
 
 
-def recall_at_k(ranks: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of queries whose 0-based rank is below each ``k``."""
-    n = len(ranks)
-    out = {}
+def _check_ks(ks: Sequence[int], n: int) -> None:
     for k in ks:
         if not isinstance(k, int | np.integer) or k < 1:
-            msg = f"k must be a positive integer, found {k!r}"
-            raise HescapeEvalError(msg)
+            raise HescapeEvalError.build(what=f"k={k!r}", expected="a positive integer", found=type(k).__name__,
+                                         fix="pass ks such as (1, 5, 10)")
         if k > n:
-            msg = f"Recall@{k} needs a gallery of at least {k} items, found {n}; lower k or evaluate more samples"
-            raise HescapeEvalError(msg)
-        out[int(k)] = float((ranks < k).double().mean())
-    return out
+            raise HescapeEvalError.build(what=f"Recall@{k}", expected=f"a gallery of at least {k} items", found=f"{n}",
+                                         fix="lower k or evaluate more samples")
 
 
-def _direction(q, g, ks, block_size) -> RetrievalResult:
-    ranks = match_ranks(q, g, block_size=block_size)
-    n = len(ranks)
+def recall_at_k(ranks: torch.Tensor, ks: Sequence[int], *, n_gallery: int | None = None) -> dict[int, float]:
+    """Fraction of queries whose 0-based rank is below each ``k`` (``k`` at most the gallery size)."""
+    _check_ks(ks, len(ranks) if n_gallery is None else n_gallery)
+    return {int(k): float((ranks < k).double().mean()) for k in ks}
+
+
+def _n_positives(positives) -> np.ndarray | int:
+    """Number of gallery positives of each query (validated labels)."""
+    if positives is None:
+        return 1
+    if isinstance(positives, tuple | list) and len(positives) == 2:
+        ql, gl = positives
+    else:
+        ql = gl = positives
+    ql = np.asarray(ql.cpu() if isinstance(ql, torch.Tensor) else ql)
+    gl = np.asarray(gl.cpu() if isinstance(gl, torch.Tensor) else gl)
+    values, counts = np.unique(gl, return_counts=True)
+    return counts[np.clip(np.searchsorted(values, ql), 0, len(values) - 1)]
+
+
+def _direction(q, g, ks, block_size, positives, backend, reverse) -> RetrievalResult:
+    if isinstance(positives, tuple | list) and len(positives) == 2 and reverse:
+        positives = (positives[1], positives[0])
+    _check_ks(ks, int(g.shape[0]) if hasattr(g, "shape") else 0)
+    out = compute_ranks(q, g, positives=positives, backend=backend, block_size=block_size)
+    ranks = out.ranks.cpu()
+    n, n_g = len(ranks), int(g.shape[0])
     r1 = (ranks + 1).double()
+    n_pos = np.atleast_1d(_n_positives(positives))
+    uniq, cnt = np.unique(n_pos, return_counts=True)
+    chance = {int(k): float(sum(c * chance_recall(n_g, int(k), int(p)) for p, c in zip(uniq, cnt, strict=True))
+                            / cnt.sum()) for k in ks}
     return RetrievalResult(
         n=n,
-        recall=recall_at_k(ranks, ks),
-        chance={int(k): chance_recall(n, int(k)) for k in ks},
+        recall=recall_at_k(ranks, ks, n_gallery=n_g),
+        chance=chance,
         mean_rank=float(r1.mean()),
         median_rank=float(np.median(r1.numpy())),
-        chance_mean_rank=(n + 1) / 2,
+        chance_mean_rank=float(np.mean((n_g + 1) / (n_pos + 1))),
+        backend=out.backend,
     )
 
 
-def retrieval_metrics(image_emb, gene_emb, *, ks: Sequence[int] = (1, 5, 10),
-                      block_size: int = 1024) -> dict[str, RetrievalResult]:
-    """Image→gene (``"i2g"``) and gene→image (``"g2i"``) retrieval over the full paired gallery."""
+def retrieval_metrics(image_emb, gene_emb, *, ks: Sequence[int] = (1, 5, 10), block_size: int = 1024,
+                      positives=None, backend: str = "auto") -> dict[str, RetrievalResult]:
+    """Image→gene (``"i2g"``) and gene→image (``"g2i"``) retrieval over the full paired gallery.
+
+    ``positives``: ``None`` (row ``i`` matches row ``i``), one label vector for both sets, or a pair
+    ``(image_labels, gene_labels)`` (swapped automatically for ``"g2i"``).
+    """
     return {
-        "i2g": _direction(image_emb, gene_emb, ks, block_size),
-        "g2i": _direction(gene_emb, image_emb, ks, block_size),
+        "i2g": _direction(image_emb, gene_emb, ks, block_size, positives, backend, reverse=False),
+        "g2i": _direction(gene_emb, image_emb, ks, block_size, positives, backend, reverse=True),
     }

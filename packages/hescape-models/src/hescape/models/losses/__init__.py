@@ -1,8 +1,16 @@
 """Contrastive losses between image and gene embeddings.
 
-Each loss returns ``{"contrastive_loss": tensor}``; the trainer sums every key ending in ``_loss``.
+Each loss module returns ``{"contrastive_loss": tensor}``; the trainer sums every key ending in ``_loss``.
+The losses never materialise the B×B logit matrix: Triton kernels (:mod:`hescape.models.ops`) on CUDA, the
+tiled torch reference (:mod:`._reference`) elsewhere.
 """
 
-from ._openclip import ClipLoss, SigLipLoss, create_loss
+from ._fused import IMPLS, ClipLoss, SigLipLoss, clip_loss, create_loss, resolve_impl, siglip_loss
+from ._reference import DEFAULT_TILE
+from .distributed import all_gather_with_grad, gather_features
 
-__all__ = ["ClipLoss", "SigLipLoss", "create_loss"]
+__all__ = [
+    "ClipLoss", "SigLipLoss", "create_loss",
+    "clip_loss", "siglip_loss", "resolve_impl", "IMPLS", "DEFAULT_TILE",
+    "all_gather_with_grad", "gather_features",
+]

@@ -1,48 +1,30 @@
-"""CLIP and SigLIP losses, delegating to open_clip's reference implementations."""
+"""open_clip's ClipLoss/SigLipLoss behind our interface (``impl="openclip"``); the reference in tests.
+
+open_clip materialises the B×B logits; prefer the fused default except to cross-check.
+"""
 
 from __future__ import annotations
 
 import torch
-from open_clip.loss import ClipLoss as _OCClipLoss
-from open_clip.loss import SigLipLoss as _OCSigLipLoss
-from torch import nn
 
 from ..errors import HescapeModelError
 
-__all__ = ["ClipLoss", "SigLipLoss", "create_loss"]
+__all__ = ["openclip_clip_loss", "openclip_siglip_loss"]
 
 
-class ClipLoss(nn.Module):
-    """Symmetric InfoNCE: mean of image→gene and gene→image cross-entropy over ``scale · v gᵀ``."""
+def openclip_clip_loss(img: torch.Tensor, gex: torch.Tensor, logit_scale: torch.Tensor, *, local_loss: bool = False,
+                       gather_with_grad: bool = True, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    from open_clip.loss import ClipLoss
 
-    def __init__(self):
-        super().__init__()
-        self._impl = _OCClipLoss()
-
-    def forward(self, img: torch.Tensor, gex: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"contrastive_loss": self._impl(img, gex, logit_scale)}
+    return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                    world_size=world_size)(img, gex, logit_scale)
 
 
-class SigLipLoss(nn.Module):
-    """Pairwise sigmoid loss over ``scale · v gᵀ + bias``, labels +1 on the diagonal, −1 elsewhere."""
+def openclip_siglip_loss(img: torch.Tensor, gex: torch.Tensor, logit_scale: torch.Tensor,
+                         logit_bias: torch.Tensor | None, *, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    from open_clip.loss import SigLipLoss
 
-    def __init__(self):
-        super().__init__()
-        self._impl = _OCSigLipLoss()
-
-    def forward(self, img: torch.Tensor, gex: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if logit_bias is None:
-            msg = "SigLIP needs a logit_bias; build the model with loss='siglip'"
-            raise HescapeModelError(msg)
-        return {"contrastive_loss": self._impl(img, gex, logit_scale, logit_bias)}
-
-
-def create_loss(name: str) -> nn.Module:
-    """``"clip"`` or ``"siglip"``."""
-    losses = {"clip": ClipLoss, "siglip": SigLipLoss}
-    if name not in losses:
-        msg = f"unknown loss {name!r}: expected one of {sorted(losses)}"
+    if logit_bias is None:
+        msg = "SigLIP expects a logit_bias, found None; build the model with loss='siglip'"
         raise HescapeModelError(msg)
-    return losses[name]()
+    return SigLipLoss(rank=rank, world_size=world_size, dist_impl="gather")(img, gex, logit_scale, logit_bias)

@@ -1,0 +1,81 @@
+// Exact blockwise match ranks on the CPU: shared declarations.
+//
+// Ranking rule (0-based), for query i with threshold t_i = s(i, p_i), where p_i is its best positive
+// (highest score, lowest gallery index among equal scores):
+//
+//     rank_i = #{j : s_ij > t_i} + #{j < p_i : s_ij == t_i}
+//
+// Positives never satisfy this condition (none scores above t_i, and those tying with t_i have
+// j > p_i by the choice of p_i), so the count runs over all j without a label mask and equals the
+// position of the first positive in a stable descending sort of row i.
+//
+// Exactness hinges on one thing: t_i must be the bit-identical float that the counting pass computes
+// for the pair (i, p_i). Every score, in either pass, is therefore computed by one canonical
+// procedure per ISA path ("the canonical dot"):
+//     s = 0; for k = 0 .. d-1 in order: s = s + q[k] * g[k]
+// in fp32 (bf16 widened exactly), with the multiply-add fused on the AVX2 path and unfused (two
+// roundings, never contracted: -ffp-contract=off) on the generic path. The register-blocked kernel
+// keeps one accumulator lane per (query, gallery) pair and walks k in the same order, and pass 1 runs
+// the literal scalar loop, so both produce the same bits for a pair wherever it falls in a tile. The
+// ISA path is chosen once per call, so both passes always run on the same path. (This is also the
+// order of the CUDA kernel.)
+//
+// Pass 2 layout: the gallery is packed into panels of kNR = 16 rows stored k-major ([d][16]); a
+// 6 x 16 register tile (12 AVX2 accumulators) multiplies broadcast query values with panel rows, and
+// the compare-and-count runs on the accumulators, so no score is ever stored.
+#pragma once
+
+#include <cstdint>
+
+namespace hescape {
+
+// Register tile: kMR query rows x kNR gallery rows (kNR / 8 vectors per row).
+constexpr int kMR = 6;
+constexpr int kNR = 16;
+
+// Counting pass for query rows [i0, i1) (at most kMR; a tail block repeats row i0 and drops its counts)
+// against gallery panels [p0, p1). q: row-major fp32 (stride d); gp: packed panels (panel p holds rows
+// 16p .. 16p+15 as [d][16], zero beyond ng); thr/pidx: per-query threshold and best-positive index.
+// counts[i - i0] is incremented.
+using CountFn = void (*)(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0,
+                         int64_t p1, int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts);
+// The canonical dot; g is read with stride gstride (kNR inside a panel).
+using DotFn = float (*)(const float* q, const float* g, int64_t d, int64_t gstride);
+
+#define HESCAPE_DECLARE_ISA(ns)                                                                              \
+  namespace ns {                                                                                            \
+  void count_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1, \
+                  int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts);                      \
+  float dot(const float* q, const float* g, int64_t d, int64_t gstride);                                    \
+  }
+HESCAPE_DECLARE_ISA(generic)
+#ifdef HESCAPE_HAVE_AVX2
+HESCAPE_DECLARE_ISA(avx2)
+#endif
+#undef HESCAPE_DECLARE_ISA
+
+// Whether this CPU can run the AVX2+FMA path (checked at run time).
+bool cpu_has_avx2();
+
+// Input element type of a (n, d) row-major matrix.
+enum class ElemType { f32, bf16 };
+
+struct RankInput {
+  const void* q;
+  const void* g;
+  ElemType dtype;
+  int64_t nq, ng, d;
+  const int64_t* q_labels;  // nullptr: positive of query i is gallery row i (nq == ng)
+  const int64_t* g_labels;
+};
+
+struct RankOutput {
+  int64_t* ranks;       // nq
+  float* best_score;    // nq: the threshold t_i
+  int64_t* best_index;  // nq: p_i, or -1 when query i has no positive
+};
+
+// Runs both passes. isa: "auto", "avx2" or "generic". Returns the ISA used.
+const char* rank_cpu(const RankInput& in, const RankOutput& out, int num_threads, const char* isa);
+
+}  // namespace hescape

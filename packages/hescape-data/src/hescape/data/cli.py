@@ -1,0 +1,147 @@
+"""``hescape-data``: build paired datasets from Xenium / Visium outputs and inspect them.
+
+    hescape-data build xenium BUNDLE --out DIR [--he-image FILE --alignment CSV] [options]
+    hescape-data build visium OUTS --image FILE|hires|lowres --out DIR [options]
+    hescape-data info DIR [--verify]
+    hescape-data synth xenium DIR [--size-um 300]        # a synthetic bundle in the real file formats
+
+Input errors are reported on one line (what was expected, what was found, how to fix it) with exit code 2;
+datasets are written atomically, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import HescapeDataError
+
+__all__ = ["main"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output dataset directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--sample", help="sample name (default: from the input)")
+    p.add_argument("--donor", help="donor id (default: the sample name)")
+    p.add_argument("--tissue", help="tissue label")
+    p.add_argument("--source", help="source label (default: xenium / visium)")
+    p.add_argument("--split", default="train", help="split recorded in the manifest (default: train)")
+    p.add_argument("--fov-um", type=float, default=112.0, help="patch field of view in µm (default 112)")
+    p.add_argument("--um-per-px", type=float, default=0.5, help="patch pixel size in µm (default 0.5 -> 224 px)")
+    p.add_argument("--min-counts", type=float, default=1.0, help="drop spots with fewer total counts (default 1)")
+    p.add_argument("--panel", help="reorder/subset genes to a vendored HESCAPE panel, e.g. human-breast-panel")
+    p.add_argument("--missing-genes", choices=["error", "zero"], default="error",
+                   help="panel genes absent from the data: refuse (default) or fill zeros")
+    p.add_argument("--duplicate-genes", choices=["error", "sum"], default="error",
+                   help="features sharing a gene name: refuse (default) or sum them")
+    p.add_argument("--rows-per-shard", type=int, default=2048)
+    p.add_argument("--no-qc", action="store_true", help="skip the QC figure (qc/<sample>.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hescape-data", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    build = sub.add_parser("build", help="build a dataset from one Xenium bundle or Space Ranger outs/")
+    bsub = build.add_subparsers(dest="kind", required=True)
+    x = bsub.add_parser("xenium", help="Xenium Onboard Analysis bundle + post-Xenium H&E")
+    x.add_argument("bundle", type=Path)
+    x.add_argument("--he-image", type=Path, help="H&E OME-TIFF (default: <bundle>/*he_image.ome.tif)")
+    x.add_argument("--alignment", type=Path, help="H&E alignment CSV (default: <bundle>/*he_imagealignment.csv)")
+    x.add_argument("--grid", choices=["hex", "square"], default="hex", help="pseudo-spot grid (default hex)")
+    x.add_argument("--pitch-um", type=float, default=100.0, help="pseudo-spot centre distance (default 100)")
+    x.add_argument("--spot-diameter-um", type=float, default=55.0, help="pseudo-spot diameter (default 55)")
+    x.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer cells (default 1)")
+    x.add_argument("--counts-from", choices=["cells", "transcripts"], default="cells",
+                   help="pool whole cells by centroid (default) or transcripts.parquet by position")
+    x.add_argument("--min-qv", type=float, default=20.0, help="transcript QV threshold (default 20, as XOA)")
+    _add_common(x)
+    v = bsub.add_parser("visium", help="Space Ranger outs/ folder + full-resolution image")
+    v.add_argument("outs", type=Path)
+    v.add_argument("--image", required=True, help="full-resolution image file, or 'hires' / 'lowres'")
+    v.add_argument("--matrix", choices=["filtered", "raw"], default="filtered")
+    _add_common(v)
+    info = sub.add_parser("info", help="summarise a dataset directory")
+    info.add_argument("path", type=Path)
+    info.add_argument("--verify", action="store_true", help="also check every shard's SHA-256")
+    syn = sub.add_parser("synth", help="write synthetic inputs in real file formats (for tests and demos)")
+    ssub = syn.add_subparsers(dest="kind", required=True)
+    sx = ssub.add_parser("xenium", help="a synthetic Xenium bundle with an aligned H&E OME-TIFF")
+    sx.add_argument("out", type=Path)
+    sx.add_argument("--size-um", type=float, default=300.0)
+    sx.add_argument("--seed", type=int, default=0)
+    sx.add_argument("--string-cell-ids", action="store_true")
+    sx.add_argument("--transcripts", action="store_true")
+    return ap
+
+
+def _build(a) -> int:
+    from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
+
+    patch = PatchOptions(fov_um=a.fov_um, um_per_px=a.um_per_px)
+    common = {"sample": a.sample, "donor": a.donor, "split": a.split, "panel": a.panel,
+              "duplicate_genes": a.duplicate_genes, "missing_genes": a.missing_genes, "overwrite": a.overwrite,
+              "progress": not a.quiet, "qc": not a.no_qc, "rows_per_shard": a.rows_per_shard, "patch": patch}
+    if a.kind == "xenium":
+        spots = SpotOptions(grid=a.grid, pitch_um=a.pitch_um, diameter_um=a.spot_diameter_um,
+                            min_counts=a.min_counts, min_cells=a.min_cells)
+        out = build_xenium_dataset(a.bundle, a.out, he_image=a.he_image, alignment=a.alignment, tissue=a.tissue,
+                                   counts_from=a.counts_from, min_qv=a.min_qv,
+                                   source=a.source or "xenium", spots=spots, **common)
+    else:
+        out = build_visium_dataset(a.outs, a.out, image=a.image, tissue=a.tissue or "unknown",
+                                   source=a.source or "visium", matrix=a.matrix, min_counts=a.min_counts, **common)
+    _info(out, verify=False)
+    return 0
+
+
+def _info(path: Path, verify: bool) -> int:
+    from .arrow import read_manifest, verify_dataset
+
+    m = verify_dataset(path) if verify else read_manifest(path)
+    print(f"{path}: {m['n_rows']} spots, {len(m['genes'])} genes, {len(m['samples'])} samples, "
+          f"{len(m['shards'])} shards{' (checksums OK)' if verify else ''}")
+    splits = Counter()
+    for s in m["samples"]:
+        splits[s["split"]] += s["n_spots"]
+    print("splits: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
+    for s in m["samples"]:
+        print(f"  {s['name']}: {s['n_spots']} spots, donor={s['donor']}, tissue={s['tissue']}, "
+              f"source={s['source']}, split={s['split']}")
+    qc = sorted((path / "qc").glob("*.png")) if (path / "qc").is_dir() else []
+    if qc:
+        print("qc figures: " + ", ".join(str(p) for p in qc))
+    return 0
+
+
+def _synth(a) -> int:
+    from .xenium_bundle import XeniumBundleOptions, small_bundle_config, write_xenium_bundle
+
+    out = write_xenium_bundle(a.out, small_bundle_config(a.size_um, seed=a.seed),
+                              XeniumBundleOptions(string_cell_ids=a.string_cell_ids, transcripts=a.transcripts))
+    print(f"wrote synthetic Xenium bundle {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hescape-data`` console script; returns the exit code."""
+    a = _parser().parse_args(argv)
+    try:
+        if a.cmd == "build":
+            return _build(a)
+        if a.cmd == "info":
+            return _info(a.path, a.verify)
+        return _synth(a)
+    except (HescapeDataError, FileExistsError) as e:
+        print(f"hescape-data: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hescape-data: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

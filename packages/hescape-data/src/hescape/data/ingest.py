@@ -1,0 +1,254 @@
+"""Build paired H&E / gene-expression Arrow datasets from real Xenium bundles and Space Ranger outputs.
+
+One call = one sample (one bundle or one ``outs/`` folder) written with :class:`~hescape.data.arrow.DatasetWriter`
+(atomic: the output directory appears only when complete). Xenium cells are pooled into pseudo-spots
+(:func:`~hescape.data.pseudospots.spot_grid`, :func:`~hescape.data.pseudospots.assign_cells`,
+:func:`~hescape.data.pseudospots.pool_counts`); Visium spots are used as they are. Each spot gets a µm-exact
+H&E patch (:mod:`hescape.data.patches`). A QC figure (spots over the H&E thumbnail, coloured by total counts)
+is written to ``<out>/qc/<sample>.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .arrow import DatasetWriter, SpotRecords
+from .errors import HescapeDataError, InputFormatError, PanelMismatchError
+from .panels import load_panel
+from .patches import extract_patches
+from .pseudospots import assign_cells, pool_counts, spot_grid
+from .readers.visium import read_visium
+from .readers.xenium import SpatialSample, read_transcripts, read_xenium
+
+__all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_dataset", "qc_figure",
+           "harmonise_genes", "pseudo_spots"]
+
+
+@dataclass(frozen=True)
+class SpotOptions:
+    """How Xenium cells are pooled into pseudo-spots (lengths in µm)."""
+
+    grid: str = "hex"  # "hex" (Visium-like) or "square"
+    pitch_um: float = 100.0  # centre-to-centre distance
+    diameter_um: float = 55.0  # disc diameter; a cell belongs to a spot when its centroid is inside
+    min_counts: float = 1.0  # drop spots with fewer total counts
+    min_cells: int = 1  # drop spots with fewer cells (Xenium only)
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """H&E patch geometry."""
+
+    fov_um: float = 112.0  # field of view (HEST: 112 µm)
+    um_per_px: float = 0.5  # output pixel size (HEST: 0.5 µm/px -> 224 px)
+
+
+def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicate_genes: str = "error",
+                    missing_genes: str = "error") -> tuple[sp.csr_matrix, list[str], list[str]]:
+    """Counts, gene names and gene ids after handling duplicated names and (optionally) reordering to a panel.
+
+    ``duplicate_genes``: ``"error"`` (default) or ``"sum"`` (add up the features that share a name).
+    ``panel``: a vendored panel name; columns are reordered to its genes. ``missing_genes``: ``"error"``
+    (default) or ``"zero"`` (panel genes absent from the data get zero counts).
+    """
+    counts, genes, gene_ids = sample.counts.tocsc(), list(sample.genes), list(sample.gene_ids)
+    if len(set(genes)) != len(genes):
+        seen: dict[str, int] = {}
+        for g in genes:
+            seen[g] = seen.get(g, 0) + 1
+        dup = sorted(g for g, k in seen.items() if k > 1)
+        if duplicate_genes == "error":
+            msg = (f"sample {sample.name}: expected unique gene names, found {len(dup)} duplicated "
+                   f"(e.g. {dup[:5]}); pass duplicate_genes='sum' (--duplicate-genes sum) to add their counts")
+            raise InputFormatError(msg)
+        if duplicate_genes != "sum":
+            msg = f"duplicate_genes must be 'error' or 'sum', found {duplicate_genes!r}"
+            raise HescapeDataError(msg)
+        order: list[str] = list(dict.fromkeys(genes))
+        col = {g: i for i, g in enumerate(order)}
+        first_id = {}
+        for g, i in zip(genes, gene_ids, strict=True):
+            first_id.setdefault(g, i)
+        agg = sp.csr_matrix((np.ones(len(genes), np.float32), ([col[g] for g in genes], np.arange(len(genes)))),
+                            shape=(len(order), len(genes)))
+        counts = (counts @ agg.T).tocsc()
+        genes, gene_ids = order, [first_id[g] for g in order]
+    if panel is not None:
+        p = load_panel(panel)
+        col = {g: i for i, g in enumerate(genes)}
+        missing = [g for g in p.genes if g not in col]
+        if missing and missing_genes == "error":
+            msg = (f"sample {sample.name}: panel {panel} has {p.n_genes} genes, {len(missing)} of them absent from "
+                   f"the data (e.g. {missing[:5]}); pass missing_genes='zero' (--missing-genes zero) to fill zeros "
+                   "or choose the panel the data were measured with")
+            raise PanelMismatchError(msg)
+        src = [col.get(g, -1) for g in p.genes]
+        take = sp.csr_matrix((np.ones(sum(s >= 0 for s in src), np.float32),
+                              ([s for s in src if s >= 0], [j for j, s in enumerate(src) if s >= 0])),
+                             shape=(len(genes), p.n_genes))
+        counts = counts @ take
+        genes, gene_ids = list(p.genes), list(p.gene_ids)
+    return sp.csr_matrix(counts), genes, gene_ids
+
+
+def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, opts: SpotOptions):
+    """Spot centres (µm), pooled counts and cells per spot over the extent of the cells."""
+    if len(xy_um) == 0:
+        msg = "expected cells to pool into pseudo-spots, found none"
+        raise InputFormatError(msg)
+    lo, hi = xy_um.min(0), xy_um.max(0)
+    spots = spot_grid((lo[0], lo[1], hi[0], hi[1]), pitch_um=opts.pitch_um, kind=opts.grid)
+    assign = assign_cells(xy_um, spots, diameter_um=opts.diameter_um)
+    pooled = pool_counts(assign, counts)
+    n_cells = np.asarray(assign.sum(1)).ravel().astype(np.int32)
+    return spots, pooled, n_cells
+
+
+def _encode_png(patch: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(patch).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def qc_figure(path: str | os.PathLike, sample: SpatialSample, spots_um: np.ndarray, totals: np.ndarray,
+              diameter_um: float, title: str | None = None) -> Path:
+    """Spots drawn as discs of their true size over the H&E thumbnail, coloured by log10 total counts."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import EllipseCollection
+
+    thumb, (fx, fy) = sample.image.thumbnail(1200)
+    to_thumb = np.diag([1 / fx, 1 / fy, 1.0]) @ sample.um_to_px
+    pts = (to_thumb @ np.column_stack([spots_um, np.ones(len(spots_um))]).T)[:2].T
+    d_px = diameter_um / np.sqrt(abs(np.linalg.det(np.linalg.inv(to_thumb[:2, :2]))))
+    fig, ax = plt.subplots(figsize=(8, 8 * thumb.shape[0] / max(thumb.shape[1], 1) + 0.6), dpi=110)
+    ax.imshow(thumb, extent=(0, thumb.shape[1], thumb.shape[0], 0), interpolation="nearest")
+    coll = EllipseCollection(np.full(len(pts), d_px), np.full(len(pts), d_px), np.zeros(len(pts)), units="xy",
+                             offsets=pts, offset_transform=ax.transData, cmap="viridis", alpha=0.55,
+                             edgecolors="none")
+    coll.set_array(np.log10(1 + np.asarray(totals, dtype=np.float64)))
+    ax.add_collection(coll)
+    fig.colorbar(coll, ax=ax, fraction=0.04, label="log10(1 + total counts)")
+    ax.set_xlim(0, thumb.shape[1])
+    ax.set_ylim(thumb.shape[0], 0)
+    ax.set_title(title or sample.name, fontsize=9)
+    ax.set_axis_off()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_ids, donor, tissue, source, split,
+           patch: PatchOptions, diameter_um: float, overwrite: bool, progress: bool, qc: bool, rows_per_shard: int,
+           extra: dict) -> Path:
+    if len(spots_um) == 0:
+        msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
+               "lower --min-counts / --min-cells or check the input")
+        raise InputFormatError(msg)
+    out = Path(out)
+    patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=patch.fov_um,
+                              target_um_per_px=patch.um_per_px)
+    images = [_encode_png(p) for p in tqdm(patches, total=len(spots_um), desc=f"patches {sample.name}",
+                                           disable=not progress, unit="spot")]
+    with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
+                       extra=extra) as w:
+        w.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
+                          coords_um=spots_um, n_cells=n_cells), split=split)
+    if qc:
+        qc_figure(out / "qc" / f"{sample.name}.png", sample, spots_um, gexp.sum(1), diameter_um,
+                  title=f"{sample.name}: {len(spots_um)} spots, {len(genes)} genes")
+    return out
+
+
+def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
+                         he_image: str | os.PathLike | None = None, alignment: str | os.PathLike | None = None,
+                         sample: str | None = None, donor: str | None = None, tissue: str | None = None,
+                         source: str = "xenium", split: str = "train", spots: SpotOptions = SpotOptions(),
+                         patch: PatchOptions = PatchOptions(), panel: str | None = None,
+                         duplicate_genes: str = "error", missing_genes: str = "error", counts_from: str = "cells",
+                         min_qv: float = 20.0, overwrite: bool = False, progress: bool = True, qc: bool = True,
+                         rows_per_shard: int = 2048) -> Path:
+    """Pool an XOA bundle's cells into pseudo-spots, crop H&E patches, write a one-sample dataset at ``out``.
+
+    ``sample`` defaults to the bundle's ``region_name``/``run_name``; ``donor`` to the sample; ``tissue`` to
+    ``panel_tissue_type``. ``split`` is recorded in the manifest (re-split later at donor level).
+    ``counts_from="transcripts"`` pools ``transcripts.parquet`` (``qv >= min_qv``) by transcript position
+    instead of whole cells by centroid (``n_cells`` still counts cell centroids in each spot).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        msg = f"output directory {out} already exists; choose another path or pass --overwrite"
+        raise FileExistsError(msg)
+    s = read_xenium(bundle, he_image=he_image, alignment=alignment)
+    try:
+        if sample:
+            s.name = sample
+        counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
+                                                  missing_genes=missing_genes)
+        centres, pooled, n_cells = pseudo_spots(s.xy_um, counts, spots)
+        if counts_from == "transcripts":
+            if panel is not None or duplicate_genes != "error":
+                msg = "counts_from='transcripts' pools the bundle's own genes; drop --panel / --duplicate-genes"
+                raise HescapeDataError(msg)
+            t_xy, t_gene = read_transcripts(bundle, genes, min_qv=min_qv)
+            onehot = sp.csr_matrix((np.ones(len(t_gene), np.float32), (np.arange(len(t_gene)), t_gene)),
+                                   shape=(len(t_gene), len(genes)))
+            pooled = pool_counts(assign_cells(t_xy, centres, diameter_um=spots.diameter_um), onehot)
+        elif counts_from != "cells":
+            msg = f"counts_from must be 'cells' or 'transcripts', found {counts_from!r}"
+            raise HescapeDataError(msg)
+        keep = (pooled.sum(1) >= spots.min_counts) & (n_cells >= spots.min_cells)
+        extra = {"ingest": {"kind": "xenium", "input": str(Path(bundle).resolve()), "spots": asdict(spots),
+                            "counts_from": counts_from, "min_qv": min_qv,
+                            "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
+        return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_cells[keep], genes=genes,
+                      gene_ids=gene_ids, donor=donor or s.name,
+                      tissue=tissue or str(s.metadata.get("panel_tissue_type") or "unknown"), source=source,
+                      split=split, patch=patch, diameter_um=spots.diameter_um, overwrite=overwrite,
+                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
+    finally:
+        s.close()
+
+
+def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, image: str | os.PathLike | None,
+                         sample: str | None = None, donor: str | None = None, tissue: str = "unknown",
+                         source: str = "visium", split: str = "train", matrix: str = "filtered",
+                         min_counts: float = 1.0, patch: PatchOptions = PatchOptions(), panel: str | None = None,
+                         duplicate_genes: str = "error", missing_genes: str = "error", overwrite: bool = False,
+                         progress: bool = True, qc: bool = True, rows_per_shard: int = 2048) -> Path:
+    """Crop a µm-exact H&E patch around every in-tissue Visium spot and write a one-sample dataset at ``out``.
+
+    ``image``: the full-resolution image, or ``"hires"``/``"lowres"``. ``n_cells`` is -1 (unknown) for Visium.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        msg = f"output directory {out} already exists; choose another path or pass --overwrite"
+        raise FileExistsError(msg)
+    s = read_visium(outs, image=image, matrix=matrix)
+    try:
+        if sample:
+            s.name = sample
+        counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
+                                                  missing_genes=missing_genes)
+        gexp = counts.toarray().astype(np.float32)
+        keep = gexp.sum(1) >= min_counts
+        extra = {"ingest": {"kind": "visium", "input": str(Path(outs).resolve()), "min_counts": min_counts,
+                            "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
+        return _write(s, out, spots_um=s.xy_um[keep], gexp=gexp[keep], n_cells=np.full(int(keep.sum()), -1, np.int32),
+                      genes=genes, gene_ids=gene_ids, donor=donor or s.name, tissue=tissue, source=source,
+                      split=split, patch=patch, diameter_um=s.spot_diameter_um or 55.0, overwrite=overwrite,
+                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
+    finally:
+        s.close()

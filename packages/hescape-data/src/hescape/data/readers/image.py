@@ -1,0 +1,230 @@
+"""Lazy access to RGB slide images: tiled/pyramidal (OME-)TIFF read by region, and small in-memory images.
+
+Pixel coordinates follow one convention everywhere in hescape-data: continuous ``(x, y)`` = (column, row),
+pixel ``(r, c)`` covers ``[c, c+1) × [r, r+1)`` and has its centre at ``(c + 0.5, r + 0.5)``. A pyramid level
+with downsample ``(fx, fy)`` therefore has coordinates ``(x / fx, y / fy)`` of the level-0 ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFormatError
+
+__all__ = ["SlideImage", "ArrayImage", "TiffImage", "open_image"]
+
+
+class SlideImage:
+    """Interface: ``levels`` (shapes ``(H, W)``, level 0 first), ``read_region`` and ``thumbnail``."""
+
+    name: str
+    level_shapes: list[tuple[int, int]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.level_shapes[0]
+
+    def downsample(self, level: int) -> tuple[float, float]:
+        """``(fx, fy)``: level-0 pixels per pixel of ``level``."""
+        h0, w0 = self.level_shapes[0]
+        h, w = self.level_shapes[level]
+        return w0 / w, h0 / h
+
+    def _read(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:  # in-bounds only
+        raise NotImplementedError
+
+    def read_region(self, level: int, r0: int, c0: int, h: int, w: int, fill: int = 255) -> np.ndarray:
+        """Pixels ``[r0, r0+h) × [c0, c0+w)`` of ``level`` as ``(h, w, 3)`` uint8; outside the image is ``fill``."""
+        H, W = self.level_shapes[level]
+        out = np.full((h, w, 3), fill, dtype=np.uint8)
+        rs, re = max(r0, 0), min(r0 + h, H)
+        cs, ce = max(c0, 0), min(c0 + w, W)
+        if re > rs and ce > cs:
+            out[rs - r0 : re - r0, cs - c0 : ce - c0] = self._read(level, rs, re, cs, ce)
+        return out
+
+    def thumbnail(self, max_side: int = 1600) -> tuple[np.ndarray, tuple[float, float]]:
+        """The smallest level with a side ≥ ``max_side`` (or level 0), strided down to ≤ ``max_side``.
+
+        Returns the RGB array and ``(fx, fy)``, the level-0 pixels per thumbnail pixel.
+        """
+        level = 0
+        for i, (h, w) in enumerate(self.level_shapes):
+            if max(h, w) >= max_side:
+                level = i
+        h, w = self.level_shapes[level]
+        step = max(1, int(np.ceil(max(h, w) / max_side)))
+        arr = self._read(level, 0, h, 0, w)[::step, ::step]
+        fx, fy = self.downsample(level)
+        return arr, (fx * step, fy * step)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8 from ``(H, W, 3|4)``; refuse anything else."""
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        msg = (f"{where}: expected an RGB image (H, W, 3) or RGBA (H, W, 4), found shape {arr.shape}; "
+               "H&E patches need a colour image")
+        raise InputFormatError(msg)
+    if arr.dtype != np.uint8:
+        msg = f"{where}: expected 8-bit RGB, found dtype {arr.dtype}; convert the image to 8-bit RGB"
+        raise InputFormatError(msg)
+    return arr[..., :3]
+
+
+class ArrayImage(SlideImage):
+    """An image held in memory (PNG/JPEG, e.g. Visium ``tissue_hires_image.png``); one level."""
+
+    def __init__(self, array: np.ndarray, name: str = "array"):
+        self.name = name
+        self.array = np.ascontiguousarray(_to_rgb(np.asarray(array), name))
+        self.level_shapes = [self.array.shape[:2]]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ArrayImage:
+        from PIL import Image
+
+        path = Path(path)
+        if not path.is_file():
+            msg = f"expected an image file at {path}, found no such file"
+            raise InputFormatError(msg)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # whole-slide images are legitimately huge
+        try:
+            with Image.open(path) as im:
+                if im.mode not in ("RGB", "RGBA"):
+                    msg = (f"{path}: expected an RGB(A) image, found mode {im.mode!r} "
+                           f"({'grayscale' if im.mode in ('L', 'I', 'I;16', 'F') else 'other'}); "
+                           "H&E patches need a colour image")
+                    raise InputFormatError(msg)
+                arr = np.asarray(im)
+        except OSError as e:
+            msg = f"{path}: expected a PNG/JPEG/TIFF image, found a file PIL cannot read ({e})"
+            raise InputFormatError(msg) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+        return cls(arr, name=str(path))
+
+    def _read(self, level, r0, r1, c0, c1):
+        return self.array[r0:r1, c0:c1]
+
+
+class TiffImage(SlideImage):
+    """A (pyramidal, tiled) TIFF / OME-TIFF read lazily: only the tiles or strips a region touches are decoded.
+
+    Accepted layouts (after dropping singleton axes): ``YXS`` with S = 3 or 4 (interleaved RGB[A]) and
+    ``CYX`` / ``SYX`` with 3 or 4 channels (planar, in one page or one page per channel); 8-bit only.
+    Uncompressed single-strip images are memory-mapped.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import tifffile
+
+        self.name = str(path)
+        path = Path(path)
+        if not path.is_file():
+            msg = f"expected a TIFF image at {path}, found no such file"
+            raise InputFormatError(msg)
+        try:
+            self._tif = tifffile.TiffFile(path)
+            series = self._tif.series[0]
+        except (tifffile.TiffFileError, IndexError, ValueError, OSError) as e:
+            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({e})"
+            raise InputFormatError(msg) from None
+        axes, shape = series.axes, series.shape
+        kept = [(a, n) for a, n in zip(axes, shape, strict=True) if n != 1 or a in "YX"]
+        k_axes = "".join(a for a, _ in kept)
+        k_shape = tuple(n for _, n in kept)
+        if k_axes == "YXS" and k_shape[2] in (3, 4):
+            self._planar = False
+        elif k_axes in ("CYX", "SYX") and k_shape[0] in (3, 4):
+            self._planar = True
+        else:
+            self._tif.close()
+            msg = (f"{path}: expected an RGB H&E image with axes YXS (S=3|4) or CYX (C=3|4), found axes "
+                   f"{axes!r} with shape {shape}; export the H&E image as 8-bit RGB")
+            raise InputFormatError(msg)
+        if series.dtype != np.uint8:
+            self._tif.close()
+            msg = f"{path}: expected 8-bit RGB, found dtype {series.dtype}; export the H&E image as 8-bit RGB"
+            raise InputFormatError(msg)
+        self._levels = []
+        self.level_shapes = []
+        for lvl in series.levels:
+            ax = lvl.axes
+            shp = dict(zip(ax, lvl.shape, strict=True))
+            self.level_shapes.append((int(shp["Y"]), int(shp["X"])))
+            self._levels.append(list(lvl.pages))
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def _page_region(self, page, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Region of one page as ``(S_planar, r1-r0, c1-c0, S_contig)`` from the segments it touches."""
+        kf = page.keyframe
+        sep, depth, length, width, contig = kf.shaped
+        fh = self._tif.filehandle
+        if kf.compression == 1 and kf.is_contiguous and len(page.dataoffsets) == 1 and page.databytecounts[0]:
+            mm = np.memmap(fh.path, dtype=kf.dtype, mode="r", offset=page.dataoffsets[0],
+                           shape=(sep, depth, length, width, contig))
+            return np.asarray(mm[:, 0, r0:r1, c0:c1, :])
+        out = np.full((sep, r1 - r0, c1 - c0, contig), 255, dtype=kf.dtype)
+        if kf.is_tiled:
+            th, tw = kf.tilelength, kf.tilewidth
+            ny, nx = -(-length // th), -(-width // tw)
+            per_plane = ny * nx
+            segs = [(s, s * per_plane + ty * nx + tx)
+                    for s in range(sep) for ty in range(r0 // th, -(-r1 // th)) for tx in range(c0 // tw, -(-c1 // tw))]
+        else:
+            rps = min(kf.rowsperstrip or length, length)
+            per_plane = -(-length // rps)
+            segs = [(s, s * per_plane + k) for s in range(sep) for k in range(r0 // rps, -(-r1 // rps))]
+        decode = kf.decode
+        kwargs = {"_fullsize": kf.is_tiled}
+        if kf.compression in {6, 7, 34892, 33007}:
+            kwargs.update(jpegtables=page.jpegtables, jpegheader=kf.jpegheader)
+        for s, idx in segs:
+            offset, count = page.dataoffsets[idx], page.databytecounts[idx]
+            if not count:
+                continue
+            with fh.lock:
+                fh.seek(offset)
+                data = fh.read(count)
+            seg, (_s, _d, y, x, _c), shape = decode(data, idx, **kwargs)
+            if seg is None:
+                continue
+            seg = np.asarray(seg).reshape(shape)[0]  # (rows, cols, contig)
+            ys, ye = max(y, r0), min(y + seg.shape[0], r1)
+            xs, xe = max(x, c0), min(x + seg.shape[1], c1)
+            if ye > ys and xe > xs:
+                out[s, ys - r0 : ye - r0, xs - c0 : xe - c0] = seg[ys - y : ye - y, xs - x : xe - x]
+        return out
+
+    def _read(self, level, r0, r1, c0, c1):
+        pages = self._levels[level]
+        if not self._planar:
+            reg = self._page_region(pages[0], r0, r1, c0, c1)[0]
+        elif len(pages) == 1:
+            reg = np.moveaxis(self._page_region(pages[0], r0, r1, c0, c1)[..., 0], 0, -1)
+        else:
+            reg = np.stack([self._page_region(p, r0, r1, c0, c1)[0, ..., 0] for p in pages[:3]], axis=-1)
+        return reg[..., :3]
+
+
+def open_image(path: str | os.PathLike) -> SlideImage:
+    """A :class:`TiffImage` for ``.tif``/``.tiff``/``.btf`` files, an :class:`ArrayImage` otherwise."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".svs"):
+        return TiffImage(path)
+    return ArrayImage.from_file(path)

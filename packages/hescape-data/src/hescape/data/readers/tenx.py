@@ -1,0 +1,154 @@
+"""10x Genomics feature-barcode matrices: the HDF5 file and the MEX folder (Cell Ranger / Space Ranger / XOA).
+
+HDF5 layout (group ``matrix``): ``data``, ``indices`` (feature index), ``indptr`` (one entry per barcode + 1),
+``shape`` = (n_features, n_barcodes), ``barcodes``, ``features/{id,name,feature_type}``; the matrix is stored
+CSC (features × barcodes), i.e. CSR when read as barcodes × features.
+MEX folder: ``matrix.mtx.gz`` (Matrix Market, features × barcodes), ``features.tsv.gz`` (id, name, type) and
+``barcodes.tsv.gz``; uncompressed variants are accepted too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import scipy.sparse as sp
+
+from ..errors import InputFormatError
+
+__all__ = ["FeatureMatrix", "read_10x_h5", "read_10x_mex", "read_10x_matrix"]
+
+GENE_EXPRESSION = "Gene Expression"
+
+
+@dataclass
+class FeatureMatrix:
+    """Counts of barcodes (cells or spots) × features, with the feature table."""
+
+    counts: sp.csr_matrix  # (n_barcodes, n_features) float32
+    barcodes: np.ndarray  # (n_barcodes,) str
+    feature_ids: np.ndarray  # (n_features,) str
+    feature_names: np.ndarray  # (n_features,) str
+    feature_types: np.ndarray  # (n_features,) str
+
+    def gene_expression(self) -> FeatureMatrix:
+        """Only the ``Gene Expression`` features (drops negative controls, codewords, protein, ...)."""
+        keep = self.feature_types == GENE_EXPRESSION
+        if not keep.any():
+            found = sorted(set(self.feature_types.tolist()))
+            msg = (f"expected features of type {GENE_EXPRESSION!r} in the count matrix, found only {found}; "
+                   "use a gene-expression matrix")
+            raise InputFormatError(msg)
+        return FeatureMatrix(self.counts[:, keep].tocsr(), self.barcodes, self.feature_ids[keep],
+                             self.feature_names[keep], self.feature_types[keep])
+
+
+def _str(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind in "SO":
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in a.tolist()], dtype=object)
+    return a.astype(str).astype(object)
+
+
+def _check_values(data: np.ndarray, where: str) -> None:
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        msg = f"{where}: expected finite counts, found {int((~np.isfinite(data)).sum())} NaN/inf values; the file is corrupt"
+        raise InputFormatError(msg)
+    if (data < 0).any():
+        msg = f"{where}: expected counts >= 0, found {int((data < 0).sum())} negative values; the file is corrupt"
+        raise InputFormatError(msg)
+
+
+def read_10x_h5(path: str | os.PathLike) -> FeatureMatrix:
+    """Read a 10x HDF5 feature-barcode matrix (all feature types; see :meth:`FeatureMatrix.gene_expression`)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"expected a 10x HDF5 matrix at {path}, found no such file"
+        raise InputFormatError(msg)
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as e:
+        msg = f"{path}: expected a 10x HDF5 matrix, found a file HDF5 cannot open ({e})"
+        raise InputFormatError(msg) from None
+    with fh:
+        need = ["matrix/data", "matrix/indices", "matrix/indptr", "matrix/shape", "matrix/barcodes",
+                "matrix/features/id", "matrix/features/name", "matrix/features/feature_type"]
+        missing = [k for k in need if k not in fh]
+        if missing:
+            msg = (f"{path}: expected the 10x v3 HDF5 layout, missing {missing}; "
+                   "re-export with Cell Ranger/Space Ranger >= 3 or XOA")
+            raise InputFormatError(msg)
+        g = fh["matrix"]
+        data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
+        n_feat, n_bc = (int(v) for v in g["shape"][:])
+        barcodes = _str(g["barcodes"][:])
+        ids, names = _str(g["features/id"][:]), _str(g["features/name"][:])
+        types = _str(g["features/feature_type"][:])
+    if len(indptr) != n_bc + 1 or len(barcodes) != n_bc or not (len(ids) == len(names) == len(types) == n_feat):
+        msg = (f"{path}: shape says {n_feat} features × {n_bc} barcodes, found indptr of length {len(indptr)}, "
+               f"{len(barcodes)} barcodes and {len(ids)} features; the file is corrupt")
+        raise InputFormatError(msg)
+    if len(indices) != len(data) or (len(indices) and (indices.min() < 0 or indices.max() >= n_feat)):
+        msg = f"{path}: feature indices out of range or not aligned with data; the file is corrupt"
+        raise InputFormatError(msg)
+    _check_values(data, str(path))
+    counts = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int64), indptr.astype(np.int64)),
+                           shape=(n_bc, n_feat))
+    counts.sum_duplicates()
+    return FeatureMatrix(counts, barcodes, ids, names, types)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)  # noqa: SIM115
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    msg = f"MEX folder {folder}: expected {stem}.gz (or {stem}), found neither"
+    raise InputFormatError(msg)
+
+
+def read_10x_mex(folder: str | os.PathLike) -> FeatureMatrix:
+    """Read a 10x MEX folder (``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        msg = f"expected a 10x MEX folder at {folder}, found no such directory"
+        raise InputFormatError(msg)
+    with _open_text(_find(folder, "barcodes.tsv")) as fh:
+        barcodes = np.array([ln.rstrip("\n").split("\t")[0] for ln in fh if ln.strip()], dtype=object)
+    with _open_text(_find(folder, "features.tsv")) as fh:
+        rows = [ln.rstrip("\n").split("\t") for ln in fh if ln.strip()]
+    if any(len(r) < 3 for r in rows):
+        msg = f"{folder}/features.tsv: expected 3 tab-separated columns (id, name, type), found fewer"
+        raise InputFormatError(msg)
+    ids = np.array([r[0] for r in rows], dtype=object)
+    names = np.array([r[1] for r in rows], dtype=object)
+    types = np.array([r[2] for r in rows], dtype=object)
+    mtx = _find(folder, "matrix.mtx")
+    try:
+        with (gzip.open(mtx, "rb") if mtx.suffix == ".gz" else open(mtx, "rb")) as fh:  # noqa: SIM115
+            m = sp.coo_matrix(scipy.io.mmread(fh))
+    except (ValueError, OSError) as e:
+        msg = f"{mtx}: expected a Matrix Market file, found unreadable content ({e})"
+        raise InputFormatError(msg) from None
+    if m.shape != (len(ids), len(barcodes)):
+        msg = (f"{mtx}: expected {len(ids)} features × {len(barcodes)} barcodes (from the tsv files), "
+               f"found a {m.shape[0]} × {m.shape[1]} matrix; the folder is inconsistent")
+        raise InputFormatError(msg)
+    _check_values(m.data, str(mtx))
+    counts = sp.csr_matrix(m.T.astype(np.float32))
+    return FeatureMatrix(counts, barcodes, ids, names, types)
+
+
+def read_10x_matrix(path: str | os.PathLike) -> FeatureMatrix:
+    """An HDF5 file or a MEX folder, chosen by what ``path`` is."""
+    path = Path(path)
+    return read_10x_mex(path) if path.is_dir() else read_10x_h5(path)

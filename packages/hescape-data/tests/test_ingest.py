@@ -1,0 +1,98 @@
+"""End to end: Xenium bundles and the Visium fixture -> Arrow datasets (+ QC figure), and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hescape.data import PairedSpotDataset, get_gene_transform, read_manifest, verify_dataset
+from hescape.data.cli import main
+from hescape.data.errors import InputFormatError
+from hescape.data.ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
+from hescape.data.panels import load_panel
+from hescape.data.pseudospots import assign_cells, pool_counts, spot_grid
+from hescape.data.synthetic import generate_sample
+
+
+def test_build_xenium_dataset(xenium_bundle, small_cfg, tmp_path):
+    out = build_xenium_dataset(xenium_bundle, tmp_path / "ds", donor="donor_A", progress=False,
+                               spots=SpotOptions(pitch_um=60.0, diameter_um=55.0, min_counts=1))
+    m = verify_dataset(out)
+    assert m["samples"][0]["name"] == "SYN-D00-S0" and m["samples"][0]["donor"] == "donor_A"
+    assert m["samples"][0]["tissue"] == "breast" and m["genes"] == list(load_panel(small_cfg.panel).genes)
+    assert m["ingest"]["kind"] == "xenium"
+    # pooled counts equal pooling the generator's own cells on the same grid
+    smp = generate_sample(small_cfg, 0, 0)
+    lo, hi = smp.cell_xy.min(0), smp.cell_xy.max(0)
+    grid = spot_grid((lo[0], lo[1], hi[0], hi[1]), pitch_um=60.0, kind="hex")
+    pooled = pool_counts(assign_cells(smp.cell_xy, grid, diameter_um=55.0), smp.cell_counts)
+    keep = pooled.sum(1) >= 1
+    ds = PairedSpotDataset(out, gene_transform=get_gene_transform("log1p"))
+    assert len(ds) == int(keep.sum()) > 10
+    np.testing.assert_allclose(ds.raw_counts(), pooled[keep])
+    item = ds[0]
+    assert tuple(item["image"].shape) == (3, 224, 224) and item["donor"] == "donor_A"
+    assert (out / "qc" / "SYN-D00-S0.png").stat().st_size > 10_000
+
+
+def test_build_xenium_variant_square_grid(xenium_bundle_variant, tmp_path):
+    out = build_xenium_dataset(xenium_bundle_variant, tmp_path / "ds", sample="S1", tissue="lung", progress=False,
+                               qc=False, spots=SpotOptions(grid="square", pitch_um=100.0, min_cells=3),
+                               patch=PatchOptions(fov_um=56.0, um_per_px=0.5))
+    m = read_manifest(out)
+    assert m["samples"][0]["name"] == "S1" and m["samples"][0]["tissue"] == "lung"
+    assert PairedSpotDataset(out)[0]["image"].shape[-1] == 112
+    assert not (out / "qc").exists()
+
+
+def test_build_visium_fixture(visium_outs, tmp_path):
+    out = build_visium_dataset(visium_outs, tmp_path / "ds", image="lowres", tissue="mouse-brain", donor="m1",
+                               progress=False)
+    m = verify_dataset(out)
+    assert m["n_rows"] == 100 and len(m["genes"]) == 100 and m["samples"][0]["tissue"] == "mouse-brain"
+    ds = PairedSpotDataset(out)
+    img = ds[0]["image"]
+    assert tuple(img.shape) == (3, 224, 224) and img.float().std() > 1.0  # real tissue, not a placeholder
+    assert (out / "qc" / "visium-spaceranger-1.0.0.png").is_file()
+
+
+def test_failed_build_leaves_nothing(visium_outs, tmp_path):
+    with pytest.raises(InputFormatError):
+        build_visium_dataset(visium_outs, tmp_path / "ds", image="hires", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_build_info_and_errors(xenium_bundle, visium_outs, tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["build", "xenium", str(xenium_bundle), "--out", str(out), "--quiet", "--pitch-um", "80"]) == 0
+    assert "spots" in capsys.readouterr().out
+    assert main(["info", str(out), "--verify"]) == 0
+    assert "checksums OK" in capsys.readouterr().out
+    # errors: one line on stderr, exit code 2, nothing written
+    cases = [
+        ["build", "xenium", str(xenium_bundle), "--out", str(out), "--quiet"],  # exists
+        ["build", "xenium", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"), "--quiet"],
+        ["build", "visium", str(visium_outs), "--image", "hires", "--out", str(tmp_path / "o2"), "--quiet"],
+        ["build", "xenium", str(xenium_bundle), "--out", str(tmp_path / "o3"), "--quiet", "--panel", "human-5k"],
+        ["info", str(tmp_path / "nothing")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hescape-data: error: ") and "\n" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_transcript_pooling(xenium_bundle_variant, xenium_bundle, tmp_path):
+    """Pooling transcripts (QV >= 20) ~ pooling cells: same genes, 2 µm jitter only moves edge molecules."""
+    kw = {"progress": False, "qc": False, "spots": SpotOptions(pitch_um=100.0)}
+    a = PairedSpotDataset(build_xenium_dataset(xenium_bundle_variant, tmp_path / "cells", **kw)).raw_counts()
+    b = PairedSpotDataset(build_xenium_dataset(xenium_bundle_variant, tmp_path / "tx", counts_from="transcripts",
+                                               **kw)).raw_counts()
+    c = PairedSpotDataset(build_xenium_dataset(xenium_bundle_variant, tmp_path / "tx0", counts_from="transcripts",
+                                               min_qv=0.0, **kw)).raw_counts()
+    assert a.shape == b.shape
+    assert abs(b.sum() / a.sum() - 1) < 0.1 and np.corrcoef(a.sum(1), b.sum(1))[0, 1] > 0.9
+    assert c.sum() > b.sum()  # low-QV molecules are excluded by the default threshold
+    with pytest.raises(InputFormatError, match="transcripts.parquet"):
+        build_xenium_dataset(xenium_bundle, tmp_path / "x", counts_from="transcripts", progress=False)
+    assert not (tmp_path / "x").exists()

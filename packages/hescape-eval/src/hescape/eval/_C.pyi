@@ -1,0 +1,40 @@
+"""Type stub of the compiled extension hescape.eval._C (private: use hescape.eval._backend)."""
+
+import numpy as np
+import numpy.typing as npt
+
+def rank_cpu(
+    queries: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    gallery: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    query_labels: npt.NDArray[np.int64] | None = None,
+    gallery_labels: npt.NDArray[np.int64] | None = None,
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64], str]:
+    """Ranks, best-positive scores, best-positive indices and the ISA used ('avx2' or 'generic').
+
+    uint16 inputs are bfloat16 bit patterns. Labels: both or neither (None: positive of query i is row i).
+    """
+
+def cpu_has_avx2() -> bool:
+    """Whether the AVX2+FMA path can run on this CPU."""
+
+def has_cuda() -> bool:
+    """Whether this build contains the CUDA kernel."""
+
+def rank_cuda(
+    q: int,
+    g: int,
+    bf16: bool,
+    nq: int,
+    ng: int,
+    d: int,
+    query_labels: int,
+    gallery_labels: int,
+    ranks: int,
+    best_score: int,
+    best_index: int,
+    device: int,
+    stream: int,
+) -> None:
+    """Enqueue both passes on `stream`; all arrays are device pointers (0 for absent labels). CUDA builds only."""

@@ -1,0 +1,231 @@
+"""The training loop: data, model, AdamW + warm-up/cosine, validation, test retrieval, run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, get_gene_transform, read_manifest
+from hescape.data.errors import HescapeDataError
+from hescape.eval import retrieval_metrics
+from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_model
+
+from .config import TrainConfig, config_to_dict
+from .errors import HescapeConfigError
+from .report import format_results_table
+
+__all__ = ["RunResult", "train"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    test: dict  # {"i2g": RetrievalResult, "g2i": RetrievalResult}
+    best_epoch: int
+    wall_s: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        msg = f"device={name!r} asked for CUDA but no CUDA device is available; use device=cpu or device=auto"
+        raise HescapeConfigError(msg)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        msg = f"device={name!r} is not a torch device; expected auto, cpu, cuda or cuda:N"
+        raise HescapeConfigError(msg) from None
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and 90° rotation per patch (H&E has no preferred orientation)."""
+    flip = torch.rand(len(images), generator=gen) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    k = torch.randint(0, 4, (len(images),), generator=gen)
+    out = images.clone()
+    for r in range(1, 4):
+        sel = k == r
+        if sel.any():
+            out[sel] = torch.rot90(images[sel], r, dims=(-2, -1))
+    return out
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items])}
+
+
+def _lr_at(step: int, total: int, cfg) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 256, num_workers: int = 0):
+    """Image and gene embeddings of every row of ``ds`` (eval mode, deterministic)."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_collate)
+    img, gex = [], []
+    for b in loader:
+        img.append(model.encode_image(b["image"].to(device)).float().cpu())
+        gex.append(model.encode_gene(b["gexp"].to(device)).float().cpu())
+    return torch.cat(img), torch.cat(gex)
+
+
+def _resolve_dataset(cfg: TrainConfig) -> Path:
+    if cfg.data.path:
+        path = Path(cfg.data.path)
+        if not path.exists():
+            msg = (f"data.path={cfg.data.path!r} does not exist; give the directory of a HESCAPE dataset "
+                   "(it holds manifest.json), or leave data.path empty to use the embedded synthetic default")
+            raise HescapeConfigError(msg)
+        return path
+    return default_dataset(SyntheticConfig(panel=cfg.data.panel), progress=cfg.progress)
+
+
+def _load_init_checkpoint(path: str, genes: list[str]) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        msg = f"model.init_checkpoint={path!r} does not exist; give the checkpoint.pt of an earlier run"
+        raise HescapeConfigError(msg)
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if list(ckpt.get("genes", [])) != list(genes):
+        msg = (f"checkpoint {p} was trained on a {len(ckpt.get('genes', []))}-gene panel but the dataset has "
+               f"{len(genes)} genes (or another order); train from scratch or use a dataset with the checkpoint's panel")
+        raise HescapeConfigError(msg)
+    return ckpt
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train, validate each epoch, test the best epoch on held-out donors, write the run directory."""
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    device = _device(cfg.device)
+    data_path = _resolve_dataset(cfg)
+    manifest = read_manifest(data_path)
+    genes = manifest["genes"]
+    if cfg.model.n_genes and cfg.model.n_genes != len(genes):
+        msg = (f"the model expects {cfg.model.n_genes} genes (model.n_genes) but dataset {data_path} has "
+               f"{len(genes)}; set model.n_genes=0 to take the panel size from the dataset, or use a matching dataset")
+        raise HescapeConfigError(msg)
+    ckpt = _load_init_checkpoint(cfg.model.init_checkpoint, genes) if cfg.model.init_checkpoint else None
+
+    gene_tf = get_gene_transform(cfg.data.gene_transform)
+    splits = {s["split"] for s in manifest["samples"]}
+    for needed in ("train", "test"):
+        if needed not in splits:
+            msg = f"dataset {data_path} has no {needed!r} split (found {sorted(splits)}); rebuild it with donor splits"
+            raise HescapeDataError(msg)
+    train_ds = PairedSpotDataset(data_path, "train", gene_transform=gene_tf)
+    val_ds = PairedSpotDataset(data_path, "val", gene_transform=gene_tf) if "val" in splits else None
+    test_ds = PairedSpotDataset(data_path, "test", gene_transform=gene_tf)
+
+    if ckpt is not None:
+        model = HescapeCLIP(cfg_from_dict(ckpt["model_cfg"]))
+        model.load_state_dict(ckpt["state_dict"])
+    else:
+        model = create_model(cfg.model.name, n_genes=len(genes), loss=cfg.model.loss, embed_dim=cfg.model.embed_dim,
+                             projection=cfg.model.projection)
+    model.to(device)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.data.num_workers, collate_fn=_collate, generator=gen)
+    if len(loader) == 0:
+        msg = f"batch_size={cfg.batch_size} is larger than the training split ({len(train_ds)} spots); lower it"
+        raise HescapeConfigError(msg)
+    total_steps = cfg.epochs * len(loader)
+
+    run_dir = Path(cfg.out_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({**config_to_dict(cfg), "data_resolved": str(data_path)},
+                                                    indent=1))
+    metrics_f = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115
+    ks = cfg.recall_ks
+    best, best_epoch, step = -math.inf, -1, 0
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            losses = []
+            for batch in bar:
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(step, total_steps, cfg.optim)
+                images = batch["image"]
+                if cfg.data.augment:
+                    images = _augment(images, gen)
+                out = model(images.to(device, non_blocking=True), batch["gexp"].to(device, non_blocking=True))
+                loss_terms = model.loss(out)
+                loss = sum(v for k, v in loss_terms.items() if k.endswith("_loss"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                opt.step()
+                losses.append(float(loss))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / float(out['logit_scale']):.3f}")
+                step += 1
+            rec = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
+                   "logit_scale": float(model.logit_scale.exp()), "lr": opt.param_groups[0]["lr"]}
+            if val_ds is not None:
+                v = retrieval_metrics(*embed(model, val_ds, device), ks=[k for k in ks if k <= len(val_ds)])
+                rec.update(v["i2g"].as_dict("val_i2g_"))
+                rec.update(v["g2i"].as_dict("val_g2i_"))
+                score = float(np.mean([v["i2g"].mean_rank, v["g2i"].mean_rank]))
+                score = -score  # lower mean rank is better: selection uses every query, not one k
+            else:
+                score = float(epoch)
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            if cfg.progress:
+                extra = ""
+                if val_ds is not None:
+                    extra = f"  val R@5 i2g {rec.get('val_i2g_R@5', float('nan')):.3f} g2i {rec.get('val_g2i_R@5', float('nan')):.3f}"
+                tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {rec['train_loss']:.4f}{extra}")
+            if score > best:
+                best, best_epoch = score, epoch + 1
+                torch.save({"state_dict": model.state_dict(), "model_cfg": cfg_to_dict(model.cfg), "genes": genes,
+                            "gene_transform": cfg.data.gene_transform, "epoch": epoch + 1,
+                            "train_config": config_to_dict(cfg)}, run_dir / "checkpoint.pt")
+
+        best_state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(best_state["state_dict"])
+        test = retrieval_metrics(*embed(model, test_ds, device), ks=ks)
+        test_rec = {"split": "test", "best_epoch": best_epoch, **test["i2g"].as_dict("i2g_"),
+                    **test["g2i"].as_dict("g2i_")}
+        metrics_f.write(json.dumps(test_rec) + "\n")
+    finally:
+        metrics_f.close()
+    donors = sorted(set(test_ds.donors))
+    table = format_results_table(test, title=f"Test retrieval: full gallery of {len(test_ds)} spots from held-out "
+                                             f"donor(s) {', '.join(donors)}; best epoch {best_epoch}/{cfg.epochs}")
+    (run_dir / "results.md").write_text(table + "\n")
+    (run_dir / "results.json").write_text(json.dumps(test_rec, indent=1))
+    return RunResult(run_dir=run_dir, test=test, best_epoch=best_epoch, wall_s=time.time() - t0)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
