@@ -22,8 +22,17 @@ from .patches import extract_patch, extract_patches
 from .pseudospots import assign_cells, pool_counts, spot_grid
 from .readers.visium import read_visium
 from .readers.xenium import read_xenium
-from .splits import check_no_donor_leakage
+from .splits import apply_splits, check_no_donor_leakage, donor_split_assignment, preset_split_assignment
 from .synthetic import SyntheticConfig, generate_sample
+from .tokenize import (
+    VocabMapping,
+    map_panel_to_vocab,
+    nicheformer_tokenize,
+    read_vocabulary,
+    reindex_to_vocab,
+    scfoundation_gather,
+    scfoundation_input,
+)
 from .transforms import get_gene_transform, log1p, normalize_total_log1p
 from .xenium_bundle import XeniumBundleOptions, write_xenium_bundle
 
@@ -37,6 +46,7 @@ __all__ = [
     "SyntheticConfig", "generate_sample", "build_synthetic_dataset", "default_dataset", "cache_dir",
     # panels and splits
     "GenePanel", "list_panels", "load_panel", "load_split_preset", "check_no_donor_leakage",
+    "apply_splits", "donor_split_assignment", "preset_split_assignment",
     # real inputs: readers, µm-exact patches, ingestion
     "read_xenium", "read_visium", "extract_patch", "extract_patches", "build_xenium_dataset", "build_visium_dataset",
     "SpotOptions", "PatchOptions", "XeniumBundleOptions", "write_xenium_bundle",
@@ -44,6 +54,9 @@ __all__ = [
     "spot_grid", "assign_cells", "pool_counts",
     # transforms
     "get_gene_transform", "log1p", "normalize_total_log1p",
+    # encoder inputs (vocabulary mapping, Nicheformer tokens, scFoundation values)
+    "VocabMapping", "map_panel_to_vocab", "read_vocabulary", "reindex_to_vocab", "nicheformer_tokenize",
+    "scfoundation_input", "scfoundation_gather",
     # errors
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
     "AlignmentError",

@@ -31,7 +31,9 @@ import pyarrow as pa
 
 from .errors import DatasetFormatError, PanelMismatchError
 
-__all__ = ["SCHEMA_VERSION", "SpotRecords", "DatasetWriter", "read_manifest", "verify_dataset", "open_shard"]
+__all__ = ["SCHEMA_VERSION", "HF_FEATURES", "SpotRecords", "DatasetWriter", "read_manifest", "verify_dataset",
+           "open_shard", "string_column", "gexp_matrix", "index_arrow_shards", "write_manifest",
+           "pyarrow_dataset"]
 
 SCHEMA_VERSION = "hescape-arrow/1"
 MANIFEST = "manifest.json"
@@ -54,6 +56,21 @@ class SpotRecords:
     n_cells: np.ndarray
 
 
+#: Hugging Face ``datasets`` feature types of our columns (written as the ``huggingface`` schema metadata, so
+#: ``datasets.Dataset.from_file(shard)`` decodes ``image`` as an Image and ``gexp`` as a float32 sequence).
+#: The ``Sequence`` spelling is read by datasets 2.x-3.x and, as ``List``, by 4.x and later.
+HF_FEATURES = {
+    "name": {"dtype": "string", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "gexp": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "Sequence"},
+    "cell_coords": {"feature": {"dtype": "float64", "_type": "Value"}, "length": 2, "_type": "Sequence"},
+    "source": {"dtype": "string", "_type": "Value"},
+    "tissue": {"dtype": "string", "_type": "Value"},
+    "donor": {"dtype": "string", "_type": "Value"},
+    "n_cells": {"dtype": "int32", "_type": "Value"},
+}
+
+
 def _schema(genes: list[str], gene_ids: list[str]) -> pa.Schema:
     return pa.schema(
         [
@@ -70,6 +87,7 @@ def _schema(genes: list[str], gene_ids: list[str]) -> pa.Schema:
             "hescape.schema_version": SCHEMA_VERSION,
             "hescape.genes": json.dumps(genes),
             "hescape.gene_ids": json.dumps(gene_ids),
+            "huggingface": json.dumps({"info": {"features": HF_FEATURES}}),
         },
     )
 
@@ -215,10 +233,18 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def open_shard(path: Path, expected_rows: int | None = None) -> pa.Table:
-    """Memory-map one shard as a table (zero copy); clear error if truncated or corrupt."""
+    """Memory-map one shard as a table (zero copy); clear error if truncated or corrupt.
+
+    Reads the Arrow IPC stream format (ours and Hugging Face's) and the IPC file format (``ARROW1`` magic).
+    """
     try:
         src = pa.memory_map(str(path))
-        table = pa.ipc.open_stream(src).read_all()
+        if src.read(6) == b"ARROW1":
+            src.seek(0)
+            table = pa.ipc.open_file(src).read_all()
+        else:
+            src.seek(0)
+            table = pa.ipc.open_stream(src).read_all()
     except (OSError, pa.ArrowInvalid) as e:
         msg = f"shard {path} cannot be read ({e}); it is missing, truncated or corrupt: rebuild the dataset"
         raise DatasetFormatError(msg) from None
@@ -254,3 +280,131 @@ def iter_split_names(manifest: dict, split: str | Iterable[str] | None) -> set[s
         msg = f"unknown split(s) {sorted(wanted - known)}: this dataset has {sorted(known)}"
         raise DatasetFormatError(msg)
     return {s["name"] for s in manifest["samples"] if s["split"] in wanted}
+
+
+def _class_names(schema: pa.Schema, column: str) -> list[str] | None:
+    """The ``ClassLabel`` names of ``column`` from the Hugging Face schema metadata, if it is one."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        feats = json.loads(meta)["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    f = feats.get(column) if isinstance(feats, dict) else None
+    if isinstance(f, dict) and f.get("_type") == "ClassLabel":
+        return list(f.get("names", []))
+    return None
+
+
+def string_column(table: pa.Table, column: str) -> np.ndarray:
+    """A column as an object array of str; ``ClassLabel`` integers (official HESCAPE layout) become their names."""
+    col = table.column(column)
+    if pa.types.is_integer(col.type):
+        names = _class_names(table.schema, column)
+        codes = col.to_numpy(zero_copy_only=False)
+        if names is None:
+            return codes.astype(str).astype(object)
+        return np.asarray(names, dtype=object)[codes]
+    return col.to_numpy(zero_copy_only=False)
+
+
+def gexp_matrix(column: pa.ChunkedArray | pa.Array, n_genes: int) -> np.ndarray:
+    """The ``gexp`` column as a ``(rows, n_genes)`` float32 view/array.
+
+    Accepts our layout (``list<float>``, one list of ``n_genes`` per row) and the official HESCAPE layout
+    (``list<list<float>>`` of shape ``(1, n_genes)`` per row).
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    flat = column
+    while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
+        flat = flat.flatten()
+    values = flat.to_numpy(zero_copy_only=False)
+    if values.size != len(column) * n_genes:
+        msg = (f"gexp column: expected {n_genes} values per row ({len(column)} rows), found {values.size} values in "
+               f"all; the dataset's gene list does not match its gexp width")
+        raise PanelMismatchError(msg)
+    return values.astype(np.float32, copy=False).reshape(len(column), n_genes)
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """Replace ``path/manifest.json`` atomically (a temporary file in the same directory, then ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path / MANIFEST)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def index_arrow_shards(path: str | os.PathLike, *, genes: list[str], gene_ids: list[str] | None = None,
+                       split: str = "train", donor_column: str | None = "donor", overwrite: bool = False) -> dict:
+    """Write a ``manifest.json`` for a directory of Arrow shards that lacks one (e.g. the official HESCAPE files).
+
+    Every ``*.arrow`` file (IPC stream or file format) becomes a shard; it must have ``name``, ``image`` and
+    ``gexp`` columns (``gexp`` as ``list<float>`` or the official ``(1, G)`` ``list<list<float>>``, ``name`` as
+    strings or a ``ClassLabel``). ``genes`` is the gene order of ``gexp`` (the official files do not store it:
+    take it from the config's ``nicheformer_reference.h5ad``). Donors come from ``donor_column`` when present,
+    else each sample is its own donor. All samples go to ``split``; use ``hescape-data split`` afterwards.
+    The shards themselves are not modified. Returns the manifest.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists() and not overwrite:
+        msg = f"{path} already has a {MANIFEST}; pass overwrite=True to re-index it"
+        raise FileExistsError(msg)
+    files = sorted(p for p in path.glob("*.arrow") if p.is_file())
+    if not files:
+        msg = f"{path}: expected Arrow shards (*.arrow), found none"
+        raise DatasetFormatError(msg)
+    samples: dict[str, dict] = {}
+    shards = []
+    for f in files:
+        t = open_shard(f)
+        missing = {"name", "image", "gexp"} - set(t.column_names)
+        if missing:
+            msg = f"shard {f}: expected columns name, image and gexp, missing {sorted(missing)}"
+            raise DatasetFormatError(msg)
+        gexp_matrix(t.column("gexp"), len(genes))
+        names = string_column(t, "name")
+        donors = string_column(t, donor_column) if donor_column and donor_column in t.column_names else names
+        tissue = string_column(t, "tissue") if "tissue" in t.column_names else np.full(len(names), "unknown", object)
+        source = string_column(t, "source") if "source" in t.column_names else np.full(len(names), "unknown", object)
+        for n, d, ti, so in zip(names, donors, tissue, source, strict=True):
+            s = samples.get(n)
+            if s is None:
+                samples[n] = {"name": str(n), "donor": str(d), "tissue": str(ti), "source": str(so), "split": split,
+                              "n_spots": 1}
+            else:
+                if s["donor"] != str(d):
+                    msg = (f"sample {n} has rows of donors {s['donor']!r} and {d!r}; expected one donor per sample: "
+                           f"fix the {donor_column!r} column")
+                    raise DatasetFormatError(msg)
+                s["n_spots"] += 1
+        shards.append({"file": f.name, "rows": t.num_rows, "sha256": _sha256(f)})
+    manifest = {"schema_version": SCHEMA_VERSION, "genes": list(genes),
+                "gene_ids": list(gene_ids) if gene_ids is not None else [""] * len(genes),
+                "n_rows": sum(s["rows"] for s in shards), "samples": list(samples.values()), "shards": shards,
+                "indexed_from": "existing shards"}
+    write_manifest(path, manifest)
+    return manifest
+
+
+def pyarrow_dataset(path: str | os.PathLike):
+    """All shards of a dataset as one zero-copy :class:`pyarrow.dataset.Dataset` (memory-mapped tables).
+
+    ``pyarrow.dataset.dataset(dir, format="ipc")`` reads only the IPC *file* format, while the shards use
+    the IPC *stream* format, which Hugging Face ``datasets`` requires; this builds the equivalent dataset.
+    """
+    import pyarrow.dataset as pads
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    tables = [open_shard(path / s["file"], s["rows"]) for s in manifest["shards"]]
+    return pads.dataset(tables)

@@ -3,6 +3,8 @@
     hescape-data build xenium BUNDLE --out DIR [--he-image FILE --alignment CSV] [options]
     hescape-data build visium OUTS --image FILE|hires|lowres --out DIR [options]
     hescape-data info DIR [--verify]
+    hescape-data split DIR --preset PANEL [--match name|donor]   # the reference split of a HESCAPE panel
+    hescape-data split DIR --by donor --val 1 --test 1 --seed 0  # whole donors at random
     hescape-data synth xenium DIR [--size-um 300]        # a synthetic bundle in the real file formats
 
 Input errors are reported on one line (what was expected, what was found, how to fix it) with exit code 2;
@@ -67,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a dataset directory")
     info.add_argument("path", type=Path)
     info.add_argument("--verify", action="store_true", help="also check every shard's SHA-256")
+    spl = sub.add_parser("split", help="reassign samples to train/val/test (rewrites manifest.json only)")
+    spl.add_argument("path", type=Path)
+    how = spl.add_mutually_exclusive_group(required=True)
+    how.add_argument("--preset", help="reference split of a HESCAPE panel, e.g. human-breast-panel")
+    how.add_argument("--by", choices=["donor"], help="draw whole donors at random")
+    spl.add_argument("--match", choices=["name", "donor"], default="name",
+                     help="with --preset: match the preset's sample ids against this column (default name)")
+    spl.add_argument("--conflict", choices=["train", "val", "test"],
+                     help="with --preset: the split of a sample the preset lists in two splits (human-skin-panel)")
+    spl.add_argument("--val", type=int, default=1, help="with --by donor: number of val donors (default 1)")
+    spl.add_argument("--test", type=int, default=1, help="with --by donor: number of test donors (default 1)")
+    spl.add_argument("--seed", type=int, default=0, help="with --by donor: random seed (default 0)")
     syn = sub.add_parser("synth", help="write synthetic inputs in real file formats (for tests and demos)")
     ssub = syn.add_subparsers(dest="kind", required=True)
     sx = ssub.add_parser("xenium", help="a synthetic Xenium bundle with an aligned H&E OME-TIFF")
@@ -117,6 +131,21 @@ def _info(path: Path, verify: bool) -> int:
     return 0
 
 
+def _split(a) -> int:
+    from .arrow import read_manifest
+    from .splits import apply_splits, donor_split_assignment, preset_split_assignment
+
+    samples = read_manifest(a.path)["samples"]
+    if a.preset:
+        assignment, absent = preset_split_assignment(samples, a.preset, match=a.match, conflict=a.conflict)
+        if absent:
+            print(f"note: {len(absent)} sample(s) of preset {a.preset} are not in this dataset: {', '.join(absent)}")
+    else:
+        assignment = donor_split_assignment(samples, n_val=a.val, n_test=a.test, seed=a.seed)
+    apply_splits(a.path, assignment)
+    return _info(a.path, verify=False)
+
+
 def _synth(a) -> int:
     from .xenium_bundle import XeniumBundleOptions, small_bundle_config, write_xenium_bundle
 
@@ -134,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return _build(a)
         if a.cmd == "info":
             return _info(a.path, a.verify)
+        if a.cmd == "split":
+            return _split(a)
         return _synth(a)
     except (HescapeDataError, FileExistsError) as e:
         print(f"hescape-data: error: {e}", file=sys.stderr)

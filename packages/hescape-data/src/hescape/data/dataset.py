@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .arrow import iter_split_names, open_shard, read_manifest
+from .arrow import gexp_matrix, iter_split_names, open_shard, read_manifest, string_column
 from .errors import DatasetFormatError, PanelMismatchError
 
 __all__ = ["PairedSpotDataset", "decode_image"]
@@ -41,6 +41,9 @@ class PairedSpotDataset(torch.utils.data.Dataset):
     image_transform, gene_transform
         Applied to the ``(3, H, W)`` uint8 image tensor and to the float32 raw-count vector.
 
+    Shards may also be in the official HESCAPE layout (``gexp`` as a ``(1, G)`` nested list, ``name`` as a
+    ``ClassLabel``) once :func:`hescape.data.arrow.index_arrow_shards` has written their manifest.
+
     Items are dicts with ``image``, ``gexp``, ``index`` (row in this dataset), ``sample`` and ``donor``.
     """
 
@@ -59,19 +62,19 @@ class PairedSpotDataset(torch.utils.data.Dataset):
         names = iter_split_names(self.manifest, split)
         self.image_transform = image_transform
         self.gene_transform = gene_transform
+        donor_of = {s["name"]: s["donor"] for s in self.manifest["samples"]}
         rows: list[np.ndarray] = []
         shard_ids: list[np.ndarray] = []
         self._samples: list[str] = []
         self._donors: list[str] = []
         for i, s in enumerate(self.manifest["shards"]):
             t = open_shard(self.path / s["file"], s["rows"])
-            col_names = t.column("name").to_numpy(zero_copy_only=False)
-            col_donor = t.column("donor").to_numpy(zero_copy_only=False)
+            col_names = string_column(t, "name")
             keep = np.flatnonzero(np.isin(col_names, list(names)))
             rows.append(keep)
             shard_ids.append(np.full(len(keep), i))
             self._samples.extend(col_names[keep].tolist())
-            self._donors.extend(col_donor[keep].tolist())
+            self._donors.extend(donor_of[n] for n in col_names[keep])
         self._row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         self._shard = np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int64)
         if len(self._row) == 0:
@@ -113,9 +116,7 @@ class PairedSpotDataset(torch.utils.data.Dataset):
         out = np.empty((len(self), self.n_genes), dtype=np.float32)
         for shard in np.unique(self._shard):
             sel = np.flatnonzero(self._shard == shard)
-            col = self._table(int(shard)).column("gexp").combine_chunks()
-            flat = col.values.to_numpy().reshape(-1, self.n_genes)
-            out[sel] = flat[self._row[sel]]
+            out[sel] = gexp_matrix(self._table(int(shard)).column("gexp"), self.n_genes)[self._row[sel]]
         return out
 
     def __getitem__(self, idx: int) -> dict:
@@ -125,7 +126,7 @@ class PairedSpotDataset(torch.utils.data.Dataset):
         t = self._table(int(self._shard[idx]))
         r = int(self._row[idx])
         image = decode_image(t.column("image")[r]["bytes"].as_py())
-        gexp = torch.from_numpy(np.asarray(t.column("gexp")[r].values.to_numpy(), dtype=np.float32).copy())
+        gexp = torch.from_numpy(gexp_matrix(t.column("gexp").slice(r, 1), self.n_genes)[0].copy())
         if self.image_transform is not None:
             image = self.image_transform(image)
         if self.gene_transform is not None:

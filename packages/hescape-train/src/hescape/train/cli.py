@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import train  # heavy imports only when training
 
         result = train(cfg)
+        if result is None:  # a non-zero rank of a distributed run: rank 0 prints
+            return 0
     except (HescapeConfigError, HescapeDataError, HescapeModelError) as e:
         print(f"hescape-train: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ class DataConfig:
     panel: str = "human-breast-panel"  # gene panel of the embedded synthetic default
     gene_transform: str = "log1p"  # raw-count transform: log1p | normalize_total_log1p | identity
     augment: bool = True  # random flips and 90° rotations of training patches
+    stain_jitter: float = 0.1  # sd of the per-patch, per-channel optical-density scale (0 disables; needs augment)
     num_workers: int = 0  # DataLoader worker processes
 
 

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, get_gene_transform, read_manifest
 from hescape.data.errors import HescapeDataError
 from hescape.eval import retrieval_metrics
-from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_model
+from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_loss, create_model
 
 from .config import TrainConfig, config_to_dict
+from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .errors import HescapeConfigError
 from .report import format_results_table
 
@@ -54,8 +55,17 @@ def _device(name: str) -> torch.device:
         raise HescapeConfigError(msg) from None
 
 
-def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and 90° rotation per patch (H&E has no preferred orientation)."""
+def _augment(images: torch.Tensor, gen: torch.Generator, stain_jitter: float = 0.0) -> torch.Tensor:
+    """Random flip and 90° rotation per patch (H&E has no preferred orientation), and optionally a stain
+    jitter: each patch's per-channel optical density scaled by ``1 + stain_jitter · N(0, 1)``.
+
+    Returns float images in [0, 1] when the stain jitter is on, else the input dtype.
+    """
+    if stain_jitter > 0:
+        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        od = -torch.log(x.clamp_min(1.0 / 255.0))
+        scale = 1.0 + stain_jitter * torch.randn(len(x), 3, 1, 1, generator=gen)
+        images = torch.exp(-od * scale.clamp_min(0.5))
     flip = torch.rand(len(images), generator=gen) < 0.5
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     k = torch.randint(0, 4, (len(images),), generator=gen)
@@ -115,12 +125,34 @@ def _load_init_checkpoint(path: str, genes: list[str]) -> dict:
     return ckpt
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    """Train, validate each epoch, test the best epoch on held-out donors, write the run directory."""
+def train(cfg: TrainConfig) -> RunResult | None:
+    """Train, validate each epoch, test the best epoch on held-out donors, write the run directory.
+
+    Under torchrun/srun every process trains on its shard of each epoch (DistributedSampler), the
+    contrastive loss gathers features from all ranks (gather with gradients), and rank 0 validates,
+    tests and writes the run directory; other ranks return None.
+    """
+    device = _device(cfg.device)
+    info, device = init_distributed(device)
+    try:
+        result = _train(cfg, device, info)
+        if info.enabled:
+            torch.distributed.barrier()  # the other ranks wait while rank 0 tests and writes the results
+        return result
+    finally:
+        cleanup_distributed(info)
+
+
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult | None:
     t0 = time.time()
     seed_everything(cfg.seed)
-    device = _device(cfg.device)
-    data_path = _resolve_dataset(cfg)
+    if info.is_main:
+        data_path = _resolve_dataset(cfg)
+    if info.enabled:
+        # Rank 0 builds the default dataset (if needed) first; the others then find it in the cache.
+        torch.distributed.barrier()
+        if not info.is_main:
+            data_path = _resolve_dataset(cfg)
     manifest = read_manifest(data_path)
     genes = manifest["genes"]
     if cfg.model.n_genes and cfg.model.n_genes != len(genes):
@@ -146,6 +178,12 @@ def train(cfg: TrainConfig) -> RunResult:
         model = create_model(cfg.model.name, n_genes=len(genes), loss=cfg.model.loss, embed_dim=cfg.model.embed_dim,
                              projection=cfg.model.projection)
     model.to(device)
+    if info.enabled:
+        model.loss_fn = create_loss(cfg.model.loss, rank=info.rank, world_size=info.world_size,
+                                    gather_with_grad=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        ddp = model
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -153,32 +191,42 @@ def train(cfg: TrainConfig) -> RunResult:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=cfg.data.num_workers, collate_fn=_collate, generator=gen)
+    sampler = (torch.utils.data.DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                                   shuffle=True, seed=cfg.seed, drop_last=True)
+               if info.enabled else None)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None,
+                                         sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
+                                         collate_fn=_collate, generator=gen)
     if len(loader) == 0:
         msg = f"batch_size={cfg.batch_size} is larger than the training split ({len(train_ds)} spots); lower it"
         raise HescapeConfigError(msg)
     total_steps = cfg.epochs * len(loader)
 
     run_dir = Path(cfg.out_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**config_to_dict(cfg), "data_resolved": str(data_path)},
-                                                    indent=1))
-    metrics_f = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {**config_to_dict(cfg), "data_resolved": str(data_path), "world_size": info.world_size}, indent=1))
+        metrics_f = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115
+    else:
+        metrics_f = open(os.devnull, "w")  # noqa: SIM115
     ks = cfg.recall_ks
     best, best_epoch, step = -math.inf, -1, 0
     try:
         for epoch in range(cfg.epochs):
             model.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and info.is_main),
+                       leave=False)
             losses = []
             for batch in bar:
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total_steps, cfg.optim)
                 images = batch["image"]
                 if cfg.data.augment:
-                    images = _augment(images, gen)
-                out = model(images.to(device, non_blocking=True), batch["gexp"].to(device, non_blocking=True))
+                    images = _augment(images, gen, cfg.data.stain_jitter)
+                out = ddp(images.to(device, non_blocking=True), batch["gexp"].to(device, non_blocking=True))
                 loss_terms = model.loss(out)
                 loss = sum(v for k, v in loss_terms.items() if k.endswith("_loss"))
                 opt.zero_grad(set_to_none=True)
@@ -186,11 +234,13 @@ def train(cfg: TrainConfig) -> RunResult:
                 if cfg.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 opt.step()
-                losses.append(float(loss))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / float(out['logit_scale']):.3f}")
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / float(out['logit_scale'].detach()):.3f}")
                 step += 1
             rec = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                    "logit_scale": float(model.logit_scale.exp()), "lr": opt.param_groups[0]["lr"]}
+            if not info.is_main:
+                continue
             if val_ds is not None:
                 v = retrieval_metrics(*embed(model, val_ds, device), ks=[k for k in ks if k <= len(val_ds)])
                 rec.update(v["i2g"].as_dict("val_i2g_"))
@@ -212,6 +262,8 @@ def train(cfg: TrainConfig) -> RunResult:
                             "gene_transform": cfg.data.gene_transform, "epoch": epoch + 1,
                             "train_config": config_to_dict(cfg)}, run_dir / "checkpoint.pt")
 
+        if not info.is_main:
+            return None
         best_state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(best_state["state_dict"])
         test = retrieval_metrics(*embed(model, test_ds, device), ks=ks)

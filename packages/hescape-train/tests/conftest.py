@@ -1,0 +1,13 @@
+"""A tiny synthetic dataset shared by the training tests."""
+
+from __future__ import annotations
+
+import pytest
+from hescape.data import SyntheticConfig, build_synthetic_dataset
+
+TINY = SyntheticConfig(sample_size_um=360.0, n_donors=3, pixel_size_um=2.0, spot_pitch_um=40.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    return build_synthetic_dataset(tmp_path_factory.mktemp("train-ds") / "tiny", TINY, progress=False)

@@ -1,0 +1,124 @@
+"""hescape-train end to end on a tiny dataset, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hescape.train import load_config, main
+from hescape.train.config import describe_options
+from hescape.train.errors import HescapeConfigError
+
+
+def _run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _tiny_args(tiny_dataset, tmp_path, *extra):
+    return (f"data.path={tiny_dataset}", f"out_dir={tmp_path}", "run_name=r", "epochs=2", "batch_size=16",
+            "progress=false", "recall_ks=1,5", *extra)
+
+
+def test_train_end_to_end(tiny_dataset, tmp_path, capsys):
+    code, out, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path))
+    assert code == 0, err
+    run = tmp_path / "r"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "results.md",
+                                               "results.json"}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("epoch") for x in lines[:2]] == [1, 2] and lines[-1]["split"] == "test"
+    res = json.loads((run / "results.json").read_text())
+    n = res["i2g_n"]
+    assert res["i2g_R@5_chance"] == pytest.approx(5 / n) and 0 <= res["g2i_R@1"] <= 1
+    assert "image → gene" in out and "(chance)" in out and f"{n} spots" in out
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert len(ckpt["genes"]) == 280 and ckpt["model_cfg"]["gene"]["n_genes"] == 280
+
+
+def test_same_seed_same_result(tiny_dataset, tmp_path, capsys):
+    a = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "a"))
+    b = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "b"))
+    assert a[0] == b[0] == 0
+    ra = json.loads((tmp_path / "a" / "r" / "results.json").read_text())
+    rb = json.loads((tmp_path / "b" / "r" / "results.json").read_text())
+    assert ra == rb
+
+
+def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
+    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "s", "model.loss=siglip"))
+    assert code == 0, err
+    ckpt = tmp_path / "s" / "r" / "checkpoint.pt"
+    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "c", f"model.init_checkpoint={ckpt}", "epochs=1"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["epoch=3"], "unknown config key 'epoch'. Did you mean 'epochs'?"),
+        (["optim.lr=fast"], "expected a value of type float"),
+        (["data.path=/nonexistent/dataset"], "does not exist"),
+        (["model.n_genes=300"], "expects 300 genes"),
+        (["model.name=vit_mlp_nan"], "Did you mean 'vit_mlp_nano'?"),
+        (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+        (["novalue"], "expected key=value"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, expected, tiny_dataset, tmp_path, capsys):
+    base = [] if args[0].startswith(("data.path", "--config", "novalue")) else [f"data.path={tiny_dataset}"]
+    code, out, err = _run(capsys, *base, f"out_dir={tmp_path}", "progress=false", *args)
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+    assert err.startswith("hescape-train: error:") and err.count("\n") == 1
+
+
+def test_checkpoint_with_other_panel_is_refused(tiny_dataset, tmp_path, capsys):
+    ckpt = tmp_path / "other.pt"
+    torch.save({"genes": ["A", "B"], "state_dict": {}, "model_cfg": {}}, ckpt)
+    code, _, err = _run(capsys, f"data.path={tiny_dataset}", f"out_dir={tmp_path}", f"model.init_checkpoint={ckpt}")
+    assert code == 2 and "2-gene panel but the dataset has 280 genes" in err
+
+
+def test_config_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\noptim:\n  lr: 0.01\nmodel.loss: siglip\n")
+    cfg = load_config(str(f), ["optim.lr=0.02"])
+    assert cfg.epochs == 3 and cfg.optim.lr == 0.02 and cfg.model.loss == "siglip"
+    f.write_text("[1, 2]\n")
+    with pytest.raises(HescapeConfigError, match="mapping"):
+        load_config(str(f))
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("epochs", "optim.lr", "data.path", "model.loss", "data.stain_jitter"):
+        assert key in text
+    assert "synthetic" in describe_options()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tiny_dataset, tmp_path):
+    """torchrun with 2 gloo processes trains, and rank 0 alone writes the run directory."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "hescape.train.cli", *_tiny_args(tiny_dataset, tmp_path, "epochs=1")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| image → gene |") == 1  # only rank 0 prints the table
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["split"] == "test"
