@@ -11,8 +11,8 @@ Run: ``uv run pytest benchmarks/bench_data.py --benchmark-enable`` (not collecte
 * **patches**: 224-px patches (112 µm at 0.5 µm/px) from a 20,000 × 20,000 px JPEG-tiled pyramidal OME-TIFF
   at 0.2738 µm/px, rotated 23°, through :func:`extract_patches` (patches/s).
 * **read**: one epoch over 2,048 rows (224-px PNG, 5,001 genes, 4 shards), ``DataLoader(batch_size=64,
-  num_workers=2)``, of :class:`PairedSpotDataset` vs ``datasets.Dataset.from_file`` on the same shards
-  (``with_format("torch")``), in samples/s.
+  num_workers=2)``, best of two epochs, of :class:`PairedSpotDataset` vs ``datasets.Dataset.from_file`` on the
+  same shards (``with_format("torch")``), in samples/s.
 
 The ratios are printed in the "hescape benchmark summary" section (shared ``conftest.SUMMARY``).
 """
@@ -124,12 +124,12 @@ def test_pool(benchmark, cells, provider):
     _RES[f"pool_{provider}_mem"] = rise / _nbytes(counts)
     if provider == "hescape":
         _RES["_assignment"] = assign_cells(xy, spots, diameter_um=55.0)
-        _RES["_pooled_sum"] = float(out.sum(dtype=np.float64))
+        _RES["_pooled"] = out
         _RES["pool_spots"] = out.shape[0]
         _RES["pool_input_gb"] = _nbytes(counts) / 1e9
         assert dt < 60.0  # the target is 20 s; leave room for a loaded machine
     else:
-        assert out.sum(dtype=np.float64) == pytest.approx(_RES["_pooled_sum"], rel=1e-9)
+        np.testing.assert_array_equal(out, _RES.pop("_pooled"))  # same spots x genes sums (integer counts)
 
 
 # ----------------------------------------------------------------------------------------------- patches
@@ -252,9 +252,16 @@ def test_read(benchmark, shards, reader):
         files = [str(shards / s["file"]) for s in read_manifest(shards)["shards"]]
         ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
         ds = ds.with_format("torch", columns=["image", "gexp"])
-    n, dt, _ = benchmark.pedantic(lambda: _peak_rise(lambda: _epoch(ds)), rounds=1, iterations=1)
+    times = []
+
+    def run():
+        n, dt, _ = _peak_rise(lambda: _epoch(ds))
+        times.append(dt)
+        return n
+
+    n = benchmark.pedantic(run, rounds=2, iterations=1)  # best of two epochs: the machine is shared
     assert n == N_ROWS
-    _RES[f"read_{reader}_per_s"] = n / dt
+    _RES[f"read_{reader}_per_s"] = n / min(times)
 
 
 # ----------------------------------------------------------------------------------------------- summary

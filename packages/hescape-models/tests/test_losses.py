@@ -196,3 +196,45 @@ def test_tiled_path_never_allocates_batch_squared(kind):
     if oc.max_numel < 1024 * 1024:
         msg = f"expected open_clip to allocate a 1024×1024 matrix, largest was {oc.max_numel}"
         raise AssertionError(msg)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(("b", "tile"), [(257, 64), (1000, 128), (300, 4096)])
+def test_worker_threads_match_open_clip_deterministically(threads, b, tile):
+    """With T > 1 torch threads the row tiles are split between T single-threaded workers (see _row_blocks)."""
+    v, g, s, bb = H.make_inputs(b, 16, torch.float32, 30.0, -8.0, seed=b)
+    torch.set_num_threads(threads)
+    try:
+        for kind in ("clip", "siglip"):
+            inputs = (v, g, s) if kind == "clip" else (v, g, s, bb)
+            fn = (lambda: clip_loss_torch(v, g, s, tile=tile)) if kind == "clip" else (
+                lambda: siglip_loss_torch(v, g, s, bb, tile=tile))
+            val, got = H.grads(fn(), inputs, 0.7)
+            val2, got2 = H.grads(fn(), inputs, 0.7)
+            if torch.get_num_threads() != threads:
+                msg = f"expected the caller's thread count {threads} to survive, found {torch.get_num_threads()}"
+                raise AssertionError(msg)
+            for x, y in zip((val, *got), (val2, *got2), strict=True):
+                if not torch.equal(x, y):
+                    msg = f"{kind}: two identical calls with {threads} threads differ"
+                    raise AssertionError(msg)
+            ref, (v32, g32) = _oc_reference(kind, v, g, s, bb)
+            ref_val, want = H.grads(ref, (v32, g32, *inputs[2:]), 0.7)
+            H.assert_verbose_allclose(val, ref_val, atol=2e-6, rtol=2e-5, name=f"{kind} loss", floor=1.0)
+            for i, (x, y) in enumerate(zip(got, want, strict=True)):
+                H.assert_verbose_allclose(x, y, atol=2e-5, rtol=1e-4, name=f"{kind} grad {i}")
+        # the one-directional rectangular (local-loss) terms, with the column statistics off
+        vr, gr, sr, br = H.make_inputs(40, 11, torch.float32, 50.0, -4.0, n=120, seed=3)
+        for ours, ref, inputs in (
+            (clip_loss_torch(vr, gr, sr, diag_offset=40, row_weight=0.3, col_weight=0.0, tile=8),
+             H.naive_clip_rect(vr, gr, sr, 40, 0.3, 0.0), (vr, gr, sr)),
+            (siglip_loss_torch(vr, gr, sr, br, diag_offset=40, tile=8), H.naive_siglip_rect(vr, gr, sr, br, 40),
+             (vr, gr, sr, br)),
+        ):
+            val, got = H.grads(ours, inputs, -1.3)
+            ref_val, want = H.grads(ref, inputs, -1.3)
+            H.assert_verbose_allclose(val, ref_val, atol=1e-6, rtol=1e-5, name="local loss", floor=1.0)
+            for i, (x, y) in enumerate(zip(got, want, strict=True)):
+                H.assert_verbose_allclose(x, y, atol=1e-5, rtol=1e-4, name=f"local grad {i}")
+    finally:
+        torch.set_num_threads(1)

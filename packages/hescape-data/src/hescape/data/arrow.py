@@ -129,6 +129,11 @@ class DatasetWriter:
         self._shard_files: list[str] = []
         self._tmp: Path | None = None
 
+    @property
+    def samples(self) -> list[dict]:
+        """The sample table written so far (name, donor, tissue, source, split, n_spots)."""
+        return list(self._samples)
+
     def __enter__(self) -> DatasetWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))

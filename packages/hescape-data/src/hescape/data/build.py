@@ -51,7 +51,7 @@ def _encode_png(patch: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), *,
+def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig | None = None, *,
                             overwrite: bool = False, progress: bool = True) -> Path:
     """Generate a synthetic dataset (see :mod:`hescape.data.synthetic`) and write it as sharded Arrow.
 
@@ -59,6 +59,7 @@ def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig = S
     """
     from .arrow import SpotRecords
 
+    cfg = cfg or SyntheticConfig()
     panel = load_panel(cfg.panel)
     donors = [f"donor_{d:02d}" for d in range(cfg.n_donors)]
     split_of = donor_splits(donors)
@@ -74,12 +75,13 @@ def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig = S
             w.add(SpotRecords(name=smp.name, donor=smp.donor, tissue="synthetic-breast", source="hescape-synthetic",
                               images=images, gexp=smp.spot_counts, coords_um=smp.spot_xy, n_cells=smp.spot_n_cells),
                   split=split_of[smp.donor])
-        check_no_donor_leakage(w._samples)
+        check_no_donor_leakage(w.samples)
     return Path(out_dir)
 
 
-def default_dataset(cfg: SyntheticConfig = SyntheticConfig(), *, progress: bool = True) -> Path:
+def default_dataset(cfg: SyntheticConfig | None = None, *, progress: bool = True) -> Path:
     """Path of the embedded default dataset for ``cfg``, built into the cache on first use."""
+    cfg = cfg or SyntheticConfig()
     key = hashlib.sha256(json.dumps([GENERATOR_VERSION, dataclasses.asdict(cfg)], sort_keys=True).encode())
     path = cache_dir() / "datasets" / f"synthetic-{key.hexdigest()[:12]}"
     if (path / "manifest.json").is_file():

@@ -189,7 +189,7 @@ def _render(rng, cfg: SyntheticConfig, cell_xy, cell_type, cell_state, niche_pro
     for t in range(len(types)):
         sel = np.flatnonzero(cell_type == t)
         _markers, r_nuc, elong, h_dens, e_dens, r_cyt = types[t]
-        for k, i in enumerate(sel):
+        for i in sel:
             ang = rng.uniform(0, np.pi)
             jitter = rng.uniform(0.9, 1.1)
             h_mul, e_mul, size_mul = np.clip(effect[i], 0.3, None)

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, get_gene_transform, read_manifest
 from hescape.data.errors import HescapeDataError
 from hescape.eval import retrieval_metrics
 from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_loss, create_model
+from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, cleanup_distributed, init_distributed
@@ -238,7 +237,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / float(out['logit_scale'].detach()):.3f}")
                 step += 1
             rec = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                   "logit_scale": float(model.logit_scale.exp()), "lr": opt.param_groups[0]["lr"]}
+                   "logit_scale": model.logit_scale.detach().exp().item(), "lr": opt.param_groups[0]["lr"]}
             if not info.is_main:
                 continue
             if val_ds is not None:
