@@ -63,8 +63,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Exact blockwise match-rank kernels of hescape.eval (private; use hescape.eval._backend).";
   m.def("rank_cpu", &rank_cpu, py::arg("queries"), py::arg("gallery"), py::arg("query_labels") = py::none(),
         py::arg("gallery_labels") = py::none(), py::arg("num_threads") = 0, py::arg("isa") = "auto",
-        "Ranks, best-positive scores, best-positive indices and the ISA used ('avx2' or 'generic').");
+        "Ranks, best-positive scores, best-positive indices and the ISA used ('avx512', 'avx2' or 'generic').");
   m.def("cpu_has_avx2", &hescape::cpu_has_avx2, "Whether the AVX2+FMA path can run on this CPU.");
+  m.def("cpu_has_avx512", &hescape::cpu_has_avx512, "Whether the AVX-512F+FMA path can run on this CPU (and build).");
 #ifdef HESCAPE_WITH_CUDA
   m.def("has_cuda", [] { return true; });
   m.def("rank_cuda", [](uintptr_t q, uintptr_t g, bool bf16, int64_t nq, int64_t ng, int64_t d, uintptr_t ql,

@@ -21,6 +21,15 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(HESCAPE_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 // Runs fn(begin, end) over [0, n) split into num_threads contiguous parts whose boundaries are
@@ -82,14 +91,18 @@ std::vector<float> pack_panels(const void* src, ElemType dtype, int64_t n, int64
 
 const char* rank_cpu(const RankInput& in, const RankOutput& out, int num_threads, const char* isa) {
   const std::string want(isa);
-  bool use_avx2 = false;
+  enum class Isa { generic, avx2, avx512 } use = Isa::generic;
   if (want == "auto") {
-    use_avx2 = cpu_has_avx2();
+    use = cpu_has_avx512() ? Isa::avx512 : cpu_has_avx2() ? Isa::avx2 : Isa::generic;
+  } else if (want == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::invalid_argument("isa='avx512' requested but this CPU (or build) lacks AVX-512F+FMA");
+    use = Isa::avx512;
   } else if (want == "avx2") {
     if (!cpu_has_avx2()) throw std::invalid_argument("isa='avx2' requested but this CPU (or build) lacks AVX2+FMA");
-    use_avx2 = true;
+    use = Isa::avx2;
   } else if (want != "generic") {
-    throw std::invalid_argument("isa must be 'auto', 'avx2' or 'generic', found '" + want + "'");
+    throw std::invalid_argument("isa must be 'auto', 'avx512', 'avx2' or 'generic', found '" + want + "'");
   }
   if (in.nq < 1 || in.ng < 1 || in.d < 1) throw std::invalid_argument("empty input");
   if (in.ng >= std::numeric_limits<int32_t>::max()) throw std::invalid_argument("gallery larger than 2^31 - 2 rows");
@@ -99,9 +112,15 @@ const char* rank_cpu(const RankInput& in, const RankOutput& out, int num_threads
   CountFn count_rows = generic::count_rows;
   DotFn dot = generic::dot;
 #ifdef HESCAPE_HAVE_AVX2
-  if (use_avx2) {
+  if (use == Isa::avx2) {
     count_rows = avx2::count_rows;
     dot = avx2::dot;
+  }
+#endif
+#ifdef HESCAPE_HAVE_AVX512
+  if (use == Isa::avx512) {
+    count_rows = avx512::count_rows;
+    dot = avx512::dot;
   }
 #endif
 
@@ -163,7 +182,7 @@ const char* rank_cpu(const RankInput& in, const RankOutput& out, int num_threads
   // A query without any positive has no rank: report the gallery size (never < k for a valid k).
   for (int64_t i = 0; i < nq; ++i)
     if (out.best_index[i] < 0) out.ranks[i] = ng;
-  return use_avx2 ? "avx2" : "generic";
+  return use == Isa::avx512 ? "avx512" : use == Isa::avx2 ? "avx2" : "generic";
 }
 
 }  // namespace hescape

@@ -13,7 +13,7 @@
 // for the pair (i, p_i). Every score, in either pass, is therefore computed by one canonical
 // procedure per ISA path ("the canonical dot"):
 //     s = 0; for k = 0 .. d-1 in order: s = s + q[k] * g[k]
-// in fp32 (bf16 widened exactly), with the multiply-add fused on the AVX2 path and unfused (two
+// in fp32 (bf16 widened exactly), with the multiply-add fused on the AVX2 and AVX-512 paths and unfused (two
 // roundings, never contracted: -ffp-contract=off) on the generic path. The register-blocked kernel
 // keeps one accumulator lane per (query, gallery) pair and walks k in the same order, and pass 1 runs
 // the literal scalar loop, so both produce the same bits for a pair wherever it falls in a tile. The
@@ -22,7 +22,8 @@
 //
 // Pass 2 layout: the gallery is packed into panels of kNR = 16 rows stored k-major ([d][16]); a
 // 6 x 16 register tile (12 AVX2 accumulators) multiplies broadcast query values with panel rows, and
-// the compare-and-count runs on the accumulators, so no score is ever stored.
+// the compare-and-count runs on the accumulators, so no score is ever stored. The AVX-512 path uses the
+// same panels with a 6 x 32 tile (two panels, 12 zmm accumulators).
 #pragma once
 
 #include <cstdint>
@@ -52,10 +53,14 @@ HESCAPE_DECLARE_ISA(generic)
 #ifdef HESCAPE_HAVE_AVX2
 HESCAPE_DECLARE_ISA(avx2)
 #endif
+#ifdef HESCAPE_HAVE_AVX512
+HESCAPE_DECLARE_ISA(avx512)
+#endif
 #undef HESCAPE_DECLARE_ISA
 
-// Whether this CPU can run the AVX2+FMA path (checked at run time).
+// Whether this CPU (and build) can run the AVX2+FMA / AVX-512F+FMA path (checked at run time).
 bool cpu_has_avx2();
+bool cpu_has_avx512();
 
 // Input element type of a (n, d) row-major matrix.
 enum class ElemType { f32, bf16 };
@@ -75,7 +80,8 @@ struct RankOutput {
   int64_t* best_index;  // nq: p_i, or -1 when query i has no positive
 };
 
-// Runs both passes. isa: "auto", "avx2" or "generic". Returns the ISA used.
+// Runs both passes. isa: "auto" (avx512, else avx2, else generic), "avx512", "avx2" or "generic".
+// Returns the ISA used. The avx512 and avx2 paths compute bit-identical scores (both fused, same order).
 const char* rank_cpu(const RankInput& in, const RankOutput& out, int num_threads, const char* isa);
 
 }  // namespace hescape

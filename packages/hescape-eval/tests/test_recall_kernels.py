@@ -11,9 +11,11 @@ from hescape.eval import _backend
 _CUDA_OK = _backend.has_cuda_ext() and torch.cuda.is_available()
 _CPP_OK = _backend.has_cpp_ext()
 _AVX2_OK = _CPP_OK and _backend._C.cpu_has_avx2()
+_AVX512_OK = _CPP_OK and _backend._C.cpu_has_avx512()
 
 BACKEND_PARAMS = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA_OK, reason="no CUDA device/extension")]),
+    pytest.param("cpp-avx512", marks=pytest.mark.skipif(not _AVX512_OK, reason="no AVX-512 or no extension")),
     pytest.param("cpp-avx2", marks=pytest.mark.skipif(not _AVX2_OK, reason="no AVX2 or no extension")),
     pytest.param("cpp-generic", marks=pytest.mark.skipif(not _CPP_OK, reason="extension not built")),
     "torch",
@@ -136,7 +138,7 @@ def test_cpu_isas_agree_on_bf16_and_threads():
     q, g = quantised_pair(97, 97, 40, seed=1)
     want, _ = reference_ranks(q, g)
     for threads in (1, 2, 3):
-        for b in ("cpp-generic", "cpp-avx2") if _AVX2_OK else ("cpp-generic",):
+        for b in ("cpp-generic", *(("cpp-avx2",) if _AVX2_OK else ()), *(("cpp-avx512",) if _AVX512_OK else ())):
             out = _backend.compute_ranks(torch.from_numpy(q).bfloat16(), torch.from_numpy(g).bfloat16(),
                                          backend=b, num_threads=threads)
             np.testing.assert_array_equal(out.ranks.numpy(), want)
@@ -165,3 +167,19 @@ def test_match_ranks_api_unchanged():
     np.testing.assert_array_equal(ranks.numpy(), reference_ranks(q, g)[0])
     np.testing.assert_array_equal(E.match_ranks(q.astype(np.float64), g.astype(np.float64), block_size=7).numpy(),
                                   ranks.numpy())
+
+
+@pytest.mark.skipif(not (_AVX2_OK and _AVX512_OK), reason="needs both the AVX2 and the AVX-512 paths")
+@pytest.mark.parametrize(("n", "d"), [(211, 3), (1000, 128), (97, 1536)])
+def test_fused_isas_give_identical_bits(n, d):
+    """AVX2 and AVX-512 run the same fused canonical dot: identical thresholds and ranks on continuous data
+    (no tolerance), across the 6x16 / 6x32 tiles, odd panel counts and the L2 chunk boundaries."""
+    rng = np.random.default_rng(n + d)
+    q = rng.standard_normal((n, d)).astype(np.float32)
+    g = (q + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
+    g[rng.permutation(n)[: n // 5]] = g[rng.permutation(n)[: n // 5]]  # duplicated rows: exact ties
+    a = _backend.compute_ranks(torch.from_numpy(q), torch.from_numpy(g), backend="cpp-avx2", num_threads=2)
+    b = _backend.compute_ranks(torch.from_numpy(q), torch.from_numpy(g), backend="cpp-avx512", num_threads=3)
+    np.testing.assert_array_equal(a.best_score.numpy().view(np.int32), b.best_score.numpy().view(np.int32))
+    np.testing.assert_array_equal(a.ranks.numpy(), b.ranks.numpy())
+    np.testing.assert_array_equal(a.best_index.numpy(), b.best_index.numpy())

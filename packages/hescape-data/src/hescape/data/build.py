@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,14 @@ from .errors import DatasetFormatError
 from .panels import load_panel
 from .splits import check_no_donor_leakage
 from .synthetic import SyntheticConfig, crop_patch, generate_sample
+from .xenium_bundle import XeniumBundleOptions
 
-__all__ = ["GENERATOR_VERSION", "build_synthetic_dataset", "default_dataset", "cache_dir", "donor_splits"]
+__all__ = ["GENERATOR_VERSION", "bundle_options", "build_synthetic_dataset", "default_dataset", "cache_dir",
+           "donor_splits"]
 
 #: Bumped whenever the generator's output changes, so cached default datasets are rebuilt.
-GENERATOR_VERSION = 3
+#: 4: samples go through the real pipeline (Xenium bundle on disk -> reader -> pooling -> µm-exact patches).
+GENERATOR_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -51,9 +56,47 @@ def _encode_png(patch: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def bundle_options(cfg: SyntheticConfig) -> XeniumBundleOptions:
+    """How :func:`build_synthetic_dataset` writes each sample as a Xenium bundle: an H&E OME-TIFF at the
+    generator's pixel size, rotated 23° against the morphology frame (so patches go through the full affine)."""
+    return XeniumBundleOptions(he_um_per_px=cfg.pixel_size_um, he_rotation_deg=23.0, he_tile=256)
+
+
+def _sample_via_bundle(cfg: SyntheticConfig, donor: int, sample: int, tmp: Path):
+    """One sample through the real pipeline: write a Xenium bundle, read it back, pool cells, cut patches."""
+    from .ingest import harmonise_genes
+    from .patches import extract_patches
+    from .pseudospots import assign_cells, pool_counts, spot_grid
+    from .readers.xenium import read_xenium
+    from .xenium_bundle import write_xenium_bundle
+
+    bundle = write_xenium_bundle(tmp / f"bundle-{donor}-{sample}", cfg, bundle_options(cfg), donor=donor,
+                                 sample=sample)
+    s = read_xenium(bundle)
+    try:
+        counts, _, _ = harmonise_genes(s, panel=cfg.panel)
+        # the generator's spot layout: centres at least half a patch inside the section
+        spots = spot_grid((0, 0, cfg.sample_size_um, cfg.sample_size_um), pitch_um=cfg.spot_pitch_um,
+                          kind=cfg.spot_grid, margin_um=cfg.patch_fov_um / 2)
+        assign = assign_cells(s.xy_um, spots, diameter_um=cfg.spot_diameter_um)
+        gexp = pool_counts(assign, counts)
+        images = [_encode_png(p) for p in extract_patches(s.image, s.um_to_px, spots, fov_um=cfg.patch_fov_um,
+                                                          target_um_per_px=cfg.pixel_size_um)]
+        return s.name, spots, gexp, images, np.asarray(assign.sum(1)).ravel()
+    finally:
+        s.close()
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
 def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig | None = None, *,
-                            overwrite: bool = False, progress: bool = True) -> Path:
+                            overwrite: bool = False, progress: bool = True, via_bundle: bool = True) -> Path:
     """Generate a synthetic dataset (see :mod:`hescape.data.synthetic`) and write it as sharded Arrow.
+
+    With ``via_bundle`` (default) every sample goes through the real pipeline: it is written as a Xenium
+    bundle (cells.parquet, cell_feature_matrix.h5, H&E OME-TIFF + alignment), read back with
+    :func:`~hescape.data.readers.xenium.read_xenium`, pooled into pseudo-spots and cut into µm-exact patches,
+    as ``hescape-data build xenium`` does. ``via_bundle=False`` pools and crops the generator's arrays
+    directly (same counts; patches without the rotate-and-resample round trip).
 
     Splits are by donor (one val donor, one test donor, the rest train). Returns the directory.
     """
@@ -64,19 +107,32 @@ def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig | N
     donors = [f"donor_{d:02d}" for d in range(cfg.n_donors)]
     split_of = donor_splits(donors)
     jobs = [(d, s) for d in range(cfg.n_donors) for s in range(cfg.samples_per_donor)]
-    extra = {"generator": {"name": "hescape.data.synthetic", "version": GENERATOR_VERSION,
-                           "config": dataclasses.asdict(cfg)}}
+    gen = {"name": "hescape.data.synthetic", "version": GENERATOR_VERSION, "config": dataclasses.asdict(cfg),
+           "pipeline": "xenium-bundle" if via_bundle else "direct"}
+    if via_bundle:
+        gen["bundle_options"] = dataclasses.asdict(bundle_options(cfg))
+    out_dir = Path(out_dir)
     with DatasetWriter(out_dir, genes=list(panel.genes), gene_ids=list(panel.gene_ids), overwrite=overwrite,
-                       extra=extra) as w:
-        for d, s in tqdm(jobs, desc="synthetic samples", disable=not progress):
-            smp = generate_sample(cfg, d, s, panel)
-            centres_px = smp.spot_xy[:, ::-1] / cfg.pixel_size_um  # (row, col)
-            images = [_encode_png(crop_patch(smp.image, c, cfg.patch_px)) for c in centres_px]
-            w.add(SpotRecords(name=smp.name, donor=smp.donor, tissue="synthetic-breast", source="hescape-synthetic",
-                              images=images, gexp=smp.spot_counts, coords_um=smp.spot_xy, n_cells=smp.spot_n_cells),
-                  split=split_of[smp.donor])
+                       extra={"generator": gen}) as w:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.bundles-", dir=out_dir.parent)) if via_bundle else None
+        try:
+            for d, s in tqdm(jobs, desc="synthetic samples", disable=not progress):
+                if via_bundle:
+                    name, xy, gexp, images, n_cells = _sample_via_bundle(cfg, d, s, tmp)
+                    donor = donors[d]
+                else:
+                    smp = generate_sample(cfg, d, s, panel)
+                    centres_px = smp.spot_xy[:, ::-1] / cfg.pixel_size_um  # (row, col)
+                    images = [_encode_png(crop_patch(smp.image, c, cfg.patch_px)) for c in centres_px]
+                    name, donor, xy = smp.name, smp.donor, smp.spot_xy
+                    gexp, n_cells = smp.spot_counts, smp.spot_n_cells
+                w.add(SpotRecords(name=name, donor=donor, tissue="synthetic-breast", source="hescape-synthetic",
+                                  images=images, gexp=gexp, coords_um=xy, n_cells=n_cells), split=split_of[donor])
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         check_no_donor_leakage(w.samples)
-    return Path(out_dir)
+    return out_dir
 
 
 def default_dataset(cfg: SyntheticConfig | None = None, *, progress: bool = True) -> Path:

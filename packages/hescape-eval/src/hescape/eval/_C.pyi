@@ -11,13 +11,16 @@ def rank_cpu(
     num_threads: int = 0,
     isa: str = "auto",
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64], str]:
-    """Ranks, best-positive scores, best-positive indices and the ISA used ('avx2' or 'generic').
+    """Ranks, best-positive scores, best-positive indices and the ISA used ('avx512', 'avx2' or 'generic').
 
     uint16 inputs are bfloat16 bit patterns. Labels: both or neither (None: positive of query i is row i).
     """
 
 def cpu_has_avx2() -> bool:
     """Whether the AVX2+FMA path can run on this CPU."""
+
+def cpu_has_avx512() -> bool:
+    """Whether the AVX-512F+FMA path can run on this CPU (and build)."""
 
 def has_cuda() -> bool:
     """Whether this build contains the CUDA kernel."""

@@ -15,7 +15,7 @@ top ``k``).
 
 Backends
 --------
-``"cuda"`` (CUDA kernel; inputs on a GPU), ``"cpp"`` (C++ kernel; ``"cpp-avx2"``/``"cpp-generic"`` pin
+``"cuda"`` (CUDA kernel; inputs on a GPU), ``"cpp"`` (C++ kernel; ``"cpp-avx512"``/``"cpp-avx2"``/``"cpp-generic"`` pin
 the instruction set), ``"torch"`` (blockwise matmul, any device, also float64), ``"auto"``: CUDA for
 GPU inputs when built with CUDA, else C++ for float32/float16/bfloat16 CPU inputs, else torch. When
 the compiled extension is missing, ``"auto"`` falls back to torch and warns once. All backends score
@@ -44,7 +44,7 @@ else:
 
 __all__ = ["BACKENDS", "RankResult", "available_backends", "compute_ranks", "has_cpp_ext", "has_cuda_ext"]
 
-BACKENDS = ("auto", "cuda", "cpp", "cpp-avx2", "cpp-generic", "torch")
+BACKENDS = ("auto", "cuda", "cpp", "cpp-avx512", "cpp-avx2", "cpp-generic", "torch")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned_fallback = False
 
@@ -62,7 +62,7 @@ class RankResult:
     best_index
         Gallery index ``p_i`` of the best positive (int64).
     backend
-        What ran: ``"cuda"``, ``"cpp-avx2"``, ``"cpp-generic"`` or ``"torch"``.
+        What ran: ``"cuda"``, ``"cpp-avx512"``, ``"cpp-avx2"``, ``"cpp-generic"`` or ``"torch"``.
     """
 
     ranks: torch.Tensor
@@ -87,6 +87,8 @@ def available_backends() -> list[str]:
     if has_cuda_ext() and torch.cuda.is_available():
         out.append("cuda")
     if has_cpp_ext():
+        if _C.cpu_has_avx512():
+            out.append("cpp-avx512")
         if _C.cpu_has_avx2():
             out.append("cpp-avx2")
         out.append("cpp-generic")
@@ -195,6 +197,9 @@ def _resolve(backend: str, q: torch.Tensor) -> str:
         if backend == "cpp-avx2" and not _C.cpu_has_avx2():
             raise HescapeEvalError.build(what="backend='cpp-avx2'", expected="a CPU with AVX2 and FMA", found="neither",
                                          fix="use backend='cpp'")
+        if backend == "cpp-avx512" and not _C.cpu_has_avx512():
+            raise HescapeEvalError.build(what="backend='cpp-avx512'", expected="a CPU with AVX-512F and FMA",
+                                         found="neither", fix="use backend='cpp'")
     return backend
 
 
@@ -264,7 +269,7 @@ def compute_ranks(queries, gallery, *, positives=None, backend: str = "auto", bl
     def to_np(x: torch.Tensor) -> np.ndarray:
         return x.view(torch.int16).numpy().view(np.uint16) if bf16 else x.numpy()
 
-    isa = {"cpp": "auto", "cpp-avx2": "avx2", "cpp-generic": "generic"}[used]
+    isa = {"cpp": "auto", "cpp-avx512": "avx512", "cpp-avx2": "avx2", "cpp-generic": "generic"}[used]
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
     r, b, i, isa_used = _C.rank_cpu(to_np(qk), to_np(gk), None if ql is None else ql.numpy(),
                                     None if gl is None else gl.numpy(), threads, isa)

@@ -38,7 +38,7 @@ __all__ = ["RetrievalResult", "match_ranks", "recall_at_k", "retrieval_metrics",
 class RetrievalResult:
     """Metrics of one retrieval direction. ``recall[k]`` and ``chance[k]`` are fractions in [0, 1].
 
-    ``backend`` records what computed the ranks (``"cuda"``, ``"cpp-avx2"``, ``"cpp-generic"``, ``"torch"``).
+    ``backend`` records what computed the ranks (``"cuda"``, ``"cpp-avx512"``, ``"cpp-avx2"``, ``"cpp-generic"``, ``"torch"``).
     """
 
     n: int

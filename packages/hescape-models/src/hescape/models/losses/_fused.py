@@ -106,7 +106,7 @@ class ClipLoss(_ContrastiveLoss):
         Each rank scores only its own rows against all columns (O(B_local·B) work); the mean over ranks equals
         the global loss. Otherwise every rank computes the global loss on the gathered batch.
     tile
-        Tile edge of the torch path (memory O(B·d + tile²)).
+        Tile edge of the torch path (memory O(B·d + tile²) per CPU worker thread; see ``_reference``).
     """
 
     def forward(self, img: torch.Tensor, gex: torch.Tensor, logit_scale: torch.Tensor,

@@ -1,6 +1,15 @@
 """Tiled pure-torch CLIP and SigLIP losses: the reference for the Triton kernels and the CPU fallback.
 
-Neither loss ever holds the M×N logit matrix; memory is O((M + N)·d + tile²).
+Neither loss ever holds the M×N logit matrix. Memory is O((M + N)·d + tile²) per worker: each of the ``W``
+workers (``W = torch.get_num_threads()`` on CPU, capped by the number of row tiles; 1 on other devices) holds two
+tile² fp32 buffers and, in the backward, its own N×d share of ``C``. At B = 8192, d = 128, tile = 512, W = 2 that
+is ≈ 2·(2 + 4) MiB plus the O(B·d) inputs/gradients, against the 256 MiB of a single B×B fp32 logit matrix.
+
+Threading: on CPU the row tiles are split into ``W`` contiguous blocks, each run by a Python thread whose torch
+ops are single-threaded (ops release the GIL). Intra-op threading of tile-sized ops would put an OpenMP barrier
+after every op; on a loaded machine a barrier waits for a descheduled thread, which made the 2-thread path 2–4×
+slower than the B×B one. Column statistics and ``C`` are reduced over blocks in block order, so results are
+deterministic for a given thread count (and agree with other counts to fp32 rounding).
 
 Derivation
 ----------
@@ -195,10 +204,10 @@ class TorchClipFunction(torch.autograd.Function):
         s32 = scale.detach().float().reshape(())
         vs = v32 * s32
         m, n = v.shape[0], g.shape[0]
-        a = torch.empty_like(v32)
+        a, c0 = torch.empty_like(v32), torch.zeros_like(g32)
 
         def block(r0: int, r1: int):
-            c = torch.zeros_like(g32)  # this block's share of C; the shares are summed in block order
+            c = c0 if r0 == 0 else torch.zeros_like(g32)  # this block's share of C; summed in block order
             zb, eb = _buffers(min(tile, r1 - r0), min(tile, n), v.device)
             for i0, i1 in _tiles(r1, tile, r0):
                 ai = a[i0:i1].zero_()
@@ -251,10 +260,10 @@ class TorchSigLipFunction(torch.autograd.Function):
         s32, b32 = scale.detach().float().reshape(()), bias.detach().float().reshape(())
         vs = v32 * s32
         m, n = v.shape[0], g.shape[0]
-        a = torch.empty_like(v32)
+        a, c0 = torch.empty_like(v32), torch.zeros_like(g32)
 
         def block(r0: int, r1: int):
-            c = torch.zeros_like(g32)
+            c = c0 if r0 == 0 else torch.zeros_like(g32)  # this block's share of C; summed in block order
             db = torch.zeros((), device=v.device)
             zb, _ = _buffers(min(tile, r1 - r0), min(tile, n), v.device, n=1)
             for i0, i1 in _tiles(r1, tile, r0):
