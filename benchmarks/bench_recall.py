@@ -147,7 +147,8 @@ def test_zz_summary():
             full = TIMES[("argsort_rows", n)] * n / ARGSORT_ROWS
             row.update(argsort_s_scaled=full, speedup_vs_argsort=full / t_cpp)
         rows.append(row)
-    SUMMARY.append(f"CPU: {_cores()} cores at {_ghz():.2f} GHz, fp32 {"AVX-512" if _lanes() == 16 else "AVX2"}-FMA peak {peak:.0f} GFLOP/s")
+    isa = "AVX-512" if _lanes() == 16 else "AVX2"
+    SUMMARY.append(f"CPU: {_cores()} cores at {_ghz():.2f} GHz, fp32 {isa}-FMA peak {peak:.0f} GFLOP/s")
     for r in rows:
         line = f"N={r['n']:>6} d={D}: cpp {r['cpp_s']:.2f} s = {r['cpp_gflops']:.1f} GFLOP/s ({100 * r['cpp_frac_peak']:.0f}% of peak)"
         if "speedup_vs_argsort" in r:
