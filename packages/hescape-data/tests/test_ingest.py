@@ -96,3 +96,41 @@ def test_transcript_pooling(xenium_bundle_variant, xenium_bundle, tmp_path):
     with pytest.raises(InputFormatError, match="transcripts.parquet"):
         build_xenium_dataset(xenium_bundle, tmp_path / "x", counts_from="transcripts", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def _shift_alignment(bundle, dx_morph_px: float) -> None:
+    f = next(bundle.glob("*he_imagealignment.csv"))
+    m = np.loadtxt(f, delimiter=",")
+    m[0, 2] += dx_morph_px  # the H&E frame moves against the tissue: part of it now maps off the image
+    np.savetxt(f, m, delimiter=",")
+
+
+def test_spots_outside_image_error_or_drop(bundle_copy, tmp_path):
+    _shift_alignment(bundle_copy, 900.0)
+    spots = SpotOptions(pitch_um=60.0)
+    with pytest.raises(InputFormatError, match="fall outside the H&E image") as e:
+        build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, spots=spots)
+    assert "--outside-spots drop" in str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no output, not even a temporary directory
+    out = build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, spots=spots,
+                               patch=PatchOptions(outside_spots="drop"))
+    m = read_manifest(out)
+    assert m["filters"]["outside_image"] > 0 and m["filters"]["kept"] == m["n_rows"] > 0
+
+
+def test_min_tissue_fraction_filters_edge_spots(xenium_bundle, tmp_path):
+    from hescape.data.ingest import tissue_fraction
+
+    assert tissue_fraction(np.full((4, 4, 3), 255, np.uint8)) == 0.0
+    assert tissue_fraction(np.full((4, 4, 3), 120, np.uint8)) == 1.0
+    spots = SpotOptions(pitch_um=60.0)
+    everything = read_manifest(build_xenium_dataset(xenium_bundle, tmp_path / "all", progress=False, qc=False,
+                                                    spots=spots))
+    strict = read_manifest(build_xenium_dataset(xenium_bundle, tmp_path / "strict", progress=False, qc=False,
+                                                spots=spots, patch=PatchOptions(min_tissue_fraction=0.9)))
+    # Spots near the section's edge have patches half on glass: the strict filter drops them.
+    assert 0 < strict["n_rows"] < everything["n_rows"]
+    assert strict["filters"]["low_tissue"] == everything["n_rows"] - strict["n_rows"]
+    with pytest.raises(InputFormatError, match="tissue fraction"):
+        build_xenium_dataset(xenium_bundle, tmp_path / "none", progress=False, qc=False, spots=spots,
+                             patch=PatchOptions(min_tissue_fraction=1.01))

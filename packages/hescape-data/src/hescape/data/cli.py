@@ -39,6 +39,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="panel genes absent from the data: refuse (default) or fill zeros")
     p.add_argument("--duplicate-genes", choices=["error", "sum"], default="error",
                    help="features sharing a gene name: refuse (default) or sum them")
+    p.add_argument("--min-tissue-fraction", type=float, default=0.0,
+                   help="drop spots whose patch has less tissue (pixels darker than the glass); default 0 keeps all")
+    p.add_argument("--outside-spots", choices=["error", "drop"], default="error",
+                   help="spot centres outside the H&E image: stop with an error (default) or drop them")
     p.add_argument("--rows-per-shard", type=int, default=2048)
     p.add_argument("--no-qc", action="store_true", help="skip the QC figure (qc/<sample>.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -95,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 def _build(a) -> int:
     from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
 
-    patch = PatchOptions(fov_um=a.fov_um, um_per_px=a.um_per_px)
+    patch = PatchOptions(fov_um=a.fov_um, um_per_px=a.um_per_px, min_tissue_fraction=a.min_tissue_fraction,
+                         outside_spots=a.outside_spots)
     common = {"sample": a.sample, "donor": a.donor, "split": a.split, "panel": a.panel,
               "duplicate_genes": a.duplicate_genes, "missing_genes": a.missing_genes, "overwrite": a.overwrite,
               "progress": not a.quiet, "qc": not a.no_qc, "rows_per_shard": a.rows_per_shard, "patch": patch}

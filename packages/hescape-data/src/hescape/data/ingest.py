@@ -49,6 +49,24 @@ class PatchOptions:
 
     fov_um: float = 112.0  # field of view (HEST: 112 µm)
     um_per_px: float = 0.5  # output pixel size (HEST: 0.5 µm/px -> 224 px)
+    min_tissue_fraction: float = 0.0  # drop spots whose patch has less tissue (non-background pixels); 0 keeps all
+    outside_spots: str = "error"  # spot centres outside the H&E image: "error" (default) or "drop"
+
+
+#: A pixel is background (glass) when its mean intensity is at least this (0–255).
+BACKGROUND_LEVEL = 220.0
+
+
+def tissue_fraction(patch: np.ndarray) -> float:
+    """Fraction of a patch's pixels that are tissue, i.e. darker than the glass background."""
+    return float((patch.reshape(-1, patch.shape[-1])[:, :3].mean(1) < BACKGROUND_LEVEL).mean())
+
+
+def spots_inside_image(sample: SpatialSample, spots_um: np.ndarray) -> np.ndarray:
+    """Boolean mask of the spot centres that map inside the level-0 H&E image."""
+    h, w = sample.image.shape
+    px = (sample.um_to_px @ np.column_stack([spots_um, np.ones(len(spots_um))]).T)[:2].T
+    return (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
 
 
 def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicate_genes: str = "error",
@@ -158,10 +176,33 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
                "lower --min-counts / --min-cells or check the input")
         raise InputFormatError(msg)
     out = Path(out)
+    if patch.outside_spots not in ("error", "drop"):
+        msg = f"outside_spots must be 'error' or 'drop', found {patch.outside_spots!r}"
+        raise HescapeDataError(msg)
+    inside = spots_inside_image(sample, spots_um)
+    if not inside.all() and patch.outside_spots == "error":
+        h, w = sample.image.shape
+        msg = (f"sample {sample.name}: {int((~inside).sum())} of {len(spots_um)} spot centres fall outside the "
+               f"H&E image ({w} x {h} px); check the alignment matrix and pixel size, or pass "
+               "outside_spots='drop' (--outside-spots drop) to leave those spots out")
+        raise InputFormatError(msg)
     patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=patch.fov_um,
                               target_um_per_px=patch.um_per_px)
-    images = [_encode_png(p) for p in tqdm(patches, total=len(spots_um), desc=f"patches {sample.name}",
-                                           disable=not progress, unit="spot")]
+    keep = inside.copy()
+    images = []
+    for i, p in enumerate(tqdm(patches, total=len(spots_um), desc=f"patches {sample.name}", disable=not progress,
+                               unit="spot")):
+        if keep[i] and patch.min_tissue_fraction > 0 and tissue_fraction(p) < patch.min_tissue_fraction:
+            keep[i] = False
+        if keep[i]:
+            images.append(_encode_png(p))
+    if not keep.any():
+        msg = (f"sample {sample.name}: expected at least one spot inside the image with tissue fraction >= "
+               f"{patch.min_tissue_fraction}, found none; check the image and alignment or lower --min-tissue-fraction")
+        raise InputFormatError(msg)
+    extra = {**extra, "filters": {"outside_image": int((~inside).sum()),
+                                  "low_tissue": int((inside & ~keep).sum()), "kept": int(keep.sum())}}
+    spots_um, gexp, n_cells = spots_um[keep], gexp[keep], n_cells[keep]
     with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
                        extra=extra) as w:
         w.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
