@@ -65,6 +65,8 @@ def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
         (["model.name=vit_mlp_nan"], "Did you mean 'vit_mlp_nano'?"),
         (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
         (["novalue"], "expected key=value"),
+        (["recall_ks=1,5,100000"], "asks for Recall@100000 but the test split has"),
+        (["recall_ks=0,5"], "recall_ks must list positive k values"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, expected, tiny_dataset, tmp_path, capsys):

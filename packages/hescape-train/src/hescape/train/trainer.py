@@ -169,6 +169,13 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
     train_ds = PairedSpotDataset(data_path, "train", gene_transform=gene_tf)
     val_ds = PairedSpotDataset(data_path, "val", gene_transform=gene_tf) if "val" in splits else None
     test_ds = PairedSpotDataset(data_path, "test", gene_transform=gene_tf)
+    if not cfg.recall_ks or min(cfg.recall_ks) < 1:
+        msg = f"recall_ks must list positive k values (e.g. recall_ks=1,5,10), found {cfg.recall_ks!r}"
+        raise HescapeConfigError(msg)
+    if max(cfg.recall_ks) > len(test_ds):
+        msg = (f"recall_ks={','.join(map(str, cfg.recall_ks))} asks for Recall@{max(cfg.recall_ks)} but the test split "
+               f"has {len(test_ds)} spots; lower recall_ks or put more samples in the test split")
+        raise HescapeConfigError(msg)
 
     if ckpt is not None:
         model = HescapeCLIP(cfg_from_dict(ckpt["model_cfg"]))
