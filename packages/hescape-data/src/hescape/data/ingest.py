@@ -213,6 +213,15 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
     return out
 
 
+def _fresh_output(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail fast, before reading any input, when the output directory exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        msg = f"output directory {out} already exists; choose another path or pass --overwrite"
+        raise FileExistsError(msg)
+    return out
+
+
 def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
                          he_image: str | os.PathLike | None = None, alignment: str | os.PathLike | None = None,
                          sample: str | None = None, donor: str | None = None, tissue: str | None = None,
@@ -228,10 +237,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
     ``counts_from="transcripts"`` pools ``transcripts.parquet`` (``qv >= min_qv``) by transcript position
     instead of whole cells by centroid (``n_cells`` still counts cell centroids in each spot).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        msg = f"output directory {out} already exists; choose another path or pass --overwrite"
-        raise FileExistsError(msg)
+    out = _fresh_output(out, overwrite)
     s = read_xenium(bundle, he_image=he_image, alignment=alignment)
     try:
         if sample:
@@ -273,10 +279,7 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
 
     ``image``: the full-resolution image, or ``"hires"``/``"lowres"``. ``n_cells`` is -1 (unknown) for Visium.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        msg = f"output directory {out} already exists; choose another path or pass --overwrite"
-        raise FileExistsError(msg)
+    out = _fresh_output(out, overwrite)
     s = read_visium(outs, image=image, matrix=matrix)
     try:
         if sample:
