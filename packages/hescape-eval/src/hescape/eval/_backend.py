@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ try:
     from . import _C
 except ImportError as exc:  # pure-Python install or a failed build: torch fallback
     _C = None
-    _C_IMPORT_ERROR: str | None = str(exc)
+    _built = any(p.name.startswith("_C.") and p.suffix in (".so", ".pyd") for p in Path(__file__).parent.iterdir())
+    _C_IMPORT_ERROR: str | None = str(exc) if _built else "the extension was not built (no C++ compiler at install)"
 else:
     _C_IMPORT_ERROR = None
 
