@@ -22,20 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import HescapeModelError
+from ._tiles import BLOCK_M, BLOCK_N, kernel_settings, require_triton, tile_dot, tl, triton
 from ._utils import check_pair, check_scalar
 
 __all__ = ["ClipLossFunction", "clip_loss_backward", "clip_loss_forward", "clip_loss_triton"]
 
-try:  # guarded: the package must import on machines where Triton is missing or broken
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-
-BLOCK_M = 64
-BLOCK_N = 64
 
 if triton is not None:
 
@@ -52,15 +43,8 @@ if triton is not None:
         for j0 in range(0, N, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
             cmask = cols < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                kmask = ks < D
-                a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+            acc = tile_dot(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                           PRECISION)
             z = tl.where(cmask[None, :], acc * s, float("-inf"))
             pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + diag_offset, z, 0.0), 1)
             m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -86,15 +70,8 @@ if triton is not None:
         for j0 in range(0, N, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
             cmask = cols < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                kmask = ks < D
-                a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+            acc = tile_dot(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                           PRECISION)
             z = acc * s
             is_pos = cols[None, :] == rows[:, None] + diag_offset
             grad = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -110,19 +87,6 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], out, mask=rmask[:, None] & omask[None, :])
 
 
-def _require_triton() -> None:
-    if triton is None:
-        msg = ("expected an importable triton for the fused loss kernels, found none; install triton (Linux) or "
-               "use impl='torch'")
-        raise HescapeModelError(msg)
-
-
-def _settings(v: torch.Tensor) -> dict:
-    d = v.shape[1]
-    block_k = max(16, min(64, triton.next_power_of_2(d)))
-    return {"BLOCK_K": block_k, "PRECISION": "ieee" if v.dtype == torch.float32 else "tf32"}
-
-
 def _lse(a: torch.Tensor, b: torch.Tensor, s32: torch.Tensor, diag_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row log-sum-exps of ``s·a bᵀ`` and each row's positive logit."""
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
@@ -130,7 +94,7 @@ def _lse(a: torch.Tensor, b: torch.Tensor, s32: torch.Tensor, diag_offset: int) 
     pos = torch.empty(m, device=a.device, dtype=torch.float32)
     grid = (triton.cdiv(m, BLOCK_M),)
     _clip_loss_lse_kernel[grid](a, b, lse, pos, s32, m, n, d, a.stride(0), b.stride(0), diag_offset,
-                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_settings(a))
+                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **kernel_settings(a))
     return lse, pos
 
 
@@ -144,14 +108,14 @@ def _grad_rows(a, b, lse_a, lse_b, s32, diag_offset: int, w_row: float, w_col: f
     _clip_loss_grad_kernel[grid](a, b, dummy if lse_a is None else lse_a, dummy if lse_b is None else lse_b, out,
                                  s32, m, n, d, a.stride(0), b.stride(0), out.stride(0), diag_offset,
                                  float(w_row), float(w_col), HAS_ROW=w_row != 0.0, HAS_COL=w_col != 0.0,
-                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DO=block_do, **_settings(a))
+                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DO=block_do, **kernel_settings(a))
     return out
 
 
 def clip_loss_forward(v: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, diag_offset: int, row_weight: float,
                       col_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss (fp32 scalar), row log-sum-exps ``r`` and column log-sum-exps ``c`` (None when ``col_weight == 0``)."""
-    _require_triton()
+    require_triton()
     v, g = v.contiguous(), g.contiguous()
     s32 = scale.detach().float().reshape(1).contiguous()
     rows, zpos = _lse(v, g, s32, diag_offset)
@@ -166,7 +130,7 @@ def clip_loss_forward(v: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, dia
 def clip_loss_backward(v, g, scale, rows, cols, diag_offset: int, row_weight: float, col_weight: float,
                        grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 gradients ``(∂L/∂v, ∂L/∂g, ∂L/∂s)`` times ``grad_out``."""
-    _require_triton()
+    require_triton()
     v, g = v.contiguous(), g.contiguous()
     s32 = scale.detach().float().reshape(1).contiguous()
     a = _grad_rows(v, g, rows, cols, s32, diag_offset, row_weight, col_weight)

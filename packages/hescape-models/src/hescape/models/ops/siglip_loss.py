@@ -20,20 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import HescapeModelError
+from ._tiles import BLOCK_M, BLOCK_N, kernel_settings, require_triton, tile_dot, tl, triton
 from ._utils import check_pair, check_scalar
 
 __all__ = ["SigLipLossFunction", "siglip_loss_backward", "siglip_loss_forward", "siglip_loss_triton"]
 
-try:  # guarded: the package must import on machines where Triton is missing or broken
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-
-BLOCK_M = 64
-BLOCK_N = 64
 
 if triton is not None:
 
@@ -41,15 +32,8 @@ if triton is not None:
     def _siglip_logits(a_ptr, b_ptr, rows, cols, rmask, cmask, s, bias, D, stride_a, stride_b,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr):
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            kmask = ks < D
-            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = tile_dot(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                       PRECISION)
         return acc * s + bias
 
     @triton.jit
@@ -100,17 +84,8 @@ if triton is not None:
         tl.store(gsum_ptr + tl.program_id(1).to(tl.int64) * M + rows, gsum, mask=rmask)
 
 
-def _require_triton() -> None:
-    if triton is None:
-        msg = ("expected an importable triton for the fused loss kernels, found none; install triton (Linux) or "
-               "use impl='torch'")
-        raise HescapeModelError(msg)
-
-
 def _settings(v: torch.Tensor) -> dict:
-    block_k = max(16, min(64, triton.next_power_of_2(v.shape[1])))
-    return {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": block_k,
-            "PRECISION": "ieee" if v.dtype == torch.float32 else "tf32"}
+    return {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, **kernel_settings(v)}
 
 
 def _scalars(scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +95,7 @@ def _scalars(scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, tor
 def siglip_loss_forward(v: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                         diag_offset: int) -> torch.Tensor:
     """The loss as an fp32 scalar: per-row partial sums from the kernel, reduced and divided by M on the host."""
-    _require_triton()
+    require_triton()
     v, g = v.contiguous(), g.contiguous()
     s32, b32 = _scalars(scale, bias)
     m, n, d = v.shape[0], g.shape[0], v.shape[1]
@@ -144,7 +119,7 @@ def _grad_rows(a, b, s32, b32, diag_offset: int, inv_m: float) -> tuple[torch.Te
 
 def siglip_loss_backward(v, g, scale, bias, diag_offset: int, grad_out: torch.Tensor):
     """fp32 gradients ``(∂L/∂v, ∂L/∂g, ∂L/∂s, ∂L/∂b)`` times ``grad_out``."""
-    _require_triton()
+    require_triton()
     v, g = v.contiguous(), g.contiguous()
     s32, b32 = _scalars(scale, bias)
     inv_m = 1.0 / v.shape[0]
