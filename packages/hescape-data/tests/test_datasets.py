@@ -20,7 +20,7 @@ from hescape.data import (
     read_manifest,
     verify_dataset,
 )
-from hescape.data.build import _encode_png
+from hescape.data.arrow import encode_png
 
 TINY = SyntheticConfig(sample_size_um=300.0, n_donors=3, pixel_size_um=2.0, spot_pitch_um=50.0)
 
@@ -32,7 +32,7 @@ def tiny_ds(tmp_path_factory):
 
 def _records(name, donor, n=5, g=4, seed=0):
     rng = np.random.default_rng(seed)
-    img = [_encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+    img = [encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
     return SpotRecords(name=name, donor=donor, tissue="t", source="s", images=img,
                        gexp=rng.poisson(3, (n, g)).astype(np.float32), coords_um=rng.uniform(0, 100, (n, 2)),
                        n_cells=np.full(n, 3))

@@ -9,15 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from hescape.data import DatasetFormatError, DatasetWriter, PairedSpotDataset, PanelMismatchError, SpotRecords
-from hescape.data.arrow import index_arrow_shards, pyarrow_dataset, read_manifest
-from hescape.data.build import _encode_png
+from hescape.data.arrow import encode_png, index_arrow_shards, pyarrow_dataset, read_manifest
 
 datasets = pytest.importorskip("datasets")
 
 
 def _records(name, donor, n=5, g=7, seed=0):
     rng = np.random.default_rng(seed)
-    img = [_encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+    img = [encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
     return SpotRecords(name=name, donor=donor, tissue="t", source="s", images=img,
                        gexp=rng.poisson(3, (n, g)).astype(np.float32), coords_um=rng.uniform(0, 100, (n, 2)),
                        n_cells=np.full(n, 3))
@@ -65,7 +64,7 @@ def _official_shard(path, names, per_name, g, seed, fmt="stream"):
                         ("gexp", pa.list_(pa.list_(pa.float32())))],
                        metadata={"huggingface": json.dumps({"info": {"features": feats}})})
     gexp = rng.poisson(2, (n, g)).astype(np.float32)
-    images = [_encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+    images = [encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
     table = pa.table([pa.array(np.repeat(np.arange(len(names)), per_name)),
                       pa.StructArray.from_arrays([pa.array(images, pa.binary()), pa.array([None] * n, pa.string())],
                                                  names=["bytes", "path"]),

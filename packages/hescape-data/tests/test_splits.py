@@ -17,7 +17,7 @@ from hescape.data import (
     load_split_preset,
     read_manifest,
 )
-from hescape.data.build import _encode_png
+from hescape.data.arrow import encode_png
 from hescape.data.cli import main
 from hescape.data.splits import apply_splits, donor_split_assignment, preset_split_assignment
 
@@ -25,7 +25,7 @@ from hescape.data.splits import apply_splits, donor_split_assignment, preset_spl
 def _rec(name, donor, seed):
     rng = np.random.default_rng(seed)
     return SpotRecords(name=name, donor=donor, tissue="t", source="s",
-                       images=[_encode_png(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)) for _ in range(3)],
+                       images=[encode_png(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)) for _ in range(3)],
                        gexp=rng.poisson(2, (3, 5)).astype(np.float32), coords_um=np.zeros((3, 2)),
                        n_cells=np.ones(3))
 

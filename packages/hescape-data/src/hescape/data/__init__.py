@@ -5,7 +5,7 @@ sharded Arrow datasets with a manifest, and a torch Dataset over them; readers o
 Space Ranger outputs with µm-exact H&E patches (``hescape-data build ...``).
 """
 
-from .arrow import SCHEMA_VERSION, DatasetWriter, SpotRecords, read_manifest, verify_dataset
+from .arrow import SCHEMA_VERSION, DatasetWriter, SpotRecords, encode_png, read_manifest, verify_dataset
 from .build import build_synthetic_dataset, cache_dir, default_dataset
 from .dataset import PairedSpotDataset, decode_image
 from .errors import (
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # datasets on disk
-    "SCHEMA_VERSION", "DatasetWriter", "SpotRecords", "read_manifest", "verify_dataset",
+    "SCHEMA_VERSION", "DatasetWriter", "SpotRecords", "encode_png", "read_manifest", "verify_dataset",
     "PairedSpotDataset", "decode_image",
     # synthetic data
     "SyntheticConfig", "generate_sample", "build_synthetic_dataset", "default_dataset", "cache_dir",

@@ -71,6 +71,17 @@ HF_FEATURES = {
 }
 
 
+def encode_png(patch: np.ndarray) -> bytes:
+    """Encode an ``(H, W, 3)`` uint8 patch as PNG bytes (lossless, fast compression) for the ``image`` column."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(patch).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def _schema(genes: list[str], gene_ids: list[str]) -> pa.Schema:
     return pa.schema(
         [

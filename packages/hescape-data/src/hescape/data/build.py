@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -12,10 +11,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .arrow import DatasetWriter, read_manifest
+from .arrow import DatasetWriter, encode_png, read_manifest
 from .errors import DatasetFormatError
 from .panels import load_panel
 from .splits import check_no_donor_leakage
@@ -50,11 +48,6 @@ def donor_splits(donors: list[str], n_val: int = 1, n_test: int = 1) -> dict[str
     return out
 
 
-def _encode_png(patch: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(patch).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
 
 def bundle_options(cfg: SyntheticConfig) -> XeniumBundleOptions:
     """How :func:`build_synthetic_dataset` writes each sample as a Xenium bundle: an H&E OME-TIFF at the
@@ -80,7 +73,7 @@ def _sample_via_bundle(cfg: SyntheticConfig, donor: int, sample: int, tmp: Path)
                           kind=cfg.spot_grid, margin_um=cfg.patch_fov_um / 2)
         assign = assign_cells(s.xy_um, spots, diameter_um=cfg.spot_diameter_um)
         gexp = pool_counts(assign, counts)
-        images = [_encode_png(p) for p in extract_patches(s.image, s.um_to_px, spots, fov_um=cfg.patch_fov_um,
+        images = [encode_png(p) for p in extract_patches(s.image, s.um_to_px, spots, fov_um=cfg.patch_fov_um,
                                                           target_um_per_px=cfg.pixel_size_um)]
         return s.name, spots, gexp, images, np.asarray(assign.sum(1)).ravel()
     finally:
@@ -123,7 +116,7 @@ def build_synthetic_dataset(out_dir: str | os.PathLike, cfg: SyntheticConfig | N
                 else:
                     smp = generate_sample(cfg, d, s, panel)
                     centres_px = smp.spot_xy[:, ::-1] / cfg.pixel_size_um  # (row, col)
-                    images = [_encode_png(crop_patch(smp.image, c, cfg.patch_px)) for c in centres_px]
+                    images = [encode_png(crop_patch(smp.image, c, cfg.patch_px)) for c in centres_px]
                     name, donor, xy = smp.name, smp.donor, smp.spot_xy
                     gexp, n_cells = smp.spot_counts, smp.spot_n_cells
                 w.add(SpotRecords(name=name, donor=donor, tissue="synthetic-breast", source="hescape-synthetic",

@@ -10,17 +10,15 @@ is written to ``<out>/qc/<sample>.png``.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .arrow import DatasetWriter, SpotRecords
+from .arrow import DatasetWriter, SpotRecords, encode_png
 from .errors import HescapeDataError, InputFormatError, PanelMismatchError
 from .panels import load_panel
 from .patches import extract_patches
@@ -130,11 +128,6 @@ def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, opts: SpotOptions):
     return spots, pooled, n_cells
 
 
-def _encode_png(patch: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(patch).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
 
 def qc_figure(path: str | os.PathLike, sample: SpatialSample, spots_um: np.ndarray, totals: np.ndarray,
               diameter_um: float, title: str | None = None) -> Path:
@@ -195,7 +188,7 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
         if keep[i] and patch.min_tissue_fraction > 0 and tissue_fraction(p) < patch.min_tissue_fraction:
             keep[i] = False
         if keep[i]:
-            images.append(_encode_png(p))
+            images.append(encode_png(p))
     if not keep.any():
         msg = (f"sample {sample.name}: expected at least one spot inside the image with tissue fraction >= "
                f"{patch.min_tissue_fraction}, found none; check the image and alignment or lower --min-tissue-fraction")
