@@ -10,6 +10,7 @@ MEX folder: ``matrix.mtx.gz`` (Matrix Market, features × barcodes), ``features.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,18 @@ def _str(a) -> np.ndarray:
     if a.dtype.kind in "SO":
         return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in a.tolist()], dtype=object)
     return a.astype(str).astype(object)
+
+
+def read_json(path: Path, missing_hint: str) -> dict:
+    """A JSON file of a 10x output (``experiment.xenium``, ``scalefactors_json.json``), or a clear error."""
+    if not path.is_file():
+        msg = f"expected {path}, found no such file; {missing_hint}"
+        raise InputFormatError(msg)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        msg = f"{path}: expected JSON, found invalid content ({e})"
+        raise InputFormatError(msg) from None
 
 
 def _check_values(data: np.ndarray, where: str) -> None:

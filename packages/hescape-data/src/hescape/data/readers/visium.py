@@ -14,7 +14,6 @@ y = ``pxl_row_in_fullres``. The image is the user's full-resolution image (not p
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from ..errors import InputFormatError
 from ..patches import scale_matrix
 from .image import ArrayImage, SlideImage, open_image
-from .tenx import read_10x_matrix
+from .tenx import read_10x_matrix, read_json
 from .xenium import SpatialSample
 
 __all__ = ["VISIUM_SPOT_DIAMETER_UM", "read_visium", "read_positions", "read_scalefactors"]
@@ -60,14 +59,7 @@ def read_positions(spatial: Path) -> tuple[Path, dict[str, tuple[int, float, flo
 
 def read_scalefactors(spatial: Path) -> dict:
     path = spatial / "scalefactors_json.json"
-    if not path.is_file():
-        msg = f"expected {path}, found no such file; point at the Space Ranger outs/ folder"
-        raise InputFormatError(msg)
-    try:
-        sf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        msg = f"{path}: expected JSON, found invalid content ({e})"
-        raise InputFormatError(msg) from None
+    sf = read_json(path, "point at the Space Ranger outs/ folder")
     d = sf.get("spot_diameter_fullres")
     if not isinstance(d, (int, float)) or not d > 0:
         msg = f"{path}: expected a positive 'spot_diameter_fullres', found {d!r}"

@@ -15,7 +15,6 @@ pixels, as HEST does).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import scipy.sparse as sp
 from ..errors import AlignmentError, InputFormatError
 from ..patches import check_affine, scale_matrix
 from .image import SlideImage, TiffImage
-from .tenx import read_10x_h5, read_10x_mex
+from .tenx import read_10x_h5, read_10x_mex, read_json
 
 __all__ = ["SpatialSample", "read_xenium", "read_alignment", "find_he_files", "read_transcripts"]
 
@@ -54,15 +53,7 @@ class SpatialSample:
 
 def _read_experiment(bundle: Path) -> dict:
     f = bundle / "experiment.xenium"
-    if not f.is_file():
-        msg = (f"expected a Xenium bundle with experiment.xenium in {bundle}, found no such file; "
-               "point at the XOA output folder (the one holding experiment.xenium and cells.parquet)")
-        raise InputFormatError(msg)
-    try:
-        exp = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        msg = f"{f}: expected JSON, found invalid content ({e})"
-        raise InputFormatError(msg) from None
+    exp = read_json(f, "point at the XOA output folder (the one holding experiment.xenium and cells.parquet)")
     ps = exp.get("pixel_size")
     if not isinstance(ps, (int, float)) or not np.isfinite(ps) or ps <= 0:
         msg = f"{f}: expected a positive number 'pixel_size' (µm per morphology pixel, e.g. 0.2125), found {ps!r}"
