@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 from hescape.data.errors import HescapeDataError
+from hescape.eval.errors import HescapeEvalError
 from hescape.models.errors import HescapeModelError
 
 from .config import config_to_dict, describe_options, load_config
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
         if result is None:  # a non-zero rank of a distributed run: rank 0 prints
             return 0
-    except (HescapeConfigError, HescapeDataError, HescapeModelError) as e:
+    except (HescapeConfigError, HescapeDataError, HescapeEvalError, HescapeModelError) as e:
         print(f"hescape-train: error: {e}", file=sys.stderr)
         return 2
     print((result.run_dir / "results.md").read_text().rstrip())
