@@ -7,15 +7,20 @@ import pytest
 from hescape.data import PairedSpotDataset, get_gene_transform, read_manifest, verify_dataset
 from hescape.data.cli import main
 from hescape.data.errors import InputFormatError
+from hescape.data.geometry import SpotGeometry
 from hescape.data.ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
 from hescape.data.panels import load_panel
 from hescape.data.pseudospots import assign_cells, pool_counts, spot_grid
 from hescape.data.synthetic import generate_sample
 
 
+#: 55 µm discs on a 60 µm hex lattice: dense enough for a dozen spots on the small bundle.
+DISC60 = SpotGeometry(shape="disc", diameter_um=55.0, pitch_um=60.0, grid="hex", name="custom")
+
+
 def test_build_xenium_dataset(xenium_bundle, small_cfg, tmp_path):
     out = build_xenium_dataset(xenium_bundle, tmp_path / "ds", donor="donor_A", progress=False,
-                               spots=SpotOptions(pitch_um=60.0, diameter_um=55.0, min_counts=1))
+                               geometry=DISC60, spots=SpotOptions(min_counts=1))
     m = verify_dataset(out)
     assert m["samples"][0]["name"] == "SYN-D00-S0" and m["samples"][0]["donor"] == "donor_A"
     assert m["samples"][0]["tissue"] == "breast" and m["genes"] == list(load_panel(small_cfg.panel).genes)
@@ -36,8 +41,9 @@ def test_build_xenium_dataset(xenium_bundle, small_cfg, tmp_path):
 
 def test_build_xenium_variant_square_grid(xenium_bundle_variant, tmp_path):
     out = build_xenium_dataset(xenium_bundle_variant, tmp_path / "ds", sample="S1", tissue="lung", progress=False,
-                               qc=False, spots=SpotOptions(grid="square", pitch_um=100.0, min_cells=3),
-                               patch=PatchOptions(fov_um=56.0, um_per_px=0.5))
+                               qc=False, spots=SpotOptions(min_cells=3),
+                               geometry=SpotGeometry(shape="disc", diameter_um=55.0, grid="square", pitch_um=100.0,
+                                                     fov_um=56.0, um_per_px=0.5))
     m = read_manifest(out)
     assert m["samples"][0]["name"] == "S1" and m["samples"][0]["tissue"] == "lung"
     assert PairedSpotDataset(out)[0]["image"].shape[-1] == 112
@@ -45,8 +51,12 @@ def test_build_xenium_variant_square_grid(xenium_bundle_variant, tmp_path):
 
 
 def test_build_visium_fixture(visium_outs, tmp_path):
+    # lowres is ~14 µm/px: 0.5 µm/px patches would be a 28× upsampling, refused unless allowed
+    with pytest.raises(InputFormatError, match="upsampled"):
+        build_visium_dataset(visium_outs, tmp_path / "ds", image="lowres", progress=False)
+    assert list(tmp_path.iterdir()) == []
     out = build_visium_dataset(visium_outs, tmp_path / "ds", image="lowres", tissue="mouse-brain", donor="m1",
-                               progress=False)
+                               progress=False, patch=PatchOptions(max_upsample=40))
     m = verify_dataset(out)
     assert m["n_rows"] == 100 and len(m["genes"]) == 100 and m["samples"][0]["tissue"] == "mouse-brain"
     ds = PairedSpotDataset(out)
@@ -84,7 +94,7 @@ def test_cli_build_info_and_errors(xenium_bundle, visium_outs, tmp_path, capsys)
 
 def test_transcript_pooling(xenium_bundle_variant, xenium_bundle, tmp_path):
     """Pooling transcripts (QV >= 20) ~ pooling cells: same genes, 2 µm jitter only moves edge molecules."""
-    kw = {"progress": False, "qc": False, "spots": SpotOptions(pitch_um=100.0)}
+    kw = {"progress": False, "qc": False, "geometry": "visium"}
     a = PairedSpotDataset(build_xenium_dataset(xenium_bundle_variant, tmp_path / "cells", **kw)).raw_counts()
     b = PairedSpotDataset(build_xenium_dataset(xenium_bundle_variant, tmp_path / "tx", counts_from="transcripts",
                                                **kw)).raw_counts()
@@ -107,12 +117,12 @@ def _shift_alignment(bundle, dx_morph_px: float) -> None:
 
 def test_spots_outside_image_error_or_drop(bundle_copy, tmp_path):
     _shift_alignment(bundle_copy, 900.0)
-    spots = SpotOptions(pitch_um=60.0)
+    spots = DISC60
     with pytest.raises(InputFormatError, match="fall outside the H&E image") as e:
-        build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, spots=spots)
+        build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, geometry=spots)
     assert "--outside-spots drop" in str(e.value)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no output, not even a temporary directory
-    out = build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, spots=spots,
+    out = build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, geometry=spots,
                                patch=PatchOptions(outside_spots="drop"))
     m = read_manifest(out)
     assert m["filters"]["outside_image"] > 0 and m["filters"]["kept"] == m["n_rows"] > 0
@@ -123,14 +133,14 @@ def test_min_tissue_fraction_filters_edge_spots(xenium_bundle, tmp_path):
 
     assert tissue_fraction(np.full((4, 4, 3), 255, np.uint8)) == 0.0
     assert tissue_fraction(np.full((4, 4, 3), 120, np.uint8)) == 1.0
-    spots = SpotOptions(pitch_um=60.0)
+    spots = DISC60
     everything = read_manifest(build_xenium_dataset(xenium_bundle, tmp_path / "all", progress=False, qc=False,
-                                                    spots=spots))
+                                                    geometry=spots))
     strict = read_manifest(build_xenium_dataset(xenium_bundle, tmp_path / "strict", progress=False, qc=False,
-                                                spots=spots, patch=PatchOptions(min_tissue_fraction=0.9)))
+                                                geometry=spots, patch=PatchOptions(min_tissue_fraction=0.9)))
     # Spots near the section's edge have patches half on glass: the strict filter drops them.
     assert 0 < strict["n_rows"] < everything["n_rows"]
     assert strict["filters"]["low_tissue"] == everything["n_rows"] - strict["n_rows"]
     with pytest.raises(InputFormatError, match="tissue fraction"):
-        build_xenium_dataset(xenium_bundle, tmp_path / "none", progress=False, qc=False, spots=spots,
+        build_xenium_dataset(xenium_bundle, tmp_path / "none", progress=False, qc=False, geometry=spots,
                              patch=PatchOptions(min_tissue_fraction=1.01))

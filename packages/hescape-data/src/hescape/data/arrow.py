@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ class SpotRecords:
     gexp: np.ndarray
     coords_um: np.ndarray
     n_cells: np.ndarray
+    meta: dict = field(default_factory=dict)  # extra keys of this sample's manifest entry (e.g. source_um_per_px)
 
 
 #: Hugging Face ``datasets`` feature types of our columns (written as the ``huggingface`` schema metadata, so
@@ -173,8 +174,8 @@ class DatasetWriter:
             [pa.array([rec.name] * n), image, gexp, coords, pa.array([rec.source] * n), pa.array([rec.tissue] * n),
              pa.array([rec.donor] * n), pa.array(np.asarray(rec.n_cells, np.int32))],
             schema=self.schema)
-        self._samples.append({"name": rec.name, "donor": rec.donor, "tissue": rec.tissue, "source": rec.source,
-                              "split": split, "n_spots": n})
+        self._samples.append({**rec.meta, "name": rec.name, "donor": rec.donor, "tissue": rec.tissue,
+                              "source": rec.source, "split": split, "n_spots": n})
         self._pending.append(batch)
         self._pending_rows += n
         while self._pending_rows >= self.rows_per_shard:

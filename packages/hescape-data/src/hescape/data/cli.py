@@ -31,12 +31,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tissue", help="tissue label")
     p.add_argument("--source", help="source label (default: xenium / visium)")
     p.add_argument("--split", default="train", help="split recorded in the manifest (default: train)")
-    p.add_argument("--fov-um", type=float, default=112.0, help="patch field of view in µm (default 112)")
-    p.add_argument("--um-per-px", type=float, default=0.5, help="patch pixel size in µm (default 0.5 -> 224 px)")
+    p.add_argument("--fov-um", type=float, help="patch field of view in µm (default: the geometry's, 112)")
+    p.add_argument("--um-per-px", type=float,
+                   help="patch pixel size in µm (default: the geometry's, 0.5 -> 224 px)")
+    p.add_argument("--max-upsample", type=float, default=2.0,
+                   help="refuse an H&E image coarser than this many times --um-per-px (default 2)")
     p.add_argument("--min-counts", type=float, default=1.0, help="drop spots with fewer total counts (default 1)")
     p.add_argument("--panel", help="reorder/subset genes to a vendored HESCAPE panel, e.g. human-breast-panel")
     p.add_argument("--missing-genes", choices=["error", "zero"], default="error",
-                   help="panel genes absent from the data: refuse (default) or fill zeros")
+                   help="panel genes absent from the data (by Ensembl id and symbol): refuse (default) or fill zeros")
+    p.add_argument("--max-missing", type=float, default=0.1,
+                   help="with --missing-genes zero: largest fraction of the panel that may be zero-filled (default 0.1)")
     p.add_argument("--duplicate-genes", choices=["error", "sum"], default="error",
                    help="features sharing a gene name: refuse (default) or sum them")
     p.add_argument("--min-tissue-fraction", type=float, default=0.0,
@@ -48,6 +53,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_geometry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--geometry", choices=["hescape", "hest", "visium"], default="hescape",
+                   help="pseudo-spot preset: hescape = 55 µm hexagons tiling the tissue (the published HESCAPE "
+                        "dataset; default), hest = 100 µm squares, visium = 55 µm discs 100 µm apart")
+    p.add_argument("--spot-shape", choices=["disc", "square", "hexagon"], help="override the preset's spot shape")
+    p.add_argument("--grid", choices=["hex", "square"], help="override the preset's lattice")
+    p.add_argument("--pitch-um", type=float, help="override the preset's centre-to-centre distance (µm)")
+    p.add_argument("--spot-diameter-um", type=float, help="override the preset's spot diameter / side (µm)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hescape-data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -57,9 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("bundle", type=Path)
     x.add_argument("--he-image", type=Path, help="H&E OME-TIFF (default: <bundle>/*he_image.ome.tif)")
     x.add_argument("--alignment", type=Path, help="H&E alignment CSV (default: <bundle>/*he_imagealignment.csv)")
-    x.add_argument("--grid", choices=["hex", "square"], default="hex", help="pseudo-spot grid (default hex)")
-    x.add_argument("--pitch-um", type=float, default=100.0, help="pseudo-spot centre distance (default 100)")
-    x.add_argument("--spot-diameter-um", type=float, default=55.0, help="pseudo-spot diameter (default 55)")
+    _add_geometry(x)
     x.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer cells (default 1)")
     x.add_argument("--counts-from", choices=["cells", "transcripts"], default="cells",
                    help="pool whole cells by centroid (default) or transcripts.parquet by position")
@@ -96,17 +109,27 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _geometry(a):
+    from .geometry import get_geometry
+
+    g = get_geometry(getattr(a, "geometry", None) or "visium")
+    return g.with_(shape=getattr(a, "spot_shape", None), grid=getattr(a, "grid", None),
+                   pitch_um=getattr(a, "pitch_um", None), diameter_um=getattr(a, "spot_diameter_um", None),
+                   fov_um=a.fov_um, um_per_px=a.um_per_px)
+
+
 def _build(a) -> int:
     from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
 
-    patch = PatchOptions(fov_um=a.fov_um, um_per_px=a.um_per_px, min_tissue_fraction=a.min_tissue_fraction,
-                         outside_spots=a.outside_spots)
+    geometry = _geometry(a)
+    patch = PatchOptions(min_tissue_fraction=a.min_tissue_fraction, outside_spots=a.outside_spots,
+                         max_upsample=a.max_upsample)
     common = {"sample": a.sample, "donor": a.donor, "split": a.split, "panel": a.panel,
-              "duplicate_genes": a.duplicate_genes, "missing_genes": a.missing_genes, "overwrite": a.overwrite,
-              "progress": not a.quiet, "qc": not a.no_qc, "rows_per_shard": a.rows_per_shard, "patch": patch}
+              "duplicate_genes": a.duplicate_genes, "missing_genes": a.missing_genes, "max_missing": a.max_missing,
+              "overwrite": a.overwrite, "progress": not a.quiet, "qc": not a.no_qc, "rows_per_shard": a.rows_per_shard,
+              "patch": patch, "geometry": geometry}
     if a.kind == "xenium":
-        spots = SpotOptions(grid=a.grid, pitch_um=a.pitch_um, diameter_um=a.spot_diameter_um,
-                            min_counts=a.min_counts, min_cells=a.min_cells)
+        spots = SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells)
         out = build_xenium_dataset(a.bundle, a.out, he_image=a.he_image, alignment=a.alignment, tissue=a.tissue,
                                    counts_from=a.counts_from, min_qv=a.min_qv,
                                    source=a.source or "xenium", spots=spots, **common)

@@ -1,9 +1,9 @@
 """Build paired H&E / gene-expression Arrow datasets from real Xenium bundles and Space Ranger outputs.
 
 One call = one sample (one bundle or one ``outs/`` folder) written with :class:`~hescape.data.arrow.DatasetWriter`
-(atomic: the output directory appears only when complete). Xenium cells are pooled into pseudo-spots
-(:func:`~hescape.data.pseudospots.spot_grid`, :func:`~hescape.data.pseudospots.assign_cells`,
-:func:`~hescape.data.pseudospots.pool_counts`); Visium spots are used as they are. Each spot gets a µm-exact
+(atomic: the output directory appears only when complete). Xenium cells are pooled into pseudo-spots laid out
+by a :class:`~hescape.data.geometry.SpotGeometry` (recorded in ``manifest.json``); Visium spots are used as they
+are. Each spot gets a µm-exact
 H&E patch (:mod:`hescape.data.patches`). A QC figure (spots over the H&E thumbnail, coloured by total counts)
 is written to ``<out>/qc/<sample>.png``.
 """
@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from .arrow import DatasetWriter, SpotRecords, encode_png
 from .errors import HescapeDataError, InputFormatError, PanelMismatchError
+from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
 from .panels import load_panel
-from .patches import extract_patches
-from .pseudospots import assign_cells, pool_counts, spot_grid
+from .patches import extract_patches, um_per_px
+from .pseudospots import pool_counts
 from .readers.visium import read_visium
 from .readers.xenium import SpatialSample, read_transcripts, read_xenium
 
@@ -32,23 +33,19 @@ __all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_
 
 @dataclass(frozen=True)
 class SpotOptions:
-    """How Xenium cells are pooled into pseudo-spots (lengths in µm)."""
+    """Which pooled pseudo-spots are kept (the spot layout itself is a :class:`~hescape.data.geometry.SpotGeometry`)."""
 
-    grid: str = "hex"  # "hex" (Visium-like) or "square"
-    pitch_um: float = 100.0  # centre-to-centre distance
-    diameter_um: float = 55.0  # disc diameter; a cell belongs to a spot when its centroid is inside
     min_counts: float = 1.0  # drop spots with fewer total counts
-    min_cells: int = 1  # drop spots with fewer cells (Xenium only)
+    min_cells: int = 1  # drop spots with fewer cells (Xenium) or bins (Visium HD)
 
 
 @dataclass(frozen=True)
 class PatchOptions:
-    """H&E patch geometry."""
+    """Which H&E patches are kept, and how far the source may be upsampled (patch size: the geometry)."""
 
-    fov_um: float = 112.0  # field of view (HEST: 112 µm)
-    um_per_px: float = 0.5  # output pixel size (HEST: 0.5 µm/px -> 224 px)
     min_tissue_fraction: float = 0.0  # drop spots whose patch has less tissue (non-background pixels); 0 keeps all
     outside_spots: str = "error"  # spot centres outside the H&E image: "error" (default) or "drop"
+    max_upsample: float = 2.0  # refuse a source image coarser than this many times the patch µm/px
 
 
 #: A pixel is background (glass) when its mean intensity is at least this (0–255).
@@ -67,13 +64,54 @@ def spots_inside_image(sample: SpatialSample, spots_um: np.ndarray) -> np.ndarra
     return (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
 
 
+def _strip_version(gene_id: str) -> str:
+    """``ENSG00000141510.17`` -> ``ENSG00000141510`` (Ensembl version suffixes are ignored when matching)."""
+    gid = str(gene_id).strip()
+    return gid.split(".", 1)[0] if gid.upper().startswith("ENS") else gid
+
+
+def match_panel(panel_genes, panel_ids, genes, gene_ids) -> np.ndarray:
+    """Column of the data for every panel gene (-1 when absent), matched by Ensembl id, else by symbol.
+
+    Ensembl ids are compared without their version suffix, against both the data's feature ids and its feature
+    names (some tools write Ensembl ids as names). Returns ``(n_panel,)`` int64.
+    """
+    by_id: dict[str, int] = {}
+    for i, (name, gid) in enumerate(zip(genes, gene_ids, strict=True)):
+        for key in (_strip_version(gid), _strip_version(name)):
+            if key.upper().startswith("ENS"):
+                by_id.setdefault(key, i)
+    by_symbol = {g: i for i, g in reversed(list(enumerate(genes)))}
+    out = np.full(len(panel_genes), -1, dtype=np.int64)
+    for j, (sym, gid) in enumerate(zip(panel_genes, panel_ids, strict=True)):
+        out[j] = by_id.get(_strip_version(gid), by_symbol.get(sym, -1))
+    return out
+
+
 def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicate_genes: str = "error",
-                    missing_genes: str = "error") -> tuple[sp.csr_matrix, list[str], list[str]]:
+                    missing_genes: str = "error", max_missing: float = 0.1) -> tuple[sp.csr_matrix, list[str], list[str]]:
     """Counts, gene names and gene ids after handling duplicated names and (optionally) reordering to a panel.
 
-    ``duplicate_genes``: ``"error"`` (default) or ``"sum"`` (add up the features that share a name).
-    ``panel``: a vendored panel name; columns are reordered to its genes. ``missing_genes``: ``"error"``
-    (default) or ``"zero"`` (panel genes absent from the data get zero counts).
+    Parameters
+    ----------
+    sample
+        The sample read from its files (``counts`` is ``(n_obs, n_features)``).
+    panel
+        A vendored panel name; columns are reordered to its genes, matched by Ensembl id (version suffix
+        ignored) and else by symbol (:func:`match_panel`).
+    duplicate_genes
+        ``"error"`` (default) or ``"sum"`` (add up the features that share a name; every merged feature id is
+        recorded in ``sample.metadata["merged_features"]``, which goes into the manifest).
+    missing_genes
+        ``"error"`` (default) or ``"zero"`` (panel genes absent from the data get zero counts; they are listed in
+        ``sample.metadata["zero_filled_genes"]``).
+    max_missing
+        With ``missing_genes="zero"``, the largest fraction of the panel that may be zero-filled (default 0.1).
+
+    Raises
+    ------
+    InputFormatError, PanelMismatchError
+        Duplicated names without ``"sum"``; panel genes absent (beyond ``max_missing`` when zero-filling).
     """
     counts, genes, gene_ids = sample.counts.tocsc(), list(sample.genes), list(sample.gene_ids)
     if len(set(genes)) != len(genes):
@@ -90,48 +128,65 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
             raise HescapeDataError(msg)
         order: list[str] = list(dict.fromkeys(genes))
         col = {g: i for i, g in enumerate(order)}
-        first_id = {}
+        ids_of: dict[str, list[str]] = {}
         for g, i in zip(genes, gene_ids, strict=True):
-            first_id.setdefault(g, i)
+            ids_of.setdefault(g, []).append(i)
         agg = sp.csr_matrix((np.ones(len(genes), np.float32), ([col[g] for g in genes], np.arange(len(genes)))),
                             shape=(len(order), len(genes)))
         counts = (counts @ agg.T).tocsc()
-        genes, gene_ids = order, [first_id[g] for g in order]
+        genes, gene_ids = order, [ids_of[g][0] for g in order]
+        sample.metadata["merged_features"] = {g: ids for g, ids in ids_of.items() if len(ids) > 1}
     if panel is not None:
+        if missing_genes not in ("error", "zero"):
+            msg = f"missing_genes must be 'error' or 'zero', found {missing_genes!r}"
+            raise HescapeDataError(msg)
+        if not 0.0 <= max_missing <= 1.0:
+            msg = f"max_missing must be a fraction in [0, 1], found {max_missing!r}"
+            raise HescapeDataError(msg)
         p = load_panel(panel)
-        col = {g: i for i, g in enumerate(genes)}
-        missing = [g for g in p.genes if g not in col]
+        src = match_panel(p.genes, p.gene_ids, genes, gene_ids)
+        missing = [g for g, s_ in zip(p.genes, src, strict=True) if s_ < 0]
         if missing and missing_genes == "error":
             msg = (f"sample {sample.name}: panel {panel} has {p.n_genes} genes, {len(missing)} of them absent from "
-                   f"the data (e.g. {missing[:5]}); pass missing_genes='zero' (--missing-genes zero) to fill zeros "
-                   "or choose the panel the data were measured with")
+                   f"the data by Ensembl id and by symbol (e.g. {missing[:5]}); choose the panel the data were "
+                   f"measured with, or pass missing_genes='zero' (--missing-genes zero) to fill up to "
+                   f"{max_missing:.0%} of the panel with zeros")
             raise PanelMismatchError(msg)
-        src = [col.get(g, -1) for g in p.genes]
-        take = sp.csr_matrix((np.ones(sum(s >= 0 for s in src), np.float32),
-                              ([s for s in src if s >= 0], [j for j, s in enumerate(src) if s >= 0])),
-                             shape=(len(genes), p.n_genes))
+        if len(missing) > max_missing * p.n_genes:
+            msg = (f"sample {sample.name}: expected at most {max_missing:.0%} of panel {panel} to be zero-filled, "
+                   f"found {len(missing)} of {p.n_genes} genes absent ({len(missing) / p.n_genes:.0%}, e.g. "
+                   f"{missing[:5]}); this is not the panel the data were measured with: choose the right --panel, "
+                   "or raise --max-missing if you mean it")
+            raise PanelMismatchError(msg)
+        take = sp.csr_matrix((np.ones(int((src >= 0).sum()), np.float32),
+                              (src[src >= 0], np.flatnonzero(src >= 0))), shape=(len(genes), p.n_genes))
         counts = counts @ take
         genes, gene_ids = list(p.genes), list(p.gene_ids)
+        if missing:
+            sample.metadata["zero_filled_genes"] = missing
     return sp.csr_matrix(counts), genes, gene_ids
 
 
-def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, opts: SpotOptions):
-    """Spot centres (µm), pooled counts and cells per spot over the extent of the cells."""
+def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, geometry: SpotGeometry):
+    """Spot centres ``(n, 2)`` µm, pooled counts ``(n, genes)`` and points per spot ``(n,)`` over the points' extent.
+
+    ``xy_um`` are cell centroids (Xenium) or bin centres (Visium HD) in µm; counts are summed over the points
+    inside each spot of ``geometry`` (sum pooling, as the HESCAPE paper, section 7.1).
+    """
     if len(xy_um) == 0:
         msg = "expected cells to pool into pseudo-spots, found none"
         raise InputFormatError(msg)
     lo, hi = xy_um.min(0), xy_um.max(0)
-    spots = spot_grid((lo[0], lo[1], hi[0], hi[1]), pitch_um=opts.pitch_um, kind=opts.grid)
-    assign = assign_cells(xy_um, spots, diameter_um=opts.diameter_um)
+    spots = geometry.centres((lo[0], lo[1], hi[0], hi[1]))
+    assign = geometry.assign(xy_um, spots)
     pooled = pool_counts(assign, counts)
     n_cells = np.asarray(assign.sum(1)).ravel().astype(np.int32)
     return spots, pooled, n_cells
 
 
-
 def qc_figure(path: str | os.PathLike, sample: SpatialSample, spots_um: np.ndarray, totals: np.ndarray,
               diameter_um: float, title: str | None = None) -> Path:
-    """Spots drawn as discs of their true size over the H&E thumbnail, coloured by log10 total counts."""
+    """Spots drawn as discs of ``diameter_um`` (µm) over the H&E thumbnail, coloured by log10 total counts."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -161,9 +216,26 @@ def qc_figure(path: str | os.PathLike, sample: SpatialSample, spots_um: np.ndarr
     return path
 
 
+def source_um_per_px(sample: SpatialSample) -> float:
+    """µm per level-0 pixel of the sample's image (geometric mean of the two axes)."""
+    return um_per_px(sample.um_to_px)
+
+
+def check_resolution(sample: SpatialSample, geometry: SpotGeometry, patch: PatchOptions) -> float:
+    """The source µm/px; refuse a source coarser than ``patch.max_upsample`` × the patch µm/px (upsampling)."""
+    src = source_um_per_px(sample)
+    if src > patch.max_upsample * geometry.um_per_px * (1 + 1e-6):
+        msg = (f"sample {sample.name}: expected an H&E image at most {patch.max_upsample:g}× coarser than the "
+               f"{geometry.um_per_px:g} µm/px patches, found {src:.3g} µm/px (patches would be upsampled "
+               f"{src / geometry.um_per_px:.1f}×, with no real detail); pass the full-resolution image, choose a "
+               f"coarser --um-per-px, or allow it with --max-upsample {np.ceil(src / geometry.um_per_px):g}")
+        raise InputFormatError(msg)
+    return src
+
+
 def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_ids, donor, tissue, source, split,
-           patch: PatchOptions, diameter_um: float, overwrite: bool, progress: bool, qc: bool, rows_per_shard: int,
-           extra: dict) -> Path:
+           geometry: SpotGeometry, patch: PatchOptions, overwrite: bool, progress: bool, qc: bool,
+           rows_per_shard: int, extra: dict) -> Path:
     if len(spots_um) == 0:
         msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
                "lower --min-counts / --min-cells or check the input")
@@ -172,6 +244,7 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
     if patch.outside_spots not in ("error", "drop"):
         msg = f"outside_spots must be 'error' or 'drop', found {patch.outside_spots!r}"
         raise HescapeDataError(msg)
+    src_mpp = check_resolution(sample, geometry, patch)
     inside = spots_inside_image(sample, spots_um)
     if not inside.all() and patch.outside_spots == "error":
         h, w = sample.image.shape
@@ -179,8 +252,8 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
                f"H&E image ({w} x {h} px); check the alignment matrix and pixel size, or pass "
                "outside_spots='drop' (--outside-spots drop) to leave those spots out")
         raise InputFormatError(msg)
-    patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=patch.fov_um,
-                              target_um_per_px=patch.um_per_px)
+    patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=geometry.fov_um,
+                              target_um_per_px=geometry.um_per_px)
     keep = inside.copy()
     images = []
     for i, p in enumerate(tqdm(patches, total=len(spots_um), desc=f"patches {sample.name}", disable=not progress,
@@ -193,16 +266,20 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
         msg = (f"sample {sample.name}: expected at least one spot inside the image with tissue fraction >= "
                f"{patch.min_tissue_fraction}, found none; check the image and alignment or lower --min-tissue-fraction")
         raise InputFormatError(msg)
-    extra = {**extra, "filters": {"outside_image": int((~inside).sum()),
-                                  "low_tissue": int((inside & ~keep).sum()), "kept": int(keep.sum())}}
+    extra = {**extra, "geometry": geometry.to_dict(),
+             "filters": {"outside_image": int((~inside).sum()), "low_tissue": int((inside & ~keep).sum()),
+                         "kept": int(keep.sum())}}
     spots_um, gexp, n_cells = spots_um[keep], gexp[keep], n_cells[keep]
     with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
                        extra=extra) as w:
         w.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
-                          coords_um=spots_um, n_cells=n_cells), split=split)
+                          coords_um=spots_um, n_cells=n_cells,
+                          meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px}),
+              split=split)
     if qc:
-        qc_figure(out / "qc" / f"{sample.name}.png", sample, spots_um, gexp.sum(1), diameter_um,
-                  title=f"{sample.name}: {len(spots_um)} spots, {len(genes)} genes")
+        d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
+        qc_figure(out / "qc" / f"{sample.name}.png", sample, spots_um, gexp.sum(1), d_equal_area,
+                  title=f"{sample.name}: {len(spots_um)} spots ({geometry.name}), {len(genes)} genes")
     return out
 
 
@@ -218,26 +295,30 @@ def _fresh_output(out: str | os.PathLike, overwrite: bool) -> Path:
 def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
                          he_image: str | os.PathLike | None = None, alignment: str | os.PathLike | None = None,
                          sample: str | None = None, donor: str | None = None, tissue: str | None = None,
-                         source: str = "xenium", split: str = "train", spots: SpotOptions = SpotOptions(),
+                         source: str = "xenium", split: str = "train",
+                         geometry: SpotGeometry | str = "hescape", spots: SpotOptions = SpotOptions(),
                          patch: PatchOptions = PatchOptions(), panel: str | None = None,
-                         duplicate_genes: str = "error", missing_genes: str = "error", counts_from: str = "cells",
-                         min_qv: float = 20.0, overwrite: bool = False, progress: bool = True, qc: bool = True,
-                         rows_per_shard: int = 2048) -> Path:
+                         duplicate_genes: str = "error", missing_genes: str = "error", max_missing: float = 0.1,
+                         counts_from: str = "cells", min_qv: float = 20.0, overwrite: bool = False,
+                         progress: bool = True, qc: bool = True, rows_per_shard: int = 2048) -> Path:
     """Pool an XOA bundle's cells into pseudo-spots, crop H&E patches, write a one-sample dataset at ``out``.
 
-    ``sample`` defaults to the bundle's ``region_name``/``run_name``; ``donor`` to the sample; ``tissue`` to
-    ``panel_tissue_type``. ``split`` is recorded in the manifest (re-split later at donor level).
-    ``counts_from="transcripts"`` pools ``transcripts.parquet`` (``qv >= min_qv``) by transcript position
-    instead of whole cells by centroid (``n_cells`` still counts cell centroids in each spot).
+    ``geometry``: the spot layout and patch size (:class:`~hescape.data.geometry.SpotGeometry` or a preset name;
+    default ``"hescape"``, the published HESCAPE dataset's 55 µm pseudo-spots). ``sample`` defaults to the
+    bundle's ``region_name``/``run_name``; ``donor`` to the sample; ``tissue`` to ``panel_tissue_type``.
+    ``split`` is recorded in the manifest (re-split later at donor level). ``counts_from="transcripts"`` pools
+    ``transcripts.parquet`` (``qv >= min_qv``) by transcript position instead of whole cells by centroid
+    (``n_cells`` still counts cell centroids in each spot).
     """
+    geometry = get_geometry(geometry)
     out = _fresh_output(out, overwrite)
     s = read_xenium(bundle, he_image=he_image, alignment=alignment)
     try:
         if sample:
             s.name = sample
         counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
-                                                  missing_genes=missing_genes)
-        centres, pooled, n_cells = pseudo_spots(s.xy_um, counts, spots)
+                                                  missing_genes=missing_genes, max_missing=max_missing)
+        centres, pooled, n_cells = pseudo_spots(s.xy_um, counts, geometry)
         if counts_from == "transcripts":
             if panel is not None or duplicate_genes != "error":
                 msg = "counts_from='transcripts' pools the bundle's own genes; drop --panel / --duplicate-genes"
@@ -245,7 +326,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
             t_xy, t_gene = read_transcripts(bundle, genes, min_qv=min_qv)
             onehot = sp.csr_matrix((np.ones(len(t_gene), np.float32), (np.arange(len(t_gene)), t_gene)),
                                    shape=(len(t_gene), len(genes)))
-            pooled = pool_counts(assign_cells(t_xy, centres, diameter_um=spots.diameter_um), onehot)
+            pooled = pool_counts(geometry.assign(t_xy, centres), onehot)
         elif counts_from != "cells":
             msg = f"counts_from must be 'cells' or 'transcripts', found {counts_from!r}"
             raise HescapeDataError(msg)
@@ -256,7 +337,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
         return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_cells[keep], genes=genes,
                       gene_ids=gene_ids, donor=donor or s.name,
                       tissue=tissue or str(s.metadata.get("panel_tissue_type") or "unknown"), source=source,
-                      split=split, patch=patch, diameter_um=spots.diameter_um, overwrite=overwrite,
+                      split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
     finally:
         s.close()
@@ -265,27 +346,39 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
 def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, image: str | os.PathLike | None,
                          sample: str | None = None, donor: str | None = None, tissue: str = "unknown",
                          source: str = "visium", split: str = "train", matrix: str = "filtered",
-                         min_counts: float = 1.0, patch: PatchOptions = PatchOptions(), panel: str | None = None,
-                         duplicate_genes: str = "error", missing_genes: str = "error", overwrite: bool = False,
-                         progress: bool = True, qc: bool = True, rows_per_shard: int = 2048) -> Path:
+                         min_counts: float = 1.0, geometry: SpotGeometry | str = "visium",
+                         patch: PatchOptions = PatchOptions(), panel: str | None = None,
+                         duplicate_genes: str = "error", missing_genes: str = "error", max_missing: float = 0.1,
+                         overwrite: bool = False, progress: bool = True, qc: bool = True,
+                         rows_per_shard: int = 2048) -> Path:
     """Crop a µm-exact H&E patch around every in-tissue Visium spot and write a one-sample dataset at ``out``.
 
     ``image``: the full-resolution image, or ``"hires"``/``"lowres"``. ``n_cells`` is -1 (unknown) for Visium.
+    ``geometry``: must describe Visium's own spots (55 µm discs, 100 µm hex lattice); only its patch field of
+    view and µm/px may differ from the ``visium`` preset.
     """
+    geometry = get_geometry(geometry)
+    vis = GEOMETRY_PRESETS["visium"]
+    if (geometry.shape, geometry.diameter_um, geometry.pitch_um, geometry.grid) != \
+            (vis.shape, vis.diameter_um, vis.pitch_um, vis.grid):
+        msg = (f"Visium spots are {vis.diameter_um:g} µm discs on a {vis.pitch_um:g} µm hex lattice, found a "
+               f"{geometry.name!r} geometry ({geometry.shape} {geometry.diameter_um:g} µm, pitch {geometry.pitch_um:g}"
+               " µm); spots cannot be re-pooled: use the 'visium' geometry (change only --fov-um / --um-per-px)")
+        raise HescapeDataError(msg)
     out = _fresh_output(out, overwrite)
     s = read_visium(outs, image=image, matrix=matrix)
     try:
         if sample:
             s.name = sample
         counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
-                                                  missing_genes=missing_genes)
+                                                  missing_genes=missing_genes, max_missing=max_missing)
         gexp = counts.toarray().astype(np.float32)
         keep = gexp.sum(1) >= min_counts
         extra = {"ingest": {"kind": "visium", "input": str(Path(outs).resolve()), "min_counts": min_counts,
                             "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
         return _write(s, out, spots_um=s.xy_um[keep], gexp=gexp[keep], n_cells=np.full(int(keep.sum()), -1, np.int32),
                       genes=genes, gene_ids=gene_ids, donor=donor or s.name, tissue=tissue, source=source,
-                      split=split, patch=patch, diameter_um=s.spot_diameter_um or 55.0, overwrite=overwrite,
+                      split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
     finally:
         s.close()
