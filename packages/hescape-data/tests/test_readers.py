@@ -231,7 +231,9 @@ def test_panel_reorder(xenium_bundle):
     assert genes == s.genes
     with pytest.raises(PanelMismatchError, match="absent from the data"):
         harmonise_genes(s, panel="human-colon-panel")
-    counts, genes, _ = harmonise_genes(s, panel="human-colon-panel", missing_genes="zero")
+    with pytest.raises(PanelMismatchError, match="zero-filled"):  # most of the colon panel is absent
+        harmonise_genes(s, panel="human-colon-panel", missing_genes="zero")
+    counts, genes, _ = harmonise_genes(s, panel="human-colon-panel", missing_genes="zero", max_missing=1.0)
     assert genes == list(load_panel("human-colon-panel").genes)
     s.close()
 
