@@ -26,9 +26,32 @@ _SHAPE_PARAMS = [(203, 203, 1), (203, 203, 3), (203, 203, 128), (131, 131, 1536)
 _DTYPE_PARAMS = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def reference_scores(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """float64 scores ``q @ g.T`` in which bit-identical gallery rows get bit-identical scores on any machine.
+
+    A BLAS product may sum two identical rows in different orders (it depends on the row's position in the
+    blocking and on the CPU's kernels), so identical rows could score differently in their last bit and the
+    reference would break a tie that the kernels correctly keep. Scoring each distinct row once and broadcasting
+    makes identical rows equal by construction, whatever the BLAS library does.
+    """
+    g_unique, inverse = np.unique(g.astype(np.float64), axis=0, return_inverse=True)
+    return (q.astype(np.float64) @ g_unique.T)[:, inverse.ravel()]
+
+
+def test_reference_scores_keep_ties():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((7, 1536)).astype(np.float32)
+    g = rng.standard_normal((50, 1536)).astype(np.float32)
+    g[[3, 17, 41]] = g[9]
+    s = reference_scores(q, g)
+    for j in (3, 17, 41):
+        np.testing.assert_array_equal(s[:, j].view(np.int64), s[:, 9].view(np.int64))  # identical bits
+    np.testing.assert_allclose(s, q.astype(np.float64) @ g.astype(np.float64).T, rtol=1e-12, atol=1e-9)
+
+
 def reference_ranks(q: np.ndarray, g: np.ndarray, q_labels=None, g_labels=None) -> tuple[np.ndarray, np.ndarray]:
     """Position of the first positive in a stable descending sort of each row (float64 scores)."""
-    s = q.astype(np.float64) @ g.astype(np.float64).T
+    s = reference_scores(q, g)
     nq, ng = s.shape
     ranks, first = np.empty(nq, np.int64), np.empty(nq, np.int64)
     for i in range(nq):
@@ -119,7 +142,7 @@ def test_continuous_data_duplicate_ties(backend, d):
     g[place[keep]] = g[dup_of[keep]]
     want, _ = reference_ranks(q, g)
     got = E.compute_ranks(_to(q, torch.float32, backend), _to(g, torch.float32, backend), backend=backend).ranks
-    s = q.astype(np.float64) @ g.astype(np.float64).T
+    s = reference_scores(q, g)
     t = np.diag(s)[:, None]
     exact_dup = (g[None, :, :] == g[:, None, :]).all(-1)
     # float32 rounding of a d-term dot is well under sqrt(d) * 1e-6 * |q| |g| (random-walk bound, x8 margin)
