@@ -13,7 +13,6 @@ from hescape.data.panels import load_panel
 from hescape.data.pseudospots import assign_cells, pool_counts, spot_grid
 from hescape.data.synthetic import generate_sample
 
-
 #: 55 µm discs on a 60 µm hex lattice: dense enough for a dozen spots on the small bundle.
 DISC60 = SpotGeometry(shape="disc", diameter_um=55.0, pitch_um=60.0, grid="hex", name="custom")
 

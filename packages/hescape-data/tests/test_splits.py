@@ -17,9 +17,9 @@ from hescape.data import (
     load_split_preset,
     read_manifest,
 )
-from hescape.data.arrow import encode_png
+from hescape.data.arrow import encode_png, write_manifest
 from hescape.data.cli import main
-from hescape.data.splits import apply_splits, donor_split_assignment, preset_split_assignment
+from hescape.data.splits import apply_splits, donor_split_assignment, preset_donors, preset_split_assignment
 
 
 def _rec(name, donor, seed):
@@ -80,10 +80,32 @@ def test_leaking_preset_is_refused_atomically(tmp_path):
     # one donor holds a train sample and the test sample of the preset: refused, manifest untouched
     ds = _write(tmp_path / "d", [("TENX99", "p1"), ("TENX95", "p2"), ("NCBI785", "p3"), ("NCBI783", "p1")])
     text = (ds / "manifest.json").read_text()
-    assert main(["split", str(ds), "--preset", "human-breast-panel"]) == 2
+    assert main(["split", str(ds), "--preset", "human-breast-panel", "--keep-donors"]) == 2
     assert (ds / "manifest.json").read_text() == text
     with pytest.raises(SplitLeakageError, match="p1 in"):
         apply_splits(ds, preset_split_assignment(read_manifest(ds)["samples"], "human-breast-panel")[0])
+    # A dataset whose donors leak cannot be opened for training either.
+    with pytest.raises(SplitLeakageError, match="p1 in"):
+        m = read_manifest(ds)
+        m["samples"][0]["split"] = "test"
+        write_manifest(ds, m)
+        PairedSpotDataset(ds, split="train")
+
+
+def test_preset_patient_column_gives_the_donors(tmp_path):
+    """The reference CSVs name each sample's patient: TENX99 (patient 1) and NCBI783 (patient 5 of another study)
+    are different people, so the preset split applies once donors come from that column (the default)."""
+    ds = _write(tmp_path / "d", [("TENX99", "p1"), ("TENX95", "p2"), ("NCBI785", "p3"), ("NCBI783", "p1")])
+    assert main(["split", str(ds), "--preset", "human-breast-panel"]) == 0
+    donors = {s["name"]: s["donor"] for s in read_manifest(ds)["samples"]}
+    assert donors["TENX99"].endswith("patient 1") and donors["NCBI783"].endswith("patient 5")
+    assert len(set(donors.values())) == 4
+    # Three colon sections of one study's "Patient 1" are one donor; unnamed patients stay per sample.
+    colon = preset_donors("human-colon-panel")
+    assert colon["TENX147"] == colon["TENX148"] == colon["TENX149"] and colon["TENX111"] == "TENX111"
+    # "patient 2" of two different studies are two donors
+    multi = preset_donors("human-multi-tissue-panel")
+    assert multi["TENX124"] != multi["TENX116"]
 
 
 @pytest.mark.parametrize("panel", list_panels())

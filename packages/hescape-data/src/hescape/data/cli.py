@@ -27,7 +27,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output dataset directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--sample", help="sample name (default: from the input)")
-    p.add_argument("--donor", help="donor id (default: the sample name)")
+    p.add_argument("--donor", help="donor (patient) id; default: the preset's patient for a reference HESCAPE sample "
+                                   "id, else the sample name (then two sections of one patient become two donors)")
     p.add_argument("--tissue", help="tissue label")
     p.add_argument("--source", help="source label (default: xenium / visium)")
     p.add_argument("--split", default="train", help="split recorded in the manifest (default: train)")
@@ -48,6 +49,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="drop spots whose patch has less tissue (pixels darker than the glass); default 0 keeps all")
     p.add_argument("--outside-spots", choices=["error", "drop"], default="error",
                    help="spot centres outside the H&E image: stop with an error (default) or drop them")
+    p.add_argument("--allow-non-integer-counts", action="store_true",
+                   help="accept fractional values in the count matrix (refused by default: raw counts expected)")
     p.add_argument("--rows-per-shard", type=int, default=2048)
     p.add_argument("--no-qc", action="store_true", help="skip the QC figure (qc/<sample>.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -93,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--by", choices=["donor"], help="draw whole donors at random")
     spl.add_argument("--match", choices=["name", "donor"], default="name",
                      help="with --preset: match the preset's sample ids against this column (default name)")
+    spl.add_argument("--keep-donors", action="store_true",
+                     help="with --preset: keep the dataset's donors instead of taking them from the preset's patient "
+                          "column (two sections of one patient are one donor there)")
     spl.add_argument("--conflict", choices=["train", "val", "test"],
                      help="with --preset: the split of a sample the preset lists in two splits (human-skin-panel)")
     spl.add_argument("--val", type=int, default=1, help="with --by donor: number of val donors (default 1)")
@@ -126,6 +132,7 @@ def _build(a) -> int:
                          max_upsample=a.max_upsample)
     common = {"sample": a.sample, "donor": a.donor, "split": a.split, "panel": a.panel,
               "duplicate_genes": a.duplicate_genes, "missing_genes": a.missing_genes, "max_missing": a.max_missing,
+              "allow_non_integer_counts": a.allow_non_integer_counts,
               "overwrite": a.overwrite, "progress": not a.quiet, "qc": not a.no_qc, "rows_per_shard": a.rows_per_shard,
               "patch": patch, "geometry": geometry}
     if a.kind == "xenium":
@@ -161,16 +168,25 @@ def _info(path: Path, verify: bool) -> int:
 
 def _split(a) -> int:
     from .arrow import read_manifest
-    from .splits import apply_splits, donor_split_assignment, preset_split_assignment
+    from .splits import apply_splits, donor_split_assignment, preset_donors, preset_split_assignment
+
+    donors = None
 
     samples = read_manifest(a.path)["samples"]
     if a.preset:
         assignment, absent = preset_split_assignment(samples, a.preset, match=a.match, conflict=a.conflict)
         if absent:
             print(f"note: {len(absent)} sample(s) of preset {a.preset} are not in this dataset: {', '.join(absent)}")
+        if not a.keep_donors:
+            by_id = preset_donors(a.preset)
+            donors = {s["name"]: by_id[s[a.match]] for s in samples if s[a.match] in by_id}
+            old = {s["name"]: s["donor"] for s in samples}
+            changed = [f"{n}: {old[n]!r} -> {d!r}" for n, d in donors.items() if old[n] != d]
+            if changed:
+                print(f"donors from the preset's patient column ({len(changed)} changed): " + "; ".join(changed))
     else:
         assignment = donor_split_assignment(samples, n_val=a.val, n_test=a.test, seed=a.seed)
-    apply_splits(a.path, assignment)
+    apply_splits(a.path, assignment, donors=donors)
     return _info(a.path, verify=False)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from .arrow import gexp_matrix, iter_split_names, open_shard, read_manifest, string_column
 from .errors import DatasetFormatError, PanelMismatchError
+from .splits import check_no_donor_leakage
 
 __all__ = ["PairedSpotDataset", "decode_image"]
 
@@ -44,6 +45,9 @@ class PairedSpotDataset(torch.utils.data.Dataset):
     Shards may also be in the official HESCAPE layout (``gexp`` as a ``(1, G)`` nested list, ``name`` as a
     ``ClassLabel``) once :func:`hescape.data.arrow.index_arrow_shards` has written their manifest.
 
+    A dataset in which one donor has samples in two splits is refused (:class:`SplitLeakageError`), whatever
+    split is asked for: training on it would leak the held-out donor's tissue into training.
+
     Items are dicts with ``image``, ``gexp``, ``index`` (row in this dataset), ``sample`` and ``donor``.
     """
 
@@ -59,6 +63,7 @@ class PairedSpotDataset(torch.utils.data.Dataset):
             msg = (f"dataset {self.path} has a {len(self.genes)}-gene panel but {len(genes)} genes were asked for"
                    f" ({len(missing)} of them absent, e.g. {missing[:5]}); use a dataset built with the same panel")
             raise PanelMismatchError(msg)
+        check_no_donor_leakage(self.manifest["samples"])
         names = iter_split_names(self.manifest, split)
         self.image_transform = image_transform
         self.gene_transform = gene_transform

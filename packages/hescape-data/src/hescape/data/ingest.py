@@ -26,6 +26,7 @@ from .patches import extract_patches, um_per_px
 from .pseudospots import pool_counts
 from .readers.visium import read_visium
 from .readers.xenium import SpatialSample, read_transcripts, read_xenium
+from .splits import known_sample_donor
 
 __all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_dataset", "qc_figure",
            "harmonise_genes", "pseudo_spots"]
@@ -299,8 +300,9 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
                          geometry: SpotGeometry | str = "hescape", spots: SpotOptions = SpotOptions(),
                          patch: PatchOptions = PatchOptions(), panel: str | None = None,
                          duplicate_genes: str = "error", missing_genes: str = "error", max_missing: float = 0.1,
-                         counts_from: str = "cells", min_qv: float = 20.0, overwrite: bool = False,
-                         progress: bool = True, qc: bool = True, rows_per_shard: int = 2048) -> Path:
+                         counts_from: str = "cells", min_qv: float = 20.0, allow_non_integer_counts: bool = False,
+                         overwrite: bool = False, progress: bool = True, qc: bool = True,
+                         rows_per_shard: int = 2048) -> Path:
     """Pool an XOA bundle's cells into pseudo-spots, crop H&E patches, write a one-sample dataset at ``out``.
 
     ``geometry``: the spot layout and patch size (:class:`~hescape.data.geometry.SpotGeometry` or a preset name;
@@ -312,7 +314,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
     """
     geometry = get_geometry(geometry)
     out = _fresh_output(out, overwrite)
-    s = read_xenium(bundle, he_image=he_image, alignment=alignment)
+    s = read_xenium(bundle, he_image=he_image, alignment=alignment, allow_non_integer_counts=allow_non_integer_counts)
     try:
         if sample:
             s.name = sample
@@ -335,7 +337,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
                             "counts_from": counts_from, "min_qv": min_qv,
                             "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
         return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_cells[keep], genes=genes,
-                      gene_ids=gene_ids, donor=donor or s.name,
+                      gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name,
                       tissue=tissue or str(s.metadata.get("panel_tissue_type") or "unknown"), source=source,
                       split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
@@ -349,8 +351,8 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
                          min_counts: float = 1.0, geometry: SpotGeometry | str = "visium",
                          patch: PatchOptions = PatchOptions(), panel: str | None = None,
                          duplicate_genes: str = "error", missing_genes: str = "error", max_missing: float = 0.1,
-                         overwrite: bool = False, progress: bool = True, qc: bool = True,
-                         rows_per_shard: int = 2048) -> Path:
+                         allow_non_integer_counts: bool = False, overwrite: bool = False, progress: bool = True,
+                         qc: bool = True, rows_per_shard: int = 2048) -> Path:
     """Crop a µm-exact H&E patch around every in-tissue Visium spot and write a one-sample dataset at ``out``.
 
     ``image``: the full-resolution image, or ``"hires"``/``"lowres"``. ``n_cells`` is -1 (unknown) for Visium.
@@ -366,7 +368,7 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
                " µm); spots cannot be re-pooled: use the 'visium' geometry (change only --fov-um / --um-per-px)")
         raise HescapeDataError(msg)
     out = _fresh_output(out, overwrite)
-    s = read_visium(outs, image=image, matrix=matrix)
+    s = read_visium(outs, image=image, matrix=matrix, allow_non_integer_counts=allow_non_integer_counts)
     try:
         if sample:
             s.name = sample
@@ -377,7 +379,7 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
         extra = {"ingest": {"kind": "visium", "input": str(Path(outs).resolve()), "min_counts": min_counts,
                             "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
         return _write(s, out, spots_um=s.xy_um[keep], gexp=gexp[keep], n_cells=np.full(int(keep.sum()), -1, np.int32),
-                      genes=genes, gene_ids=gene_ids, donor=donor or s.name, tissue=tissue, source=source,
+                      genes=genes, gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue, source=source,
                       split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
     finally:

@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import HescapeDataError, SplitLeakageError
 
-__all__ = ["check_no_donor_leakage", "donor_split_assignment", "preset_split_assignment", "apply_splits"]
+__all__ = ["check_no_donor_leakage", "donor_split_assignment", "preset_split_assignment", "apply_splits",
+           "preset_donors", "known_sample_donor"]
 
 SPLITS = ("train", "val", "test")
 
@@ -112,11 +113,43 @@ def preset_split_assignment(samples: list[dict], preset: str, *, match: str = "n
     return out, absent
 
 
-def apply_splits(path: str | os.PathLike, assignment: dict[str, str]) -> dict:
-    """Rewrite the split of every sample in ``path/manifest.json``; nothing else changes. Returns the manifest.
+def _donor_key(row: dict[str, str]) -> str:
+    """Donor id of a preset row: ``<study> / <patient>``, or the sample id when the patient is not given.
 
-    The new assignment is checked first (every sample assigned, known split names, no donor leakage) and the
-    manifest is replaced atomically, so a refused or interrupted call leaves the old one intact.
+    The presets' ``patient`` labels are numbered within each study (``dataset_title``): "patient 1" of two studies
+    are two people, while two sections of one study's "Patient 1" are one donor.
+    """
+    patient = " ".join(str(row.get("patient") or "").split())
+    if not patient:
+        return row["id"]
+    return f"{' '.join(row.get('dataset_title', '').split())} / {patient.lower().replace('patient', 'patient ').strip()}"
+
+
+def preset_donors(preset: str) -> dict[str, str]:
+    """``{sample id: donor id}`` from a panel preset's ``patient`` column (see :func:`_donor_key`)."""
+    from .panels import load_split_preset
+
+    return {r["id"]: " ".join(_donor_key(r).split()) for rows in load_split_preset(preset).values() for r in rows}
+
+
+def known_sample_donor(sample: str) -> str | None:
+    """The donor of a reference HESCAPE sample id (``TENX95``, ``NCBI783``, ...) in any vendored preset, else None."""
+    from .panels import list_panels
+
+    for panel in list_panels():
+        donors = preset_donors(panel)
+        if sample in donors:
+            return donors[sample]
+    return None
+
+
+def apply_splits(path: str | os.PathLike, assignment: dict[str, str], donors: dict[str, str] | None = None) -> dict:
+    """Rewrite the split (and optionally the donor) of every sample in ``path/manifest.json``. Returns the manifest.
+
+    ``donors`` maps sample names to new donor ids (e.g. from a preset's ``patient`` column); samples absent
+    from it keep theirs. The new assignment is checked first (every sample assigned, known split names, no
+    donor leakage) and the manifest is replaced atomically, so a refused or interrupted call leaves the old
+    one intact.
     """
     from .arrow import read_manifest, write_manifest
 
@@ -131,7 +164,9 @@ def apply_splits(path: str | os.PathLike, assignment: dict[str, str]) -> dict:
     if bad:
         msg = f"expected split names among {list(SPLITS)}, found {bad}"
         raise HescapeDataError(msg)
-    new_samples = [{**s, "split": assignment[s["name"]]} for s in manifest["samples"]]
+    donors = donors or {}
+    new_samples = [{**s, "split": assignment[s["name"]], "donor": donors.get(s["name"], s["donor"])}
+                   for s in manifest["samples"]]
     check_no_donor_leakage(new_samples)
     manifest = {**manifest, "samples": new_samples}
     write_manifest(path, manifest)

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.io
 import scipy.sparse as sp
 
+from ..counts import check_counts
 from ..errors import InputFormatError
 
 __all__ = ["FeatureMatrix", "read_10x_h5", "read_10x_mex", "read_10x_matrix"]
@@ -67,17 +68,12 @@ def read_json(path: Path, missing_hint: str) -> dict:
         raise InputFormatError(msg) from None
 
 
-def _check_values(data: np.ndarray, where: str) -> None:
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        msg = f"{where}: expected finite counts, found {int((~np.isfinite(data)).sum())} NaN/inf values; the file is corrupt"
-        raise InputFormatError(msg)
-    if (data < 0).any():
-        msg = f"{where}: expected counts >= 0, found {int((data < 0).sum())} negative values; the file is corrupt"
-        raise InputFormatError(msg)
+def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> FeatureMatrix:
+    """Read a 10x HDF5 feature-barcode matrix (all feature types; see :meth:`FeatureMatrix.gene_expression`).
 
-
-def read_10x_h5(path: str | os.PathLike) -> FeatureMatrix:
-    """Read a 10x HDF5 feature-barcode matrix (all feature types; see :meth:`FeatureMatrix.gene_expression`)."""
+    Values must be raw counts: finite, >= 0 and integer unless ``allow_non_integer`` (see
+    :func:`hescape.data.counts.check_counts`).
+    """
     import h5py
 
     path = Path(path)
@@ -110,7 +106,7 @@ def read_10x_h5(path: str | os.PathLike) -> FeatureMatrix:
     if len(indices) != len(data) or (len(indices) and (indices.min() < 0 or indices.max() >= n_feat)):
         msg = f"{path}: feature indices out of range or not aligned with data; the file is corrupt"
         raise InputFormatError(msg)
-    _check_values(data, str(path))
+    check_counts(data, str(path), allow_non_integer=allow_non_integer)
     counts = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int64), indptr.astype(np.int64)),
                            shape=(n_bc, n_feat))
     counts.sum_duplicates()
@@ -129,8 +125,8 @@ def _find(folder: Path, stem: str) -> Path:
     raise InputFormatError(msg)
 
 
-def read_10x_mex(folder: str | os.PathLike) -> FeatureMatrix:
-    """Read a 10x MEX folder (``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``)."""
+def read_10x_mex(folder: str | os.PathLike, *, allow_non_integer: bool = False) -> FeatureMatrix:
+    """Read a 10x MEX folder (``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``); raw counts only."""
     folder = Path(folder)
     if not folder.is_dir():
         msg = f"expected a 10x MEX folder at {folder}, found no such directory"
@@ -156,12 +152,14 @@ def read_10x_mex(folder: str | os.PathLike) -> FeatureMatrix:
         msg = (f"{mtx}: expected {len(ids)} features × {len(barcodes)} barcodes (from the tsv files), "
                f"found a {m.shape[0]} × {m.shape[1]} matrix; the folder is inconsistent")
         raise InputFormatError(msg)
-    _check_values(m.data, str(mtx))
+    check_counts(m.data, str(mtx), allow_non_integer=allow_non_integer)
     counts = sp.csr_matrix(m.T.astype(np.float32))
     return FeatureMatrix(counts, barcodes, ids, names, types)
 
 
-def read_10x_matrix(path: str | os.PathLike) -> FeatureMatrix:
-    """An HDF5 file or a MEX folder, chosen by what ``path`` is."""
+def read_10x_matrix(path: str | os.PathLike, *, allow_non_integer: bool = False) -> FeatureMatrix:
+    """An HDF5 file or a MEX folder, chosen by what ``path`` is; raw counts only (see :func:`read_10x_h5`)."""
     path = Path(path)
-    return read_10x_mex(path) if path.is_dir() else read_10x_h5(path)
+    if path.is_dir():
+        return read_10x_mex(path, allow_non_integer=allow_non_integer)
+    return read_10x_h5(path, allow_non_integer=allow_non_integer)

@@ -103,7 +103,7 @@ def _check_not_blank(img: SlideImage, path: Path) -> None:
 
 
 def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, matrix: str = "filtered",
-                in_tissue_only: bool = True) -> SpatialSample:
+                in_tissue_only: bool = True, allow_non_integer_counts: bool = False) -> SpatialSample:
     """Read a Space Ranger ``outs/`` folder: in-tissue spots (µm), Gene Expression counts and the image.
 
     ``image``: a full-resolution image file (TIFF read lazily; PNG/JPEG in memory), or ``"hires"`` /
@@ -122,7 +122,7 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
     pos_path, positions = read_positions(spatial)
     sf = read_scalefactors(spatial)
     um_per_px = VISIUM_SPOT_DIAMETER_UM / float(sf["spot_diameter_fullres"])
-    fm = read_10x_matrix(_find_matrix(outs, matrix)).gene_expression()
+    fm = read_10x_matrix(_find_matrix(outs, matrix), allow_non_integer=allow_non_integer_counts).gene_expression()
     barcodes = fm.barcodes.tolist()
     unknown = [b for b in barcodes if b not in positions]
     if unknown:

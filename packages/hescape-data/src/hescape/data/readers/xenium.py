@@ -101,11 +101,11 @@ def _read_cells(bundle: Path):
     return path, ids, xy
 
 
-def _read_matrix(bundle: Path):
+def _read_matrix(bundle: Path, allow_non_integer: bool = False):
     if (bundle / "cell_feature_matrix.h5").is_file():
-        return read_10x_h5(bundle / "cell_feature_matrix.h5").gene_expression()
+        return read_10x_h5(bundle / "cell_feature_matrix.h5", allow_non_integer=allow_non_integer).gene_expression()
     if (bundle / "cell_feature_matrix").is_dir():
-        return read_10x_mex(bundle / "cell_feature_matrix").gene_expression()
+        return read_10x_mex(bundle / "cell_feature_matrix", allow_non_integer=allow_non_integer).gene_expression()
     msg = (f"expected cell_feature_matrix.h5 or the MEX folder cell_feature_matrix/ in {bundle}, found neither; "
            "is this an XOA output folder?")
     raise InputFormatError(msg)
@@ -164,7 +164,8 @@ def find_he_files(bundle: Path) -> tuple[Path | None, Path | None]:
 
 
 def read_xenium(bundle: str | os.PathLike, *, he_image: str | os.PathLike | None = None,
-                alignment: str | os.PathLike | None = None, require_image: bool = True) -> SpatialSample:
+                alignment: str | os.PathLike | None = None, require_image: bool = True,
+                allow_non_integer_counts: bool = False) -> SpatialSample:
     """Read an XOA bundle: cells, Gene Expression counts (rows in cells-table order) and the aligned H&E image.
 
     ``he_image`` / ``alignment`` override the files found in the bundle. Without an H&E image an
@@ -177,7 +178,7 @@ def read_xenium(bundle: str | os.PathLike, *, he_image: str | os.PathLike | None
     exp = _read_experiment(bundle)
     pixel_size = float(exp["pixel_size"])
     cells_path, ids, xy = _read_cells(bundle)
-    fm = _read_matrix(bundle)
+    fm = _read_matrix(bundle, allow_non_integer_counts)
     index = {b: i for i, b in enumerate(fm.barcodes.tolist())}
     if len(index) != len(fm.barcodes):
         msg = f"{bundle}: the count matrix has duplicated cell barcodes; the file is corrupt"
