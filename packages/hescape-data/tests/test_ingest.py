@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hescape.data import PairedSpotDataset, get_gene_transform, read_manifest, verify_dataset
+from hescape.data.arrow import open_shard
 from hescape.data.cli import main
-from hescape.data.errors import InputFormatError
+from hescape.data.errors import HescapeDataError, InputFormatError
 from hescape.data.geometry import SpotGeometry
 from hescape.data.ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
 from hescape.data.panels import load_panel
-from hescape.data.pseudospots import assign_cells, pool_counts, spot_grid
 from hescape.data.synthetic import generate_sample
 
 #: 55 µm discs on a 60 µm hex lattice: dense enough for a dozen spots on the small bundle.
@@ -24,18 +24,29 @@ def test_build_xenium_dataset(xenium_bundle, small_cfg, tmp_path):
     assert m["samples"][0]["name"] == "SYN-D00-S0" and m["samples"][0]["donor"] == "donor_A"
     assert m["samples"][0]["tissue"] == "breast" and m["genes"] == list(load_panel(small_cfg.panel).genes)
     assert m["ingest"]["kind"] == "xenium"
-    # pooled counts equal pooling the generator's own cells on the same grid
+    # each stored spot holds exactly the generator's own cells within 27.5 µm of its recorded centre (brute force)
     smp = generate_sample(small_cfg, 0, 0)
-    lo, hi = smp.cell_xy.min(0), smp.cell_xy.max(0)
-    grid = spot_grid((lo[0], lo[1], hi[0], hi[1]), pitch_um=60.0, kind="hex")
-    pooled = pool_counts(assign_cells(smp.cell_xy, grid, diameter_um=55.0), smp.cell_counts)
-    keep = pooled.sum(1) >= 1
     ds = PairedSpotDataset(out, gene_transform=get_gene_transform("log1p"))
-    assert len(ds) == int(keep.sum()) > 10
-    np.testing.assert_allclose(ds.raw_counts(), pooled[keep])
+    centres = np.concatenate([np.asarray(open_shard(out / sh["file"]).column("cell_coords").to_pylist())
+                              for sh in m["shards"]])
+    inside = np.linalg.norm(centres[:, None] - smp.cell_xy[None], axis=-1) <= 27.5
+    assert len(ds) == len(centres) > 10
+    np.testing.assert_allclose(ds.raw_counts(), inside.astype(np.float64) @ smp.cell_counts.toarray(), rtol=1e-6)
+    # the lattice: nearest stored neighbours are one 60 µm pitch apart
+    d = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(len(centres)) * 1e9
+    assert np.median(d.min(1)) == pytest.approx(60.0)
     item = ds[0]
     assert tuple(item["image"].shape) == (3, 224, 224) and item["donor"] == "donor_A"
     assert (out / "qc" / "SYN-D00-S0.png").stat().st_size > 10_000
+
+
+def test_dense_tiling_keeps_every_count(xenium_bundle, small_cfg, tmp_path):
+    """The default 'hescape' geometry tiles the tissue: every cell lies in exactly one 55 µm hexagon, so the
+    dataset's total counts equal the bundle's (no cell lost along the section's edges)."""
+    out = build_xenium_dataset(xenium_bundle, tmp_path / "ds", progress=False, qc=False)
+    smp = generate_sample(small_cfg, 0, 0)
+    assert PairedSpotDataset(out).raw_counts().sum() == pytest.approx(smp.cell_counts.sum(), rel=1e-6)
+    assert read_manifest(out)["samples"][0]["n_spots"] >= np.ptp(smp.cell_xy, axis=0).prod() / 1965.0  # 55 µm hexagon area
 
 
 def test_build_xenium_variant_square_grid(xenium_bundle_variant, tmp_path):
@@ -140,6 +151,7 @@ def test_min_tissue_fraction_filters_edge_spots(xenium_bundle, tmp_path):
     # Spots near the section's edge have patches half on glass: the strict filter drops them.
     assert 0 < strict["n_rows"] < everything["n_rows"]
     assert strict["filters"]["low_tissue"] == everything["n_rows"] - strict["n_rows"]
-    with pytest.raises(InputFormatError, match="tissue fraction"):
+    with pytest.raises(HescapeDataError, match=r"min-tissue-fraction: expected a finite number in \[0, 1\]"):
         build_xenium_dataset(xenium_bundle, tmp_path / "none", progress=False, qc=False, geometry=spots,
                              patch=PatchOptions(min_tissue_fraction=1.01))
+    assert not (tmp_path / "none").exists()

@@ -83,7 +83,8 @@ def test_visium_fixture_lowres(visium_outs):
     rows = {r.split(",")[0]: r.strip().split(",") for r in
             (visium_outs / "spatial" / "tissue_positions_list.csv").read_text().splitlines()}
     b = s.obs_ids[0]
-    mpp = 55.0 / sf["spot_diameter_fullres"]
+    mpp = s.metadata["um_per_fullres_px"]  # from the spot lattice (test_visium_scale.py checks it against physics)
+    assert s.metadata["um_per_fullres_px_spot_diameter"] == pytest.approx(65.0 / sf["spot_diameter_fullres"])
     np.testing.assert_allclose(s.xy_um[0], [float(rows[b][5]) * mpp, float(rows[b][4]) * mpp])
     px = s.um_to_px @ [*s.xy_um[0], 1.0]
     np.testing.assert_allclose(px[:2], [float(rows[b][5]) * sf["tissue_lowres_scalef"],

@@ -13,14 +13,16 @@ from .errors import (
     DatasetFormatError,
     HescapeDataError,
     InputFormatError,
+    OutputLocationError,
     PanelMismatchError,
     SplitLeakageError,
 )
-from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
+from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_visium_hd_dataset, build_xenium_dataset
 from .panels import GenePanel, list_panels, load_panel, load_split_preset
 from .patches import extract_patch, extract_patches
 from .pseudospots import assign_cells, pool_counts, spot_grid
 from .readers.visium import read_visium
+from .readers.visium_hd import read_visium_hd
 from .readers.xenium import read_xenium
 from .splits import apply_splits, check_no_donor_leakage, donor_split_assignment, preset_split_assignment
 from .synthetic import SyntheticConfig, generate_sample
@@ -48,7 +50,8 @@ __all__ = [
     "GenePanel", "list_panels", "load_panel", "load_split_preset", "check_no_donor_leakage",
     "apply_splits", "donor_split_assignment", "preset_split_assignment",
     # real inputs: readers, µm-exact patches, ingestion
-    "read_xenium", "read_visium", "extract_patch", "extract_patches", "build_xenium_dataset", "build_visium_dataset",
+    "read_xenium", "read_visium", "read_visium_hd", "extract_patch", "extract_patches", "build_xenium_dataset",
+    "build_visium_dataset", "build_visium_hd_dataset",
     "SpotOptions", "PatchOptions", "XeniumBundleOptions", "write_xenium_bundle",
     # pooling
     "spot_grid", "assign_cells", "pool_counts",
@@ -59,5 +62,5 @@ __all__ = [
     "scfoundation_input", "scfoundation_gather",
     # errors
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
-    "AlignmentError",
+    "AlignmentError", "OutputLocationError",
 ]

@@ -12,7 +12,11 @@ Columns follow the official HESCAPE dataset where they overlap: ``name`` (sample
 Gene symbols and Ensembl ids are also kept in the schema metadata.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place
-only after the last shard and the manifest are complete.
+only after the last shard and the manifest are complete; a replaced dataset is renamed aside first and
+deleted last, so ``<out>`` is never half-written. An output that is, contains or lies inside an input, or an
+existing folder that is not a HESCAPE dataset, is refused before anything is written
+(:func:`check_output_location`). Opening a dataset checks the manifest's structure and each shard's size and
+``gexp`` width cheaply (:func:`read_manifest`); :func:`verify_dataset` reads everything and checks SHA-256.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .errors import DatasetFormatError, PanelMismatchError
+from .errors import DatasetFormatError, HescapeDataError, OutputLocationError, PanelMismatchError
 
-__all__ = ["SCHEMA_VERSION", "HF_FEATURES", "SpotRecords", "DatasetWriter", "read_manifest", "verify_dataset",
-           "open_shard", "string_column", "gexp_matrix", "index_arrow_shards", "write_manifest",
-           "pyarrow_dataset"]
+__all__ = ["SCHEMA_VERSION", "HF_FEATURES", "SPLITS", "SpotRecords", "DatasetWriter", "read_manifest",
+           "check_shards", "verify_dataset", "zero_gene_columns", "check_output_location", "clean_stale_siblings",
+           "safe_filename", "temp_sibling", "open_shard", "string_column", "gexp_matrix", "index_arrow_shards",
+           "write_manifest", "pyarrow_dataset"]
 
 SCHEMA_VERSION = "hescape-arrow/1"
 MANIFEST = "manifest.json"
@@ -112,53 +120,344 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------- output paths
+#: Kinds of hidden sibling directories a build makes next to its output ``<out>``, named
+#: ``.<out name>.<kind>-<pid>-<host>-<random>``: ``tmp`` (the dataset being written), ``old`` (the previous
+#: dataset moved aside during a replace), ``bundles`` (scratch inputs of the synthetic builder). A sibling whose
+#: process is no longer alive on this host was left by a killed build and is removed by the next build of the
+#: same ``<out>`` (:func:`clean_stale_siblings`); siblings of live processes or of other hosts (a shared file
+#: system) are never touched.
+TEMP_KINDS = ("tmp", "old", "bundles")
+#: Split names a sample may be assigned to.
+SPLITS = ("train", "val", "test")
+
+
+def _umask() -> int:
+    """The process umask (read without changing it for longer than two system calls)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def dir_mode() -> int:
+    """Mode of the directories a build creates: ``0o777`` minus the umask (as ``mkdir`` would make them)."""
+    return 0o777 & ~_umask()
+
+
+def file_mode() -> int:
+    """Mode of the files a build creates: ``0o666`` minus the umask (as ``open`` would make them)."""
+    return 0o666 & ~_umask()
+
+
+def _host() -> str:
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "host")[:64]
+    return host or "host"
+
+
+def safe_filename(name: str, default: str = "sample") -> str:
+    """``name`` made safe as one file name: no path separators, no leading dot, at most 120 characters.
+
+    Names come from inputs (``region_name`` of ``experiment.xenium``, the ``outs/`` folder name) and must never
+    lead a path outside the dataset (``../x``, ``/etc/x``). Every character other than letters, digits,
+    ``-``, ``_``, ``.`` and ``+`` becomes ``_``; leading dots and underscores are dropped.
+    """
+    s = re.sub(r"[^A-Za-z0-9._+-]", "_", str(name)).lstrip("._")[:120]
+    return s or default
+
+
+def temp_sibling(out: Path, kind: str) -> Path:
+    """Create a hidden, empty sibling directory of ``out`` for ``kind`` (one of :data:`TEMP_KINDS`).
+
+    Its name carries this process id and host, so a later build can tell a leftover of a killed build from the
+    work of a live one; its mode follows the umask (``mkdtemp`` alone makes ``0700``).
+    """
+    if kind not in TEMP_KINDS:
+        msg = f"temporary directory kind: expected one of {list(TEMP_KINDS)}, found {kind!r}"
+        raise ValueError(msg)
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-{_host()}-", dir=out.parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists (another user's) or cannot tell: leave it alone
+    return True
+
+
+def _siblings(out: Path) -> list[tuple[Path, str, int, str]]:
+    """``(path, kind, pid, host)`` of the temporary siblings of ``out`` (see :data:`TEMP_KINDS`)."""
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.({'|'.join(TEMP_KINDS)})-(\d+)-(.+)-[A-Za-z0-9_]+$")
+    found = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = pat.match(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found.append((p, m.group(1), int(m.group(2)), m.group(3)))
+    return found
+
+
+def _stale(out: Path) -> list[tuple[Path, str]]:
+    """The temporary siblings of ``out`` left by dead processes of this host."""
+    host = _host()
+    return [(p, kind) for p, kind, pid, h in _siblings(out) if h == host and pid != os.getpid() and not _pid_alive(pid)]
+
+
+def clean_stale_siblings(out: str | os.PathLike) -> list[Path]:
+    """Remove what killed builds of ``out`` left next to it; returns the removed paths.
+
+    A build killed between moving the previous dataset aside and moving the new one in leaves no ``out`` but a
+    complete ``.old-*`` sibling: that previous dataset is moved back to ``out`` (the interrupted build never
+    happened) instead of being deleted. Only siblings of processes that are dead on this host are touched.
+    """
+    out = Path(os.path.abspath(out))
+    removed = []
+    stale = _stale(out)
+    if not os.path.lexists(out):
+        for p, kind in stale:
+            if kind == "old" and (p / MANIFEST).is_file():
+                os.replace(p, out)
+                stale = [(q, k) for q, k in stale if q != p]
+                break
+    for p, _ in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _interrupted_hint(out: Path) -> str:
+    """A sentence naming leftovers of an interrupted build next to ``out``, or ``""``."""
+    sib = _siblings(Path(os.path.abspath(out)))
+    old = [p for p, kind, _, _ in sib if kind == "old" and (p / MANIFEST).is_file()]
+    if old:
+        return (f"; an interrupted replace left the previous dataset at {old[0]}: rename it back to {out.name} "
+                "(or rebuild; the next build of this path restores it)")
+    if sib:
+        return f"; {len(sib)} leftover(s) of an interrupted build lie next to it ({sib[0][0].name}): rebuild"
+    return ""
+
+
+def _is_hescape_manifest(path: Path) -> bool:
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and str(m.get("schema_version", "")).startswith("hescape-arrow/")
+
+
+def _within(a: Path, b: Path) -> bool:
+    """True when ``a`` is ``b`` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_output_location(out: str | os.PathLike, *, overwrite: bool = False,
+                          inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output path that cannot be written, or whose replacement would lose data; returns it absolute.
+
+    Checked before any input is read. Nothing is written here, except that leftovers of killed builds of the
+    same ``out`` are cleaned first (:func:`clean_stale_siblings`: a previous dataset left aside by an
+    interrupted replace is moved back, so it is never lost).
+
+    * ``out`` must not be, contain or lie inside any of ``inputs`` (a build never deletes or writes into its
+      own input);
+    * an existing ``out`` is replaced only with ``overwrite`` and only when it is a directory holding a HESCAPE
+      ``manifest.json``, or an empty directory (a project folder is never deleted); never a file or a symlink;
+    * a new ``out`` must not lie under a file, and its first existing parent must be a writable directory.
+
+    Raises
+    ------
+    FileExistsError
+        ``out`` exists and ``overwrite`` is false.
+    OutputLocationError
+        Any other refusal (one line: expected, found, fix).
+    """
+    raw = Path(out)
+    out = Path(os.path.abspath(raw))
+    if out.name in ("", ".", ".."):
+        msg = f"--out: expected a directory path ending in a name, found {str(raw)!r}; pass e.g. datasets/sample1"
+        raise OutputLocationError(msg)
+    real = out.resolve()
+    if os.path.isdir(out.parent):
+        clean_stale_siblings(out)
+    for inp in inputs:
+        if inp is None:
+            continue
+        r_in = Path(os.path.abspath(inp)).resolve()
+        if _within(real, r_in) or _within(r_in, real):
+            how = "is" if real == r_in else "lies inside" if _within(real, r_in) else "contains"
+            msg = (f"--out {out}: expected an output location apart from the inputs, found that it {how} the input "
+                   f"{r_in}; a build never writes into or replaces its own input: choose another --out")
+            raise OutputLocationError(msg)
+    if os.path.islink(out):
+        msg = (f"--out {out}: expected a directory, found a symbolic link (to {os.readlink(out)}); pass the real "
+               "path, or remove the link")
+        raise OutputLocationError(msg)
+    if out.exists():
+        if not out.is_dir():
+            msg = f"--out {out}: expected a dataset directory, found a file; choose another --out"
+            raise OutputLocationError(msg)
+        if not overwrite:
+            msg = f"output directory {out} already exists; choose another path or pass --overwrite"
+            raise FileExistsError(msg)
+        try:
+            empty = not any(out.iterdir())
+        except OSError as e:
+            msg = f"--out {out}: expected a readable directory to replace, found one that cannot be listed ({e})"
+            raise OutputLocationError(msg) from None
+        if not empty and not _is_hescape_manifest(out):
+            msg = (f"--out {out} --overwrite: expected a HESCAPE dataset (a directory with a HESCAPE "
+                   f"{MANIFEST}) or an empty directory, found a directory with other content; refusing to delete "
+                   "it: choose another --out, or delete it yourself if you mean it")
+            raise OutputLocationError(msg)
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        if os.path.lexists(parent):  # a dangling symlink
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        msg = f"--out {out}: expected a directory path, found that {parent} is a file, not a directory; choose another --out"
+        raise OutputLocationError(msg)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        msg = f"--out {out}: expected a writable parent directory, found {parent} not writable; choose another --out"
+        raise OutputLocationError(msg)
+    return out
+
+
 class DatasetWriter:
     """Write samples into a sharded dataset directory, atomically.
 
     Use as a context manager; the directory appears only when the ``with`` block exits cleanly::
 
-        with DatasetWriter(out, genes=..., gene_ids=...) as w:
+        with DatasetWriter(out, genes=..., gene_ids=..., inputs=[bundle]) as w:
             w.add(records, split="train")
+            qc_png = w.file_path("qc", "sample.png")  # extra files go in before the rename
+
+    Everything is written to a hidden sibling ``.<out>.tmp-<pid>-<host>-<random>``; on a clean exit it is moved
+    to ``out`` by ``rename``. With ``overwrite`` an existing dataset is replaced with no moment where ``out``
+    is half-written: the old one is renamed aside, the new one renamed in, then the old one deleted. Before
+    anything is written, :func:`check_output_location` refuses an ``out`` that is, contains or lies inside one
+    of ``inputs``, and an existing ``out`` that is neither a HESCAPE dataset nor empty. Leftovers of killed
+    builds of the same ``out`` are cleaned on entry (:func:`clean_stale_siblings`). Directories and files get
+    the modes the umask gives (a lab group can read a dataset when the umask lets it).
+
+    Parameters
+    ----------
+    out_dir
+        The dataset directory to create (or replace, with ``overwrite``).
+    genes, gene_ids
+        The gene panel of the ``gexp`` column (unique names).
+    rows_per_shard
+        Rows per shard file (at least 1).
+    overwrite
+        Replace an existing HESCAPE dataset (or empty directory) at ``out_dir``.
+    extra
+        Extra top-level keys of ``manifest.json``.
+    inputs
+        The files and folders the dataset is built from; ``out_dir`` may not be, contain or lie inside one.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, genes: list[str], gene_ids: list[str],
-                 rows_per_shard: int = 2048, overwrite: bool = False, extra: dict | None = None):
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            msg = f"output directory {self.out_dir} already exists; choose another path or pass overwrite=True"
-            raise FileExistsError(msg)
+                 rows_per_shard: int = 2048, overwrite: bool = False, extra: dict | None = None,
+                 inputs: Iterable[str | os.PathLike | None] = ()):
+        if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, (int, np.integer)) or rows_per_shard < 1:
+            msg = f"rows per shard: expected a whole number >= 1, found {rows_per_shard!r}; pass e.g. 2048"
+            raise HescapeDataError(msg)
         if len(genes) != len(set(genes)):
             dup = sorted({g for g in genes if genes.count(g) > 1})
             msg = f"gene names must be unique; found duplicates {dup[:10]}; deduplicate the panel first"
             raise DatasetFormatError(msg)
+        self.inputs = [i for i in inputs if i is not None]
+        self.overwrite = overwrite
+        self.out_dir = check_output_location(out_dir, overwrite=overwrite, inputs=self.inputs)
         self.genes, self.gene_ids = list(genes), list(gene_ids)
         self.schema = _schema(self.genes, self.gene_ids)
-        self.rows_per_shard = rows_per_shard
+        self.rows_per_shard = int(rows_per_shard)
         self.extra = extra or {}
         self._samples: list[dict] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._shard_files: list[str] = []
         self._tmp: Path | None = None
+        self._made_parents: list[Path] = []
 
     @property
     def samples(self) -> list[dict]:
         """The sample table written so far (name, donor, tissue, source, split, n_spots)."""
         return list(self._samples)
 
+    @property
+    def tmp_dir(self) -> Path:
+        """The temporary directory being written (inside the ``with`` block only); it becomes ``out_dir``."""
+        if self._tmp is None:
+            msg = "DatasetWriter.tmp_dir is only available inside the `with` block"
+            raise RuntimeError(msg)
+        return self._tmp
+
+    def file_path(self, *parts: str) -> Path:
+        """Path of an extra file (e.g. ``file_path("qc", name + ".png")``) inside the temporary directory.
+
+        Each part is made a safe file name (:func:`safe_filename`), so names taken from inputs cannot lead
+        outside the dataset; parent folders are created. The file moves with the dataset on the final rename,
+        so a failure while writing it leaves nothing behind. ``manifest.json`` and ``shard-*`` are reserved.
+        """
+        if not parts:
+            msg = "file_path: expected at least one path part"
+            raise ValueError(msg)
+        clean = [safe_filename(p, default="file") for p in parts]
+        if clean[0] == MANIFEST or clean[0].startswith("shard-"):
+            msg = f"file_path: {clean[0]!r} is reserved for the dataset's own files; choose another name"
+            raise ValueError(msg)
+        path = self.tmp_dir.joinpath(*clean)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def __enter__(self) -> DatasetWriter:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._made_parents = [p for p in reversed(self.out_dir.parents) if not p.exists()]
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            for p in self._made_parents:
+                os.chmod(p, dir_mode())
+            clean_stale_siblings(self.out_dir)
+            # the location may have changed since __init__ (another process; a restored interrupted replace)
+            check_output_location(self.out_dir, overwrite=self.overwrite, inputs=self.inputs)
+            self._tmp = temp_sibling(self.out_dir, "tmp")
+        except BaseException:
+            self._remove_made_parents()
+            raise
         return self
 
+    def _remove_made_parents(self) -> None:
+        for p in reversed(self._made_parents):  # the parents this writer created, deepest first, if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
     def add(self, rec: SpotRecords, *, split: str) -> None:
-        """Append the spots of one sample, assigned to ``split``."""
+        """Append the spots of one sample, assigned to ``split`` (``train``, ``val`` or ``test``)."""
+        if split not in SPLITS:
+            msg = f"sample {rec.name}: expected a split among {list(SPLITS)}, found {split!r}; use lower case"
+            raise HescapeDataError(msg)
+        if self._tmp is None:
+            msg = "DatasetWriter.add must be called inside the `with` block"
+            raise RuntimeError(msg)
         g = rec.gexp
         if g.ndim != 2 or g.shape[1] != len(self.genes):
             msg = f"sample {rec.name}: expected gexp of shape (spots, {len(self.genes)}), found {g.shape}"
             raise PanelMismatchError(msg)
         if not np.isfinite(g).all() or (g < 0).any():
             msg = f"sample {rec.name}: gene counts must be finite and >= 0; found NaN/inf or negative values"
+            raise DatasetFormatError(msg)
+        if any(s["name"] == rec.name for s in self._samples):
+            msg = f"sample {rec.name}: expected unique sample names in a dataset, found it twice; rename one"
             raise DatasetFormatError(msg)
         n = g.shape[0]
         if not (len(rec.images) == n == len(rec.coords_um) == len(rec.n_cells)):
@@ -182,7 +481,7 @@ class DatasetWriter:
             self._flush(self.rows_per_shard)
 
     def _flush(self, n_rows: int | None = None) -> None:
-        if not self._pending:
+        if not self._pending or self._pending_rows == 0:
             return
         table = pa.Table.from_batches(self._pending, schema=self.schema)
         n_rows = table.num_rows if n_rows is None else min(n_rows, table.num_rows)
@@ -194,59 +493,232 @@ class DatasetWriter:
         self._pending = rest.to_batches()
         self._pending_rows = rest.num_rows
 
+    def _finish(self) -> None:
+        self._flush()
+        n = len(self._shard_files)
+        if n == 0:
+            msg = f"dataset {self.out_dir}: expected at least one spot to write, found none; nothing was written"
+            raise DatasetFormatError(msg)
+        shards = []
+        for i, old in enumerate(self._shard_files):
+            new = f"shard-{i:05d}-of-{n:05d}.arrow"
+            os.replace(self._tmp / old, self._tmp / new)
+            with pa.memory_map(str(self._tmp / new)) as src:
+                rows = pa.ipc.open_stream(src).read_all().num_rows
+            _fsync(self._tmp / new)
+            shards.append({"file": new, "rows": rows, "sha256": _sha256(self._tmp / new)})
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "genes": self.genes,
+            "gene_ids": self.gene_ids,
+            "n_rows": sum(s["rows"] for s in shards),
+            "samples": self._samples,
+            "shards": shards,
+            **self.extra,
+        }
+        with open(self._tmp / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # replace with no gap: the old dataset is renamed aside, the new one renamed in, then the old one deleted
+        old_aside = None
+        if os.path.lexists(self.out_dir):
+            check_output_location(self.out_dir, overwrite=self.overwrite, inputs=self.inputs)
+            old_aside = temp_sibling(self.out_dir, "old")
+            os.replace(self.out_dir, old_aside)  # onto the empty placeholder directory
+        try:
+            os.replace(self._tmp, self.out_dir)
+        except BaseException:
+            if old_aside is not None:
+                os.replace(old_aside, self.out_dir)
+            raise
+        self._tmp = None
+        _fsync(self.out_dir.parent)
+        if old_aside is not None:
+            shutil.rmtree(old_aside, ignore_errors=True)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is not None:
-                return
-            self._flush()
-            n = len(self._shard_files)
-            shards = []
-            for i, old in enumerate(self._shard_files):
-                new = f"shard-{i:05d}-of-{n:05d}.arrow"
-                os.replace(self._tmp / old, self._tmp / new)
-                with pa.memory_map(str(self._tmp / new)) as src:
-                    rows = pa.ipc.open_stream(src).read_all().num_rows
-                shards.append({"file": new, "rows": rows, "sha256": _sha256(self._tmp / new)})
-            manifest = {
-                "schema_version": SCHEMA_VERSION,
-                "genes": self.genes,
-                "gene_ids": self.gene_ids,
-                "n_rows": sum(s["rows"] for s in shards),
-                "samples": self._samples,
-                "shards": shards,
-                **self.extra,
-            }
-            (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            if self.out_dir.exists():
-                shutil.rmtree(self.out_dir)
-            os.replace(self._tmp, self.out_dir)
-            self._tmp = None
+            if exc_type is None:
+                self._finish()
         finally:
-            if self._tmp is not None and self._tmp.exists():
+            if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+                self._remove_made_parents()
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """Read and check a dataset's ``manifest.json``."""
-    path = Path(path)
-    if not path.is_dir():
-        msg = (f"dataset directory {path} does not exist; build one with `hescape-train` (the default dataset) "
-               "or point data.path at a directory that holds manifest.json")
-        raise DatasetFormatError(msg)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        msg = f"{path} has no {MANIFEST}: it is not a HESCAPE dataset, or it was not written completely"
-        raise DatasetFormatError(msg)
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk (best effort: some file systems refuse it for directories)."""
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        msg = f"{mf} is not valid JSON ({e}); rebuild the dataset"
-        raise DatasetFormatError(msg) from None
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _bad(mf: Path, what: str) -> DatasetFormatError:
+    return DatasetFormatError(f"{mf}: {what}; the manifest is damaged or was edited by hand: rebuild the dataset")
+
+
+def _check_manifest(manifest: object, mf: Path) -> dict:
+    """Structural checks of a parsed manifest: required keys, types, and that its counts agree with each other."""
+    if not isinstance(manifest, dict):
+        raise _bad(mf, f"expected a JSON object, found a JSON {type(manifest).__name__}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         msg = (f"{mf}: expected schema_version {SCHEMA_VERSION!r}, found {manifest.get('schema_version')!r}; "
                "rebuild the dataset with this version of hescape-data")
         raise DatasetFormatError(msg)
+    missing = [k for k in ("genes", "n_rows", "samples", "shards") if k not in manifest]
+    if missing:
+        raise _bad(mf, f"expected the keys genes, n_rows, samples and shards, missing {missing}")
+    genes = manifest["genes"]
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) for g in genes):
+        raise _bad(mf, f"expected 'genes' to be a non-empty list of gene names, found {str(genes)[:60]}")
+    if len(set(genes)) != len(genes):
+        raise _bad(mf, f"expected unique gene names, found {len(genes) - len(set(genes))} duplicates")
+    gene_ids = manifest.get("gene_ids", [""] * len(genes))
+    if not isinstance(gene_ids, list) or len(gene_ids) != len(genes):
+        raise _bad(mf, f"expected 'gene_ids' to list one id per gene ({len(genes)}), found {str(gene_ids)[:60]}")
+    n_rows = manifest["n_rows"]
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
+        raise _bad(mf, f"expected 'n_rows' to be a whole number >= 0, found {n_rows!r}")
+    samples, shards = manifest["samples"], manifest["shards"]
+    if not isinstance(samples, list) or not samples:
+        raise _bad(mf, f"expected 'samples' to be a non-empty list, found {str(samples)[:60]}")
+    for s in samples:
+        ok = isinstance(s, dict) and all(isinstance(s.get(k), str) for k in ("name", "donor", "split")) \
+            and isinstance(s.get("n_spots"), int) and not isinstance(s.get("n_spots"), bool) and s["n_spots"] >= 0
+        if not ok:
+            raise _bad(mf, "expected every sample to have string name, donor and split and a whole n_spots, "
+                           f"found {str(s)[:80]}")
+    names = [s["name"] for s in samples]
+    if len(set(names)) != len(names):
+        raise _bad(mf, f"expected unique sample names, found {sorted({n for n in names if names.count(n) > 1})[:5]} "
+                       "more than once")
+    if not isinstance(shards, list) or not shards:
+        raise _bad(mf, f"expected 'shards' to list at least one shard file, found {str(shards)[:60]}")
+    for s in shards:
+        ok = isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("rows"), int) \
+            and not isinstance(s.get("rows"), bool) and s["rows"] >= 0
+        if not ok:
+            raise _bad(mf, f"expected every shard to have a string 'file' and a whole 'rows', found {str(s)[:80]}")
+        if s["file"] != Path(s["file"]).name or s["file"] in ("", ".", "..") or "\\" in s["file"]:
+            raise _bad(mf, f"expected shard files to be plain file names inside the dataset, found {s['file']!r}")
+    total = sum(s["rows"] for s in shards)
+    if total != n_rows:
+        raise _bad(mf, f"n_rows says {n_rows} rows, its shards list {total}")
+    spots = sum(s["n_spots"] for s in samples)
+    if spots != n_rows:
+        raise _bad(mf, f"n_rows says {n_rows} rows, its samples' n_spots add up to {spots}")
     return manifest
+
+
+def _gexp_width(path: Path) -> int | None:
+    """Values in the first row's ``gexp`` of a shard (None: no rows), reading only its schema and first batch."""
+    with pa.memory_map(str(path)) as src:
+        if src.read(6) == b"ARROW1":
+            src.seek(0)
+            reader = pa.ipc.open_file(src)
+            schema = reader.schema
+            batch = reader.get_batch(0) if reader.num_record_batches else None
+        else:
+            src.seek(0)
+            reader = pa.ipc.open_stream(src)
+            schema = reader.schema
+            try:
+                batch = reader.read_next_batch()
+                while batch.num_rows == 0:
+                    batch = reader.read_next_batch()
+            except StopIteration:
+                batch = None
+        missing = {"name", "image", "gexp"} - set(schema.names)
+        if missing:
+            msg = f"shard {path}: expected columns name, image and gexp, missing {sorted(missing)}; rebuild the dataset"
+            raise DatasetFormatError(msg)
+        if batch is None or batch.num_rows == 0:
+            return None
+        col = batch.column(schema.get_field_index("gexp")).slice(0, 1)
+        while pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            col = col.flatten()
+        return len(col)
+
+
+def check_shards(path: str | os.PathLike, manifest: dict) -> None:
+    """Cheap checks of a dataset's shards against its manifest (no full read, no checksum).
+
+    Every shard file exists and is not empty, has the ``name``/``image``/``gexp`` columns, and its first row's
+    ``gexp`` holds one value per manifest gene; a shard the manifest says has rows has at least one batch.
+    """
+    path = Path(path)
+    n_genes = len(manifest["genes"])
+    for s in manifest["shards"]:
+        f = path / s["file"]
+        if not f.is_file():
+            msg = f"shard {f} listed in the manifest is missing; the dataset is incomplete: rebuild it"
+            raise DatasetFormatError(msg)
+        if f.stat().st_size == 0:
+            msg = f"shard {f} is empty (0 bytes); the dataset is truncated: rebuild it"
+            raise DatasetFormatError(msg)
+        try:
+            width = _gexp_width(f)
+        except (OSError, pa.ArrowInvalid, IndexError) as e:
+            msg = f"shard {f} cannot be read ({e}); it is missing, truncated or corrupt: rebuild the dataset"
+            raise DatasetFormatError(msg) from None
+        if width is None and s["rows"] > 0:
+            msg = f"shard {f}: manifest says {s['rows']} rows, found none; rebuild the dataset"
+            raise DatasetFormatError(msg)
+        if width is not None and width != n_genes:
+            msg = (f"shard {f}: expected {n_genes} gexp values per row (one per manifest gene), found {width}; the "
+                   "manifest's gene list does not match the shards: rebuild the dataset")
+            raise PanelMismatchError(msg)
+
+
+def read_manifest(path: str | os.PathLike, *, check: bool = True) -> dict:
+    """Read and check a dataset's ``manifest.json``.
+
+    Parameters
+    ----------
+    path
+        The dataset directory.
+    check
+        Also run the cheap shard checks of :func:`check_shards` (files present and non-empty, ``gexp`` width
+        equal to the number of genes). The manifest itself is always checked: required keys and types, shard
+        rows adding up to ``n_rows``, samples' ``n_spots`` adding up to ``n_rows``.
+
+    Raises
+    ------
+    DatasetFormatError, PanelMismatchError
+        One line saying what is wrong and that the dataset should be rebuilt.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        msg = (f"dataset directory {path} does not exist; build one with `hescape-train` (the default dataset) "
+               f"or point data.path at a directory that holds manifest.json{_interrupted_hint(path)}")
+        raise DatasetFormatError(msg)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        msg = (f"{path} has no {MANIFEST}: it is not a HESCAPE dataset, or it was not written completely"
+               f"{_interrupted_hint(path)}")
+        raise DatasetFormatError(msg)
+    try:
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        msg = f"{mf} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); rebuild the dataset"
+        raise DatasetFormatError(msg) from None
+    except OSError as e:
+        msg = f"{mf} cannot be read ({e}); check its permissions"
+        raise DatasetFormatError(msg) from None
+    manifest = _check_manifest(manifest, mf)
+    if check:
+        check_shards(path, manifest)
+    return manifest
+
 
 
 def open_shard(path: Path, expected_rows: int | None = None) -> pa.Table:
@@ -272,19 +744,66 @@ def open_shard(path: Path, expected_rows: int | None = None) -> pa.Table:
 
 
 def verify_dataset(path: str | os.PathLike, *, checksums: bool = True) -> dict:
-    """Check every shard against the manifest (existence, rows, SHA-256). Returns the manifest."""
+    """Check every shard against the manifest; returns the manifest.
+
+    On top of :func:`read_manifest`'s checks, every shard is read in full: its row count, every row's ``gexp``
+    length (one value per gene), finite non-negative counts, and rows per sample equal to the manifest's
+    ``n_spots``; with ``checksums`` (default) also each shard's SHA-256.
+    """
+    import pyarrow.compute as pc
+
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, check=False)
+    n_genes = len(manifest["genes"])
+    if checksums:
+        for s in manifest["shards"]:
+            f = path / s["file"]
+            if not f.is_file():
+                msg = f"shard {f} listed in the manifest is missing; the dataset is incomplete: rebuild it"
+                raise DatasetFormatError(msg)
+            if not isinstance(s.get("sha256"), str):
+                msg = f"shard {f}: the manifest holds no SHA-256 to check it against; rebuild the dataset"
+                raise DatasetFormatError(msg)
+            if _sha256(f) != s["sha256"]:
+                msg = f"shard {f} does not match its SHA-256 in the manifest: it is corrupt; rebuild the dataset"
+                raise DatasetFormatError(msg)
+    check_shards(path, manifest)
+    rows_of: Counter = Counter()
     for s in manifest["shards"]:
         f = path / s["file"]
-        if not f.is_file():
-            msg = f"shard {f} listed in the manifest is missing; rebuild the dataset"
+        t = open_shard(f, s["rows"])
+        col = t.column("gexp")
+        if pa.types.is_list(col.type) and not pa.types.is_list(col.type.value_type) and t.num_rows:
+            lengths = pc.list_value_length(col)
+            if pc.min(lengths).as_py() != n_genes or pc.max(lengths).as_py() != n_genes:
+                msg = (f"shard {f}: expected {n_genes} gexp values in every row (one per gene), found rows of "
+                       f"{pc.min(lengths).as_py()} to {pc.max(lengths).as_py()}; rebuild the dataset")
+                raise PanelMismatchError(msg)
+        g = gexp_matrix(col, n_genes)
+        if not np.isfinite(g).all() or (g < 0).any():
+            msg = f"shard {f}: expected finite counts >= 0, found NaN/inf or negative values; rebuild the dataset"
             raise DatasetFormatError(msg)
-        if checksums and _sha256(f) != s["sha256"]:
-            msg = f"shard {f} does not match its SHA-256 in the manifest: it is corrupt; rebuild the dataset"
-            raise DatasetFormatError(msg)
-        open_shard(f, s["rows"])
+        rows_of.update(string_column(t, "name").tolist())
+    want = {s["name"]: s["n_spots"] for s in manifest["samples"]}
+    got = {str(k): v for k, v in rows_of.items()}
+    if got != {k: v for k, v in want.items() if v}:
+        bad = sorted(set(got) ^ {k for k, v in want.items() if v}) or \
+            sorted(k for k in got if got[k] != want.get(k))
+        msg = (f"{path}: expected the shards to hold each manifest sample's n_spots rows, found a mismatch for "
+               f"{bad[:5]}; rebuild the dataset")
+        raise DatasetFormatError(msg)
     return manifest
+
+
+def zero_gene_columns(path: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+    """The genes whose ``gexp`` column is zero in every row of the dataset (e.g. zero-filled panel genes)."""
+    path = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(path)
+    n_genes = len(manifest["genes"])
+    total = np.zeros(n_genes, dtype=np.float64)
+    for s in manifest["shards"]:
+        total += np.abs(gexp_matrix(open_shard(path / s["file"], s["rows"]).column("gexp"), n_genes)).sum(0)
+    return [g for g, v in zip(manifest["genes"], total, strict=True) if v == 0]
 
 
 def iter_split_names(manifest: dict, split: str | Iterable[str] | None) -> set[str]:
@@ -350,6 +869,7 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=path)
     try:
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the manifest is as readable as the shards
         with os.fdopen(fd, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()

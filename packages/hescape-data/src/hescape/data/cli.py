@@ -2,13 +2,16 @@
 
     hescape-data build xenium BUNDLE --out DIR [--he-image FILE --alignment CSV] [options]
     hescape-data build visium OUTS --image FILE|hires|lowres --out DIR [options]
+    hescape-data build visium-hd OUTS --image FILE|hires|lowres [--bin-size 8] --out DIR [options]
     hescape-data info DIR [--verify]
     hescape-data split DIR --preset PANEL [--match name|donor]   # the reference split of a HESCAPE panel
     hescape-data split DIR --by donor --val 1 --test 1 --seed 0  # whole donors at random
     hescape-data synth xenium DIR [--size-um 300]        # a synthetic bundle in the real file formats
 
 Input errors are reported on one line (what was expected, what was found, how to fix it) with exit code 2;
-datasets are written atomically, so a failed build leaves nothing behind.
+options and the output location are checked before any input is read; datasets are written atomically, so a
+failed or killed build leaves nothing behind (its hidden leftovers are removed by the next build of the same
+--out), and --overwrite replaces only a HESCAPE dataset, never an input or a folder of anything else.
 """
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ __all__ = ["main"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output dataset directory (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output dataset directory (must not exist; never an input or inside one)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing HESCAPE dataset (or empty folder) at --out, with no moment where it is "
+                        "half-written; any other folder is refused, never deleted")
     p.add_argument("--sample", help="sample name (default: from the input)")
     p.add_argument("--donor", help="donor (patient) id; default: the preset's patient for a reference HESCAPE sample "
                                    "id, else the sample name (then two sections of one patient become two donors)")
     p.add_argument("--tissue", help="tissue label")
-    p.add_argument("--source", help="source label (default: xenium / visium)")
-    p.add_argument("--split", default="train", help="split recorded in the manifest (default: train)")
+    p.add_argument("--source", help="source label (default: xenium / visium / visium-hd)")
+    p.add_argument("--split", default="train",
+                   help="split recorded in the manifest: train, val or test (default: train)")
     p.add_argument("--fov-um", type=float, help="patch field of view in µm (default: the geometry's, 112)")
     p.add_argument("--um-per-px", type=float,
                    help="patch pixel size in µm (default: the geometry's, 0.5 -> 224 px)")
@@ -51,7 +58,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="spot centres outside the H&E image: stop with an error (default) or drop them")
     p.add_argument("--allow-non-integer-counts", action="store_true",
                    help="accept fractional values in the count matrix (refused by default: raw counts expected)")
-    p.add_argument("--rows-per-shard", type=int, default=2048)
+    p.add_argument("--rows-per-shard", type=int, default=2048, help="rows per shard file, >= 1 (default 2048)")
     p.add_argument("--no-qc", action="store_true", help="skip the QC figure (qc/<sample>.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -67,7 +74,7 @@ def _add_geometry(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hescape-data", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="hescape-data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     build = sub.add_parser("build", help="build a dataset from one Xenium bundle or Space Ranger outs/")
     bsub = build.add_subparsers(dest="kind", required=True)
@@ -86,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--image", required=True, help="full-resolution image file, or 'hires' / 'lowres'")
     v.add_argument("--matrix", choices=["filtered", "raw"], default="filtered")
     _add_common(v)
+    hd = bsub.add_parser("visium-hd", help="Visium HD Space Ranger outs/ (binned_outputs) + full-resolution image; "
+                                           "bins pooled into pseudo-spots")
+    hd.add_argument("outs", type=Path, help="outs/ folder, its binned_outputs/ folder, or one square_XXXum folder")
+    hd.add_argument("--image", required=True, help="full-resolution image given to Space Ranger, or 'hires' / 'lowres'")
+    hd.add_argument("--bin-size", type=int, choices=[2, 8, 16],
+                    help="bin size (µm) to pool; default 8 (10x's analysis bin: ~31 bins per 55 µm spot)")
+    hd.add_argument("--matrix", choices=["filtered", "raw"], default="filtered")
+    _add_geometry(hd)
+    hd.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer bins (default 1)")
+    _add_common(hd)
     info = sub.add_parser("info", help="summarise a dataset directory")
     info.add_argument("path", type=Path)
     info.add_argument("--verify", action="store_true", help="also check every shard's SHA-256")
@@ -124,22 +141,60 @@ def _geometry(a):
                    fov_um=a.fov_um, um_per_px=a.um_per_px)
 
 
-def _build(a) -> int:
-    from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
+def _inputs(a) -> list[Path]:
+    """The files and folders a build reads (the output may not be, contain or lie inside any of them)."""
+    if a.kind == "xenium":
+        return [p for p in (a.bundle, a.he_image, a.alignment) if p is not None]
+    return [a.outs] + ([] if a.image is None or a.image in ("hires", "lowres") else [Path(a.image)])
 
+
+def _validate(a):
+    """Check every option and the output location before any input is read; returns (geometry, patch, spots)."""
+    from .arrow import check_output_location
+    from .ingest import PatchOptions, SpotOptions, check_build_options
+
+    for opt in ("sample", "donor", "tissue", "source"):
+        v = getattr(a, opt, None)
+        if v is not None and (not v.strip() or any(not c.isprintable() for c in v)):
+            msg = f"--{opt}: expected a non-empty printable name, found {v!r}"
+            raise HescapeDataError(msg)
     geometry = _geometry(a)
     patch = PatchOptions(min_tissue_fraction=a.min_tissue_fraction, outside_spots=a.outside_spots,
                          max_upsample=a.max_upsample)
+    spots = SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells) if a.kind in ("xenium", "visium-hd") else None
+    check_build_options(split=a.split, rows_per_shard=a.rows_per_shard, patch=patch, spots=spots,
+                        min_counts=a.min_counts, duplicate_genes=a.duplicate_genes, missing_genes=a.missing_genes,
+                        max_missing=a.max_missing, counts_from=getattr(a, "counts_from", "cells"),
+                        min_qv=getattr(a, "min_qv", 20.0), panel=a.panel)
+    check_output_location(a.out, overwrite=a.overwrite, inputs=_inputs(a))
+    return geometry, patch, spots
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings raised while building (e.g. a pixel-size cross-check off by more than 5 %), one line on stderr."""
+    print(f"hescape-data: warning: {message}", file=sys.stderr)
+
+
+def _build(a) -> int:
+    import warnings
+
+    from .ingest import SpotOptions, build_visium_dataset, build_visium_hd_dataset, build_xenium_dataset
+
+    warnings.showwarning = _print_warning
+    geometry, patch, spots = _validate(a)
     common = {"sample": a.sample, "donor": a.donor, "split": a.split, "panel": a.panel,
               "duplicate_genes": a.duplicate_genes, "missing_genes": a.missing_genes, "max_missing": a.max_missing,
               "allow_non_integer_counts": a.allow_non_integer_counts,
               "overwrite": a.overwrite, "progress": not a.quiet, "qc": not a.no_qc, "rows_per_shard": a.rows_per_shard,
               "patch": patch, "geometry": geometry}
     if a.kind == "xenium":
-        spots = SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells)
         out = build_xenium_dataset(a.bundle, a.out, he_image=a.he_image, alignment=a.alignment, tissue=a.tissue,
                                    counts_from=a.counts_from, min_qv=a.min_qv,
                                    source=a.source or "xenium", spots=spots, **common)
+    elif a.kind == "visium-hd":
+        out = build_visium_hd_dataset(a.outs, a.out, image=a.image, bin_size_um=a.bin_size, matrix=a.matrix,
+                                      tissue=a.tissue or "unknown", source=a.source or "visium-hd",
+                                      spots=SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells), **common)
     else:
         out = build_visium_dataset(a.outs, a.out, image=a.image, tissue=a.tissue or "unknown",
                                    source=a.source or "visium", matrix=a.matrix, min_counts=a.min_counts, **common)
@@ -148,18 +203,25 @@ def _build(a) -> int:
 
 
 def _info(path: Path, verify: bool) -> int:
-    from .arrow import read_manifest, verify_dataset
+    from .arrow import read_manifest, verify_dataset, zero_gene_columns
 
     m = verify_dataset(path) if verify else read_manifest(path)
+    zero = zero_gene_columns(path, m) if verify else []
     print(f"{path}: {m['n_rows']} spots, {len(m['genes'])} genes, {len(m['samples'])} samples, "
           f"{len(m['shards'])} shards{' (checksums OK)' if verify else ''}")
+    if zero:
+        filled = ((m.get("ingest") or {}).get("metadata") or {}).get("zero_filled_genes") or []
+        print(f"hescape-data: warning: {len(zero)} of {len(m['genes'])} gene columns are zero in every row"
+              f"{f' ({len(filled)} zero-filled at build)' if filled else ''}: {', '.join(zero[:20])}"
+              f"{', ...' if len(zero) > 20 else ''}; they carry no signal: check the panel matched the data",
+              file=sys.stderr)
     splits = Counter()
     for s in m["samples"]:
         splits[s["split"]] += s["n_spots"]
     print("splits: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
     for s in m["samples"]:
-        print(f"  {s['name']}: {s['n_spots']} spots, donor={s['donor']}, tissue={s['tissue']}, "
-              f"source={s['source']}, split={s['split']}")
+        print(f"  {s['name']}: {s['n_spots']} spots, donor={s['donor']}, tissue={s.get('tissue', 'unknown')}, "
+              f"source={s.get('source', 'unknown')}, split={s['split']}")
     qc = sorted((path / "qc").glob("*.png")) if (path / "qc").is_dir() else []
     if qc:
         print("qc figures: " + ", ".join(str(p) for p in qc))
@@ -199,9 +261,29 @@ def _synth(a) -> int:
     return 0
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (``hescape-data: error: ...``, exit code 2) like every other error."""
+
+    def error(self, message: str):
+        msg = f"{self.prog}: {message} (see {self.prog} --help)"
+        raise _UsageError(msg)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hescape-data`` console script; returns the exit code."""
-    a = _parser().parse_args(argv)
+    """Entry point of the ``hescape-data`` console script; returns the exit code.
+
+    Every input or usage error ends in one line on stderr, ``hescape-data: error: ...`` (expected, found, fix),
+    and exit code 2; nothing is written or deleted then.
+    """
+    try:
+        a = _parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"hescape-data: error: {e}", file=sys.stderr)
+        return 2
     try:
         if a.cmd == "build":
             return _build(a)
@@ -212,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return _synth(a)
     except (HescapeDataError, FileExistsError) as e:
         print(f"hescape-data: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (permissions, disk full, ...): one line, not a traceback
+        print(f"hescape-data: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; check the "
+              "paths, permissions and free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hescape-data: interrupted; nothing was written", file=sys.stderr)

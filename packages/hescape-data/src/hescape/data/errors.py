@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
-    "AlignmentError",
+    "AlignmentError", "OutputLocationError",
 ]
 
 
@@ -30,3 +30,7 @@ class InputFormatError(HescapeDataError):
 
 class AlignmentError(InputFormatError):
     """An image alignment matrix is unreadable, singular or not affine."""
+
+
+class OutputLocationError(HescapeDataError):
+    """An output path that may not be written or replaced (an input, a non-dataset folder, under a file, ...)."""

@@ -2,10 +2,13 @@
 
 One call = one sample (one bundle or one ``outs/`` folder) written with :class:`~hescape.data.arrow.DatasetWriter`
 (atomic: the output directory appears only when complete). Xenium cells are pooled into pseudo-spots laid out
-by a :class:`~hescape.data.geometry.SpotGeometry` (recorded in ``manifest.json``); Visium spots are used as they
-are. Each spot gets a µm-exact
+by a :class:`~hescape.data.geometry.SpotGeometry` (recorded in ``manifest.json``), and so are Visium HD bins
+(:func:`build_visium_hd_dataset`); Visium spots are used as they are. Each spot gets a µm-exact
 H&E patch (:mod:`hescape.data.patches`). A QC figure (spots over the H&E thumbnail, coloured by total counts)
-is written to ``<out>/qc/<sample>.png``.
+is written to ``<out>/qc/<sample>.png`` (the name made safe by :func:`~hescape.data.arrow.safe_filename`), inside
+the writer's temporary directory, so it appears with the dataset or not at all. Every builder checks its options
+(:func:`check_build_options`) and the output location (never an input, never a folder that is not a HESCAPE
+dataset) before it reads any input.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .arrow import DatasetWriter, SpotRecords, encode_png
+from .arrow import SPLITS, DatasetWriter, SpotRecords, check_output_location, encode_png, safe_filename
 from .errors import HescapeDataError, InputFormatError, PanelMismatchError
 from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
 from .panels import load_panel
@@ -29,7 +32,7 @@ from .readers.xenium import SpatialSample, read_transcripts, read_xenium
 from .splits import known_sample_donor
 
 __all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_dataset", "qc_figure",
-           "harmonise_genes", "pseudo_spots"]
+           "build_visium_hd_dataset", "harmonise_genes", "pseudo_spots", "check_build_options"]
 
 
 @dataclass(frozen=True)
@@ -178,8 +181,11 @@ def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, geometry: SpotGeometr
         msg = "expected cells to pool into pseudo-spots, found none"
         raise InputFormatError(msg)
     lo, hi = xy_um.min(0), xy_um.max(0)
-    spots = geometry.centres((lo[0], lo[1], hi[0], hi[1]))
+    # The lattice starts at the first point and runs one pitch past the last, so that points along the far edges
+    # still fall in a spot of a dense tiling; spots that hold no point are dropped by the count filters.
+    spots = geometry.centres((lo[0], lo[1], hi[0] + geometry.pitch_um, hi[1] + geometry.pitch_um))
     assign = geometry.assign(xy_um, spots)
+    spots, assign = spots[assign.getnnz(axis=1) > 0], assign[assign.getnnz(axis=1) > 0]
     pooled = pool_counts(assign, counts)
     n_cells = np.asarray(assign.sum(1)).ravel().astype(np.int32)
     return spots, pooled, n_cells
@@ -236,7 +242,7 @@ def check_resolution(sample: SpatialSample, geometry: SpotGeometry, patch: Patch
 
 def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_ids, donor, tissue, source, split,
            geometry: SpotGeometry, patch: PatchOptions, overwrite: bool, progress: bool, qc: bool,
-           rows_per_shard: int, extra: dict) -> Path:
+           rows_per_shard: int, extra: dict, inputs=()) -> Path:
     if len(spots_um) == 0:
         msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
                "lower --min-counts / --min-cells or check the input")
@@ -272,25 +278,74 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
                          "kept": int(keep.sum())}}
     spots_um, gexp, n_cells = spots_um[keep], gexp[keep], n_cells[keep]
     with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
-                       extra=extra) as w:
+                       extra=extra, inputs=inputs) as w:
         w.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
                           coords_um=spots_um, n_cells=n_cells,
                           meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px}),
               split=split)
-    if qc:
-        d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
-        qc_figure(out / "qc" / f"{sample.name}.png", sample, spots_um, gexp.sum(1), d_equal_area,
-                  title=f"{sample.name}: {len(spots_um)} spots ({geometry.name}), {len(genes)} genes")
-    return out
+        if qc:  # written inside the temporary directory: it appears with the dataset, or not at all
+            d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
+            qc_figure(w.file_path("qc", f"{safe_filename(sample.name)}.png"), sample, spots_um, gexp.sum(1),
+                      d_equal_area, title=f"{sample.name}: {len(spots_um)} spots ({geometry.name}), {len(genes)} genes")
+    return w.out_dir
 
 
-def _fresh_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail fast, before reading any input, when the output directory exists and may not be replaced."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        msg = f"output directory {out} already exists; choose another path or pass --overwrite"
-        raise FileExistsError(msg)
-    return out
+def _fresh_output(out: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """Fail fast, before reading any input, when the output location may not be written or replaced.
+
+    See :func:`~hescape.data.arrow.check_output_location`: ``out`` may not be, contain or lie inside an input;
+    an existing ``out`` is replaced only with ``overwrite`` and only when it is a HESCAPE dataset or empty.
+    """
+    return check_output_location(out, overwrite=overwrite, inputs=inputs)
+
+
+def _finite(name: str, v, lo: float | None = None, hi: float | None = None, *, integer: bool = False) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and np.isfinite(v)
+    ok = ok and (not integer or float(v) == int(v)) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else f" >= {lo:g}" if lo is not None else ""
+        msg = f"{name}: expected a finite {'whole ' if integer else ''}number{rng}, found {v!r}"
+        raise HescapeDataError(msg)
+
+
+def check_build_options(*, split: str = "train", rows_per_shard: int = 2048, patch: PatchOptions = PatchOptions(),
+                        spots: SpotOptions | None = None, min_counts: float | None = None,
+                        duplicate_genes: str = "error", missing_genes: str = "error", max_missing: float = 0.1,
+                        counts_from: str = "cells", min_qv: float = 20.0, panel: str | None = None) -> None:
+    """Refuse a bad build option before any input is read (one line: option, expected, found).
+
+    ``split`` must be ``train``, ``val`` or ``test`` exactly; ``rows_per_shard`` at least 1; fractions in
+    [0, 1]; thresholds finite and >= 0; choices among their values; ``panel`` a vendored panel.
+    """
+    if split not in SPLITS:
+        msg = f"--split: expected one of {list(SPLITS)} (lower case), found {split!r}"
+        raise HescapeDataError(msg)
+    if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, (int, np.integer)) or rows_per_shard < 1:
+        msg = f"--rows-per-shard: expected a whole number >= 1, found {rows_per_shard!r}; pass e.g. 2048"
+        raise HescapeDataError(msg)
+    _finite("--min-tissue-fraction", patch.min_tissue_fraction, 0.0, 1.0)
+    _finite("--max-upsample", patch.max_upsample, 1.0)
+    if patch.outside_spots not in ("error", "drop"):
+        msg = f"--outside-spots: expected 'error' or 'drop', found {patch.outside_spots!r}"
+        raise HescapeDataError(msg)
+    if spots is not None:
+        _finite("--min-counts", spots.min_counts, 0.0)
+        _finite("--min-cells", spots.min_cells, 0.0, integer=True)
+    if min_counts is not None:
+        _finite("--min-counts", min_counts, 0.0)
+    _finite("--max-missing", max_missing, 0.0, 1.0)
+    _finite("--min-qv", min_qv, 0.0)
+    for name, v, choices in (("--duplicate-genes", duplicate_genes, ("error", "sum")),
+                             ("--missing-genes", missing_genes, ("error", "zero")),
+                             ("--counts-from", counts_from, ("cells", "transcripts"))):
+        if v not in choices:
+            msg = f"{name}: expected one of {list(choices)}, found {v!r}"
+            raise HescapeDataError(msg)
+    if panel is not None:
+        load_panel(panel)
+    if counts_from == "transcripts" and (panel is not None or duplicate_genes != "error"):
+        msg = "--counts-from transcripts: expected the bundle's own genes, found --panel / --duplicate-genes; drop them"
+        raise HescapeDataError(msg)
 
 
 def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
@@ -313,7 +368,11 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
     (``n_cells`` still counts cell centroids in each spot).
     """
     geometry = get_geometry(geometry)
-    out = _fresh_output(out, overwrite)
+    check_build_options(split=split, rows_per_shard=rows_per_shard, patch=patch, spots=spots,
+                        duplicate_genes=duplicate_genes, missing_genes=missing_genes, max_missing=max_missing,
+                        counts_from=counts_from, min_qv=min_qv, panel=panel)
+    inputs = [bundle, he_image, alignment]
+    out = _fresh_output(out, overwrite, inputs)
     s = read_xenium(bundle, he_image=he_image, alignment=alignment, allow_non_integer_counts=allow_non_integer_counts)
     try:
         if sample:
@@ -340,7 +399,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
                       gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name,
                       tissue=tissue or str(s.metadata.get("panel_tissue_type") or "unknown"), source=source,
                       split=split, geometry=geometry, patch=patch, overwrite=overwrite,
-                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
+                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=inputs)
     finally:
         s.close()
 
@@ -367,7 +426,11 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
                f"{geometry.name!r} geometry ({geometry.shape} {geometry.diameter_um:g} µm, pitch {geometry.pitch_um:g}"
                " µm); spots cannot be re-pooled: use the 'visium' geometry (change only --fov-um / --um-per-px)")
         raise HescapeDataError(msg)
-    out = _fresh_output(out, overwrite)
+    check_build_options(split=split, rows_per_shard=rows_per_shard, patch=patch, min_counts=min_counts,
+                        duplicate_genes=duplicate_genes, missing_genes=missing_genes, max_missing=max_missing,
+                        panel=panel)
+    inputs = [outs] + ([] if image is None or str(image) in ("hires", "lowres") else [image])
+    out = _fresh_output(out, overwrite, inputs)
     s = read_visium(outs, image=image, matrix=matrix, allow_non_integer_counts=allow_non_integer_counts)
     try:
         if sample:
@@ -381,6 +444,73 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
         return _write(s, out, spots_um=s.xy_um[keep], gexp=gexp[keep], n_cells=np.full(int(keep.sum()), -1, np.int32),
                       genes=genes, gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue, source=source,
                       split=split, geometry=geometry, patch=patch, overwrite=overwrite,
+                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=inputs)
+    finally:
+        s.close()
+
+
+def build_visium_hd_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, image: str | os.PathLike | None,
+                            bin_size_um: int | None = None, sample: str | None = None, donor: str | None = None,
+                            tissue: str = "unknown", source: str = "visium-hd", split: str = "train",
+                            matrix: str = "filtered", geometry: SpotGeometry | str = "hescape",
+                            spots: SpotOptions = SpotOptions(), patch: PatchOptions = PatchOptions(),
+                            panel: str | None = None, duplicate_genes: str = "error", missing_genes: str = "error",
+                            max_missing: float = 0.1, allow_non_integer_counts: bool = False,
+                            overwrite: bool = False, progress: bool = True, qc: bool = True,
+                            rows_per_shard: int = 2048) -> Path:
+    """Pool a Visium HD output's bins into pseudo-spots, crop H&E patches, write a one-sample dataset at ``out``.
+
+    Bins are treated like Xenium cells: their centres (µm, pixel size measured from the bin lattice; see
+    :mod:`hescape.data.readers.visium_hd`) are pooled by sum into the spots of ``geometry`` (default
+    ``"hescape"``, the published HESCAPE dataset's 55 µm pseudo-spots) exactly as :func:`build_xenium_dataset`
+    pools cells. ``n_cells`` holds the number of bins pooled into each spot; ``spots.min_cells`` is a minimum
+    number of bins.
+
+    Parameters
+    ----------
+    outs
+        The Space Ranger ``outs/`` folder, its ``binned_outputs/`` folder, or one ``square_XXXum`` folder.
+    image
+        The full-resolution H&E image given to Space Ranger, or ``"hires"``/``"lowres"``.
+    bin_size_um
+        2, 8 or 16 µm (default 8: 10x's recommended analysis bin, ~31 bins per 55 µm spot).
+
+    Other parameters are those of :func:`build_xenium_dataset`. A geometry whose spot holds fewer than 16 bins
+    is accepted with a warning (the pooled area is quantised to whole bins).
+    """
+    import warnings
+
+    from .readers.visium_hd import read_visium_hd
+
+    geometry = get_geometry(geometry)
+    check_build_options(split=split, rows_per_shard=rows_per_shard, patch=patch, spots=spots,
+                        duplicate_genes=duplicate_genes, missing_genes=missing_genes, max_missing=max_missing,
+                        panel=panel)
+    inputs = [outs] + ([] if image is None or str(image) in ("hires", "lowres") else [image])
+    out = _fresh_output(out, overwrite, inputs)
+    s = read_visium_hd(outs, image=image, bin_size_um=bin_size_um, matrix=matrix,
+                       allow_non_integer_counts=allow_non_integer_counts)
+    try:
+        if sample:
+            s.name = sample
+        bin_um = float(s.metadata["bin_size_um"])
+        bins_per_spot = geometry.area_um2 / bin_um**2
+        if bins_per_spot < 16:
+            s.metadata["pooling_warning"] = (
+                f"sample {s.name}: a {geometry.name} spot ({geometry.area_um2:.0f} µm²) holds only "
+                f"{bins_per_spot:.1f} bins of {bin_um:g} µm, so its pooled area is quantised to whole bins; "
+                "choose a smaller --bin-size")
+            warnings.warn(s.metadata["pooling_warning"], UserWarning, stacklevel=2)
+        counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
+                                                  missing_genes=missing_genes, max_missing=max_missing)
+        centres, pooled, n_bins = pseudo_spots(s.xy_um, counts, geometry)
+        keep = (pooled.sum(1) >= spots.min_counts) & (n_bins >= spots.min_cells)
+        extra = {"ingest": {"kind": "visium-hd", "input": str(Path(outs).resolve()), "spots": asdict(spots),
+                            "bin_size_um": bin_um, "n_cells_counts": "bins", "patch": asdict(patch),
+                            "metadata": s.metadata, "panel": panel}}
+        return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_bins[keep], genes=genes,
+                      gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue,
+                      source=source, split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
     finally:
         s.close()

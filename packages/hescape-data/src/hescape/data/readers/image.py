@@ -7,6 +7,8 @@ with downsample ``(fx, fy)`` therefore has coordinates ``(x / fx, y / fy)`` of t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -14,7 +16,12 @@ import numpy as np
 
 from ..errors import InputFormatError
 
-__all__ = ["SlideImage", "ArrayImage", "TiffImage", "open_image"]
+__all__ = ["SlideImage", "ArrayImage", "TiffImage", "open_image", "check_not_blank", "MAX_ARRAY_IMAGE_PIXELS"]
+
+#: Largest PNG/JPEG (or other non-TIFF) image read into memory, in pixels: 1 gigapixel (3 GB as RGB), larger than
+#: any Visium full-resolution scan saved as PNG/JPEG. PIL's decompression-bomb check stays on; images above this
+#: are refused with a message (convert them to a tiled TIFF, which is read lazily tile by tile and has no limit).
+MAX_ARRAY_IMAGE_PIXELS = 1_000_000_000
 
 
 class SlideImage:
@@ -92,32 +99,58 @@ class ArrayImage(SlideImage):
         self.level_shapes = [self.array.shape[:2]]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> ArrayImage:
+    def from_file(cls, path: str | os.PathLike, max_pixels: int = MAX_ARRAY_IMAGE_PIXELS) -> ArrayImage:
+        """Read a PNG/JPEG (any format PIL reads) into memory; refuse one of more than ``max_pixels`` pixels."""
+        import warnings
+
         from PIL import Image
 
         path = Path(path)
         if not path.is_file():
             msg = f"expected an image file at {path}, found no such file"
             raise InputFormatError(msg)
+        too_big = (f"{path}: expected an image of at most {max_pixels:,} pixels to read into memory, found a larger "
+                   "one (or a file claiming to be); convert it to a tiled (pyramidal) TIFF, which is read lazily")
         old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # whole-slide images are legitimately huge
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's decompression-bomb check, at our documented limit
         try:
-            with Image.open(path) as im:
-                if im.mode not in ("RGB", "RGBA"):
-                    msg = (f"{path}: expected an RGB(A) image, found mode {im.mode!r} "
-                           f"({'grayscale' if im.mode in ('L', 'I', 'I;16', 'F') else 'other'}); "
-                           "H&E patches need a colour image")
-                    raise InputFormatError(msg)
-                arr = np.asarray(im)
-        except OSError as e:
-            msg = f"{path}: expected a PNG/JPEG/TIFF image, found a file PIL cannot read ({e})"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    w, h = im.size
+                    mode = im.mode
+                    if w * h <= max_pixels and mode in ("RGB", "RGBA"):
+                        arr = np.asarray(im)
+        except Image.DecompressionBombError:
+            raise InputFormatError(too_big) from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+            msg = f"{path}: expected a PNG/JPEG/TIFF image, found a file PIL cannot read ({str(e)[:100]})"
             raise InputFormatError(msg) from None
         finally:
             Image.MAX_IMAGE_PIXELS = old
+        if w * h > max_pixels:
+            raise InputFormatError(too_big)
+        if mode not in ("RGB", "RGBA"):
+            msg = (f"{path}: expected an RGB(A) image, found mode {mode!r} "
+                   f"({'grayscale' if mode in ('L', 'I', 'I;16', 'F') else 'other'}); "
+                   "H&E patches need a colour image")
+            raise InputFormatError(msg)
         return cls(arr, name=str(path))
 
     def _read(self, level, r0, r1, c0, c1):
         return self.array[r0:r1, c0:c1]
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Silence tifffile's log messages while a file is parsed (damage is reported by our own one-line errors)."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class TiffImage(SlideImage):
@@ -137,11 +170,24 @@ class TiffImage(SlideImage):
             msg = f"expected a TIFF image at {path}, found no such file"
             raise InputFormatError(msg)
         try:
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
-        except (tifffile.TiffFileError, IndexError, ValueError, OSError) as e:
-            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({e})"
+            with _quiet_tifffile():  # its warnings about a damaged file would add lines to our one-line error
+                self._tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError, TypeError) as e:
+            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({str(e)[:100]})"
             raise InputFormatError(msg) from None
+        try:
+            with _quiet_tifffile():
+                self._open(path)
+        except InputFormatError:
+            self._tif.close()
+            raise
+        except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+            self._tif.close()
+            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({str(e)[:100]})"
+            raise InputFormatError(msg) from None
+
+    def _open(self, path: Path) -> None:
+        series = self._tif.series[0]
         axes, shape = series.axes, series.shape
         kept = [(a, n) for a, n in zip(axes, shape, strict=True) if n != 1 or a in "YX"]
         k_axes = "".join(a for a, _ in kept)
@@ -151,21 +197,31 @@ class TiffImage(SlideImage):
         elif k_axes in ("CYX", "SYX") and k_shape[0] in (3, 4):
             self._planar = True
         else:
-            self._tif.close()
             msg = (f"{path}: expected an RGB H&E image with axes YXS (S=3|4) or CYX (C=3|4), found axes "
                    f"{axes!r} with shape {shape}; export the H&E image as 8-bit RGB")
             raise InputFormatError(msg)
         if series.dtype != np.uint8:
-            self._tif.close()
             msg = f"{path}: expected 8-bit RGB, found dtype {series.dtype}; export the H&E image as 8-bit RGB"
             raise InputFormatError(msg)
         self._levels = []
         self.level_shapes = []
+        size = path.stat().st_size
         for lvl in series.levels:
             ax = lvl.axes
             shp = dict(zip(ax, lvl.shape, strict=True))
+            pages = list(lvl.pages)
+            if not pages or any(pg is None for pg in pages):
+                msg = f"{path}: expected every pyramid level to have its image pages, found some missing; the file is truncated"
+                raise InputFormatError(msg)
+            for pg in pages:  # a truncated file: tiles/strips that end beyond the end of the file
+                offs = np.asarray(pg.dataoffsets, dtype=np.int64)
+                counts = np.asarray(pg.databytecounts, dtype=np.int64)
+                if len(offs) != len(counts) or (len(offs) and int((offs + counts).max()) > size):
+                    msg = (f"{path}: expected every image tile inside the file ({size:,} bytes), found tiles that end "
+                           f"beyond it; the file is truncated (an interrupted copy or download?): copy it again")
+                    raise InputFormatError(msg)
             self.level_shapes.append((int(shp["Y"]), int(shp["X"])))
-            self._levels.append(list(lvl.pages))
+            self._levels.append(pages)
 
     def close(self) -> None:
         self._tif.close()
@@ -201,10 +257,15 @@ class TiffImage(SlideImage):
             with fh.lock:
                 fh.seek(offset)
                 data = fh.read(count)
-            seg, (_s, _d, y, x, _c), shape = decode(data, idx, **kwargs)
-            if seg is None:
-                continue
-            seg = np.asarray(seg).reshape(shape)[0]  # (rows, cols, contig)
+            try:
+                seg, (_s, _d, y, x, _c), shape = decode(data, idx, **kwargs)
+                if seg is None:
+                    continue
+                seg = np.asarray(seg).reshape(shape)[0]  # (rows, cols, contig)
+            except Exception as e:  # noqa: BLE001 - codecs raise many types; each becomes one clear line
+                msg = (f"{self.name}: expected decodable image tiles, found tile {idx} of a {length}×{width} level "
+                       f"damaged ({type(e).__name__}: {str(e)[:80]}); the file is corrupt: copy or export it again")
+                raise InputFormatError(msg) from None
             ys, ye = max(y, r0), min(y + seg.shape[0], r1)
             xs, xe = max(x, c0), min(x + seg.shape[1], c1)
             if ye > ys and xe > xs:
@@ -220,6 +281,19 @@ class TiffImage(SlideImage):
         else:
             reg = np.stack([self._page_region(p, r0, r1, c0, c1)[0, ..., 0] for p in pages[:3]], axis=-1)
         return reg[..., :3]
+
+
+def check_not_blank(img: SlideImage, path: str | os.PathLike) -> None:
+    """Refuse a uniform image (a placeholder, an all-white export, a failed scan): no tissue to cut patches from.
+
+    Looks at a thumbnail of at most 256 px: fewer than 3 grey levels between its darkest and lightest pixel.
+    The image is not closed here.
+    """
+    thumb, _ = img.thumbnail(256)
+    if thumb.size and int(thumb.max()) - int(thumb.min()) < 3:
+        msg = (f"{path}: expected a tissue image, found a uniform one (all pixels ≈ {int(thumb.mean())}); it is a "
+               "placeholder or a failed export: pass the real H&E image")
+        raise InputFormatError(msg)
 
 
 def open_image(path: str | os.PathLike) -> SlideImage:

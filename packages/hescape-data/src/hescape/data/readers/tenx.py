@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,19 @@ def read_json(path: Path, missing_hint: str) -> dict:
         msg = f"expected {path}, found no such file; {missing_hint}"
         raise InputFormatError(msg)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        msg = f"{path}: expected JSON, found invalid content ({e})"
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        msg = (f"{path}: expected JSON, found invalid content ({type(e).__name__}: {str(e)[:100]}); the file is "
+               "damaged: take it from the original output folder")
         raise InputFormatError(msg) from None
+    except OSError as e:
+        msg = f"{path}: expected a readable JSON file, found one that cannot be read ({e}); check its permissions"
+        raise InputFormatError(msg) from None
+    if not isinstance(obj, dict):
+        msg = (f"{path}: expected a JSON object ({{\"key\": value, ...}}), found a JSON {type(obj).__name__}; "
+               "the file is damaged or not a 10x output file: take it from the original output folder")
+        raise InputFormatError(msg)
+    return obj
 
 
 def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> FeatureMatrix:
@@ -94,17 +104,35 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
                    "re-export with Cell Ranger/Space Ranger >= 3 or XOA")
             raise InputFormatError(msg)
         g = fh["matrix"]
-        data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
-        n_feat, n_bc = (int(v) for v in g["shape"][:])
-        barcodes = _str(g["barcodes"][:])
-        ids, names = _str(g["features/id"][:]), _str(g["features/name"][:])
-        types = _str(g["features/feature_type"][:])
+        try:
+            data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
+            shape = np.asarray(g["shape"][:])
+            barcodes = _str(g["barcodes"][:])
+            ids, names = _str(g["features/id"][:]), _str(g["features/name"][:])
+            types = _str(g["features/feature_type"][:])
+        except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+            msg = f"{path}: expected a readable 10x HDF5 matrix, found damaged datasets ({str(e)[:100]}); the file is corrupt"
+            raise InputFormatError(msg) from None
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 0).any():
+        msg = f"{path}: expected matrix/shape to be 2 whole numbers (features, barcodes), found {shape.tolist()!r}"
+        raise InputFormatError(msg)
+    n_feat, n_bc = (int(v) for v in shape)
+    for name, arr, kinds in (("data", data, "iuf"), ("indices", indices, "iu"), ("indptr", indptr, "iu")):
+        if arr.ndim != 1 or arr.dtype.kind not in kinds:
+            msg = (f"{path}: expected matrix/{name} to be a 1-D {'numeric' if kinds == 'iuf' else 'integer'} array, "
+                   f"found dtype {arr.dtype} with shape {arr.shape}; the file is corrupt")
+            raise InputFormatError(msg)
     if len(indptr) != n_bc + 1 or len(barcodes) != n_bc or not (len(ids) == len(names) == len(types) == n_feat):
         msg = (f"{path}: shape says {n_feat} features × {n_bc} barcodes, found indptr of length {len(indptr)}, "
                f"{len(barcodes)} barcodes and {len(ids)} features; the file is corrupt")
         raise InputFormatError(msg)
     if len(indices) != len(data) or (len(indices) and (indices.min() < 0 or indices.max() >= n_feat)):
         msg = f"{path}: feature indices out of range or not aligned with data; the file is corrupt"
+        raise InputFormatError(msg)
+    if indptr[0] != 0 or indptr[-1] != len(data) or (np.diff(indptr.astype(np.int64)) < 0).any():
+        msg = (f"{path}: expected matrix/indptr to rise from 0 to {len(data)} (the number of stored values) without "
+               f"decreasing, found {int(indptr[0])} … {int(indptr[-1])}"
+               f"{' with decreasing steps' if (np.diff(indptr.astype(np.int64)) < 0).any() else ''}; the file is corrupt")
         raise InputFormatError(msg)
     check_counts(data, str(path), allow_non_integer=allow_non_integer)
     counts = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int64), indptr.astype(np.int64)),
@@ -115,6 +143,16 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
 
 def _open_text(path: Path):
     return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)  # noqa: SIM115
+
+
+def _read_tsv(path: Path) -> list[list[str]]:
+    """The non-blank lines of a (gzipped) tab-separated file, split; a damaged file is one clear error."""
+    try:
+        with _open_text(path) as fh:
+            return [ln.rstrip("\n").split("\t") for ln in fh if ln.strip()]
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        msg = f"{path}: expected a (gzipped) tab-separated text file, found unreadable content ({str(e)[:100]})"
+        raise InputFormatError(msg) from None
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -131,10 +169,8 @@ def read_10x_mex(folder: str | os.PathLike, *, allow_non_integer: bool = False) 
     if not folder.is_dir():
         msg = f"expected a 10x MEX folder at {folder}, found no such directory"
         raise InputFormatError(msg)
-    with _open_text(_find(folder, "barcodes.tsv")) as fh:
-        barcodes = np.array([ln.rstrip("\n").split("\t")[0] for ln in fh if ln.strip()], dtype=object)
-    with _open_text(_find(folder, "features.tsv")) as fh:
-        rows = [ln.rstrip("\n").split("\t") for ln in fh if ln.strip()]
+    barcodes = np.array([r[0] for r in _read_tsv(_find(folder, "barcodes.tsv"))], dtype=object)
+    rows = _read_tsv(_find(folder, "features.tsv"))
     if any(len(r) < 3 for r in rows):
         msg = f"{folder}/features.tsv: expected 3 tab-separated columns (id, name, type), found fewer"
         raise InputFormatError(msg)
@@ -145,8 +181,8 @@ def read_10x_mex(folder: str | os.PathLike, *, allow_non_integer: bool = False) 
     try:
         with (gzip.open(mtx, "rb") if mtx.suffix == ".gz" else open(mtx, "rb")) as fh:  # noqa: SIM115
             m = sp.coo_matrix(scipy.io.mmread(fh))
-    except (ValueError, OSError) as e:
-        msg = f"{mtx}: expected a Matrix Market file, found unreadable content ({e})"
+    except (ValueError, OSError, EOFError, zlib.error, UnicodeDecodeError, IndexError) as e:
+        msg = f"{mtx}: expected a Matrix Market file, found unreadable content ({str(e)[:100]}); the file is corrupt"
         raise InputFormatError(msg) from None
     if m.shape != (len(ids), len(barcodes)):
         msg = (f"{mtx}: expected {len(ids)} features × {len(barcodes)} barcodes (from the tsv files), "

@@ -1,20 +1,33 @@
 """Read a Space Ranger (Visium) ``outs/`` folder.
 
-Files used (see the formats fact sheet): ``filtered_feature_bc_matrix.h5`` (or ``raw_…``, or the MEX folder),
+Files used (see the formats fact sheet §2): ``filtered_feature_bc_matrix.h5`` (or ``raw_…``, or the MEX folder),
 ``spatial/tissue_positions.csv`` (Space Ranger ≥ 2, with a header) or ``spatial/tissue_positions_list.csv``
 (< 2, no header); both are ``barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres``;
 ``spatial/scalefactors_json.json`` and an image.
 
-Coordinates: the full-resolution pixel size is ``55 µm / spot_diameter_fullres`` (Visium spots are 55 µm
-across). Tissue µm are full-resolution pixels times that size, with x = ``pxl_col_in_fullres`` and
+Pixel size: measured from the spot lattice. Visium spots are 55 µm discs 100 µm centre to centre on a hexagonal
+("orange crate") array: in one ``array_row``, spots two ``array_col`` apart are 100 µm apart, and adjacent rows
+are 100·√3/2 µm apart (10x Visium spec; HEST ``inter_spot_dist=100.``). A robust affine fit of the pixel
+positions against ``(array_col, array_row)`` (:func:`~hescape.data.readers.spaceranger.fit_lattice`, over every
+row of the positions file) gives µm per full-resolution pixel. ``spot_diameter_fullres`` is *not* the 55 µm
+spot: Space Ranger defines it as the pixel diameter of a theoretical 65 µm spot, so ``65 / spot_diameter_fullres``
+is only recorded as a cross-check (a warning above 5 % disagreement; real outputs disagree by a few per cent).
+The old rule ``55 / spot_diameter_fullres`` was 18 % too small (65/55).
+
+Tissue µm are full-resolution pixels times that size, with x = ``pxl_col_in_fullres`` and
 y = ``pxl_row_in_fullres``. The image is the user's full-resolution image (not part of ``outs/``), or the
 ``hires`` / ``lowres`` PNG with ``tissue_{hires,lowres}_scalef`` (full-res px → that image's px).
+
+Visium HD outputs (bins, not spots) are refused here with a pointer to ``hescape-data build visium-hd``
+(:mod:`hescape.data.readers.visium_hd`): a ``binned_outputs/`` folder, ``tissue_positions.parquet``,
+``bin_size_um``/``microns_per_pixel`` in the scale factors, ``s_008um_…`` barcodes, or a square lattice.
 """
 
 from __future__ import annotations
 
-import csv
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +35,55 @@ import numpy as np
 from ..errors import InputFormatError
 from ..patches import scale_matrix
 from .image import ArrayImage, SlideImage, open_image
+from .spaceranger import HD_HINT, LatticeFit, SpotPositions, fit_lattice, read_positions_file
 from .tenx import read_10x_matrix, read_json
 from .xenium import SpatialSample
 
-__all__ = ["VISIUM_SPOT_DIAMETER_UM", "read_visium", "read_positions", "read_scalefactors"]
+__all__ = ["VISIUM_SPOT_DIAMETER_UM", "VISIUM_PITCH_UM", "SPOT_DIAMETER_FULLRES_UM", "read_visium",
+           "read_positions", "read_scalefactors", "visium_lattice"]
 
+#: Diameter of a Visium capture spot, µm (10x Visium spec; HEST ``spot_diameter=55.``).
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Centre-to-centre distance of neighbouring Visium spots, µm (10x Visium spec; HEST ``inter_spot_dist=100.``).
+VISIUM_PITCH_UM = 100.0
+#: The spot that ``spot_diameter_fullres`` measures: "a theoretical 65 µm spot" (Space Ranger output docs).
+SPOT_DIAMETER_FULLRES_UM = 65.0
+#: Warn when the lattice and ``65 / spot_diameter_fullres`` disagree by more than this fraction.
+SCALE_WARN_FRACTION = 0.05
+#: Refuse when they disagree by more than this fraction (pitch nowhere near 100 µm: bins, or another run's files).
+SCALE_REFUSE_FRACTION = 0.25
+#: Refuse when µm/px along array columns and across rows differ by more than this fraction (not a hex lattice).
+ANISOTROPY_REFUSE_FRACTION = 0.10
 
 
-def read_positions(spatial: Path) -> tuple[Path, dict[str, tuple[int, float, float]]]:
-    """``barcode -> (in_tissue, pxl_col, pxl_row)`` from ``tissue_positions.csv`` or ``tissue_positions_list.csv``."""
+def _hd_refusal(where, found: str) -> InputFormatError:
+    return InputFormatError(f"{where}: expected a Visium (55 µm spot) Space Ranger output, found {found}, "
+                            f"which is Visium HD: {HD_HINT}")
+
+
+def refuse_visium_hd(outs: Path) -> None:
+    """Refuse a Visium HD output (or one converted from it) given to the Visium spot reader, in one line."""
+    spatial = outs / "spatial"
+    if (outs / "binned_outputs").is_dir():
+        raise _hd_refusal(outs, "a binned_outputs/ folder")
+    if outs.name.startswith("square_") and outs.name.endswith("um"):
+        raise _hd_refusal(outs, f"a bin folder ({outs.name})")
+    if (spatial / "tissue_positions.parquet").is_file():
+        raise _hd_refusal(outs, "spatial/tissue_positions.parquet")
+    sf_path = spatial / "scalefactors_json.json"
+    if sf_path.is_file():
+        sf = read_json(sf_path, "point at the Space Ranger outs/ folder")
+        hd_keys = [k for k in ("bin_size_um", "microns_per_pixel") if isinstance(sf, dict) and k in sf]
+        if hd_keys:
+            raise _hd_refusal(sf_path, f"the bin keys {hd_keys}")
+
+
+def read_positions(spatial: Path) -> tuple[Path, SpotPositions]:
+    """The positions file in ``spatial/`` (``tissue_positions.csv`` or ``tissue_positions_list.csv``) as arrays.
+
+    Every column is kept (``barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres``);
+    a barcode listed twice is refused.
+    """
     for name in ("tissue_positions.csv", "tissue_positions_list.csv"):
         path = spatial / name
         if path.is_file():
@@ -40,31 +92,76 @@ def read_positions(spatial: Path) -> tuple[Path, dict[str, tuple[int, float, flo
         msg = (f"expected spatial/tissue_positions.csv or spatial/tissue_positions_list.csv in {spatial.parent}, "
                "found neither; point at the Space Ranger outs/ folder")
         raise InputFormatError(msg)
-    out: dict[str, tuple[int, float, float]] = {}
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.reader(fh)):
-            if not row or (i == 0 and row[0].strip() == "barcode"):
-                continue
-            if len(row) < 6:
-                msg = (f"{path}, line {i + 1}: expected 6 columns (barcode, in_tissue, array_row, array_col, "
-                       f"pxl_row_in_fullres, pxl_col_in_fullres), found {len(row)}")
-                raise InputFormatError(msg)
-            try:
-                out[row[0]] = (int(row[1]), float(row[5]), float(row[4]))
-            except ValueError:
-                msg = f"{path}, line {i + 1}: expected numbers in columns 2–6, found {row[1:6]}"
-                raise InputFormatError(msg) from None
-    return path, out
+    return path, read_positions_file(path)
 
 
 def read_scalefactors(spatial: Path) -> dict:
+    """``spatial/scalefactors_json.json``; ``spot_diameter_fullres`` must be a positive number."""
     path = spatial / "scalefactors_json.json"
     sf = read_json(path, "point at the Space Ranger outs/ folder")
+    if not isinstance(sf, dict):
+        msg = f"{path}: expected a JSON object of scale factors, found a {type(sf).__name__}"
+        raise InputFormatError(msg)
     d = sf.get("spot_diameter_fullres")
-    if not isinstance(d, (int, float)) or not d > 0:
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not d > 0:
         msg = f"{path}: expected a positive 'spot_diameter_fullres', found {d!r}"
         raise InputFormatError(msg)
     return sf
+
+
+def visium_lattice(pos: SpotPositions) -> LatticeFit:
+    """The Visium spot lattice fitted to ``pos``; refuses lattices that are not Visium's.
+
+    Raises
+    ------
+    InputFormatError
+        Swapped pixel columns (the array appears transposed: mirrored, with ``array_col`` running down the
+        image), a square lattice (Visium HD bins) or any other shape than the 100 µm hexagonal array.
+    """
+    where = pos.path
+    fit = fit_lattice(pos.array_col, pos.array_row, pos.xy_px,
+                      step_um=(VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2), probe=(2, 2),
+                      pitch_um=VISIUM_PITCH_UM, where=str(where))
+    a = fit.matrix[:, :2]
+    if abs(math.log(fit.anisotropy)) > math.log(1 + ANISOTROPY_REFUSE_FRACTION) or abs(fit.skew_deg) > 5:
+        shape = ("a square lattice, as Visium HD bins" if abs(fit.anisotropy - math.sqrt(3)) < 0.15 * math.sqrt(3)
+                 else "another lattice")
+        msg = (f"{where}: expected Visium's hexagonal spot array (100 µm between neighbours in a row and across "
+               f"rows), found {shape} (µm/px along rows / across rows = {fit.anisotropy:.3f}, axes skewed by "
+               f"{fit.skew_deg:.1f}°); if this is Visium HD, {HD_HINT}; otherwise the positions file is damaged")
+        raise InputFormatError(msg)
+    if fit.mirrored and abs(a[1, 0]) > abs(a[0, 0]):
+        msg = (f"{where}: expected pxl_row_in_fullres in column 5 and pxl_col_in_fullres in column 6, found them "
+               "swapped (array_col runs down the image and the array appears mirrored, i.e. transposed); put the "
+               "columns back in Space Ranger's order (or, if the image really is transposed, transpose the image)")
+        raise InputFormatError(msg)
+    return fit
+
+
+def visium_um_per_px(fit: LatticeFit, sf: dict, where) -> tuple[float, dict]:
+    """µm per full-resolution pixel (the lattice's) and the cross-check record; warns or refuses on disagreement.
+
+    The record holds ``um_per_fullres_px`` (lattice), ``um_per_fullres_px_spot_diameter`` (65 /
+    ``spot_diameter_fullres``), their relative difference and, when it exceeds 5 %, the warning text.
+    """
+    check = SPOT_DIAMETER_FULLRES_UM / float(sf["spot_diameter_fullres"])
+    diff = check / fit.um_per_px - 1.0
+    rec = {"um_per_fullres_px": fit.um_per_px, "um_per_fullres_px_source": "spot lattice (100 µm pitch)",
+           "um_per_fullres_px_spot_diameter": check, "scale_disagreement": round(diff, 6),
+           "lattice": fit.to_dict()}
+    if abs(math.log(1 + diff)) > math.log(1 + SCALE_REFUSE_FRACTION):
+        msg = (f"{where}: expected spots 100 µm apart at 65 µm per spot_diameter_fullres "
+               f"({float(sf['spot_diameter_fullres']):.4g} px), found them {VISIUM_PITCH_UM * (1 + diff):.0f} µm "
+               f"apart at that scale (lattice {fit.um_per_px:.4g} µm/px vs {check:.4g}); scale factors and positions "
+               f"come from different runs, or this is Visium HD: {HD_HINT}")
+        raise InputFormatError(msg)
+    if abs(diff) > SCALE_WARN_FRACTION:
+        rec["scale_warning"] = (
+            f"{where}: the spot lattice gives {fit.um_per_px:.4g} µm per full-resolution pixel, 65 / "
+            f"spot_diameter_fullres gives {check:.4g} ({diff:+.1%}); using the lattice (spots are 100 µm apart by "
+            "design)")
+        warnings.warn(rec["scale_warning"], UserWarning, stacklevel=3)
+    return fit.um_per_px, rec
 
 
 def _find_matrix(outs: Path, which: str) -> Path:
@@ -93,6 +190,17 @@ def _load_image(outs: Path, image: str | os.PathLike, sf: dict, um_per_fullres_p
     return img, scale_matrix(scale / um_per_fullres_px), path
 
 
+def check_fullres_extent(img: SlideImage, path: Path, xy_px: np.ndarray) -> None:
+    """Refuse a downsampled image passed as the full-resolution one (spot positions beyond its extent)."""
+    h, w = img.shape
+    if xy_px[:, 0].max() > w * 1.02 or xy_px[:, 1].max() > h * 1.02:
+        img.close()
+        msg = (f"{path}: expected the full-resolution image (spots reach x={xy_px[:, 0].max():.0f}, "
+               f"y={xy_px[:, 1].max():.0f} px), found a {w}×{h} image; pass the image given to Space Ranger, "
+               "or --image hires/lowres")
+        raise InputFormatError(msg)
+
+
 def _check_not_blank(img: SlideImage, path: Path) -> None:
     thumb, _ = img.thumbnail(256)
     if thumb.size and int(thumb.max()) - int(thumb.min()) < 3:
@@ -118,33 +226,28 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
         msg = ("no image given: expected the full-resolution H&E image (--image FILE) or 'hires'/'lowres' "
                "for the PNGs in spatial/; found none")
         raise InputFormatError(msg)
+    refuse_visium_hd(outs)
     spatial = outs / "spatial"
     pos_path, positions = read_positions(spatial)
     sf = read_scalefactors(spatial)
-    um_per_px = VISIUM_SPOT_DIAMETER_UM / float(sf["spot_diameter_fullres"])
+    um_per_px, scale = visium_um_per_px(visium_lattice(positions), sf, pos_path)
     fm = read_10x_matrix(_find_matrix(outs, matrix), allow_non_integer=allow_non_integer_counts).gene_expression()
     barcodes = fm.barcodes.tolist()
-    unknown = [b for b in barcodes if b not in positions]
+    row_of = positions.index_of(barcodes)
+    unknown = [b for b, r in zip(barcodes, row_of.tolist(), strict=True) if r < 0]
     if unknown:
         msg = (f"{outs}: expected every matrix barcode in {pos_path.name}, found {len(unknown)} missing "
                f"(e.g. {unknown[:3]}); matrix and spatial/ must come from the same Space Ranger run")
         raise InputFormatError(msg)
-    keep = np.array([positions[b][0] == 1 for b in barcodes], dtype=bool) if in_tissue_only else \
-        np.ones(len(barcodes), dtype=bool)
+    keep = positions.in_tissue[row_of] == 1 if in_tissue_only else np.ones(len(barcodes), dtype=bool)
     if not keep.any():
         msg = f"{outs}: expected in-tissue spots (in_tissue = 1) among the matrix barcodes, found none"
         raise InputFormatError(msg)
     idx = np.flatnonzero(keep)
-    xy_px = np.array([positions[barcodes[i]][1:] for i in idx], dtype=np.float64)
+    xy_px = positions.xy_px[row_of[idx]]
     img, um_to_px, img_path = _load_image(outs, image, sf, um_per_px)
     if str(image) not in ("hires", "lowres"):
-        h, w = img.shape
-        if xy_px[:, 0].max() > w * 1.02 or xy_px[:, 1].max() > h * 1.02:
-            img.close()
-            msg = (f"{img_path}: expected the full-resolution image (spots reach x={xy_px[:, 0].max():.0f}, "
-                   f"y={xy_px[:, 1].max():.0f} px), found a {w}×{h} image; pass the image given to Space Ranger, "
-                   "or --image hires/lowres")
-            raise InputFormatError(msg)
+        check_fullres_extent(img, img_path, xy_px)
     _check_not_blank(img, img_path)
     return SpatialSample(
         name=outs.name if outs.name != "outs" else outs.parent.name,
@@ -157,6 +260,5 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
         um_to_px=um_to_px,
         kind="spots",
         spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
-        metadata={"um_per_fullres_px": um_per_px, "image": str(img_path), "scalefactors": sf,
-                  "positions": str(pos_path)},
+        metadata={**scale, "image": str(img_path), "scalefactors": sf, "positions": str(pos_path)},
     )

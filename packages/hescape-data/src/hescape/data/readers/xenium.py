@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from ..errors import AlignmentError, InputFormatError
 from ..patches import check_affine, scale_matrix
-from .image import SlideImage, TiffImage
+from .image import SlideImage, TiffImage, check_not_blank
 from .tenx import read_10x_h5, read_10x_mex, read_json
 
 __all__ = ["SpatialSample", "read_xenium", "read_alignment", "find_he_files", "read_transcripts"]
@@ -55,7 +55,7 @@ def _read_experiment(bundle: Path) -> dict:
     f = bundle / "experiment.xenium"
     exp = read_json(f, "point at the XOA output folder (the one holding experiment.xenium and cells.parquet)")
     ps = exp.get("pixel_size")
-    if not isinstance(ps, (int, float)) or not np.isfinite(ps) or ps <= 0:
+    if isinstance(ps, bool) or not isinstance(ps, (int, float)) or not np.isfinite(ps) or ps <= 0:
         msg = f"{f}: expected a positive number 'pixel_size' (µm per morphology pixel, e.g. 0.2125), found {ps!r}"
         raise InputFormatError(msg)
     return exp
@@ -89,9 +89,19 @@ def _read_cells(bundle: Path):
     if missing:
         msg = f"{path}: expected columns {cols}, missing {missing} (found {table.column_names})"
         raise InputFormatError(msg)
+    for c in cols[1:]:
+        t = table.column(c).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+            msg = (f"{path}: expected numeric µm values in column {c!r}, found type {t}; the table is damaged: "
+                   "take cells.parquet / cells.csv.gz from the original XOA output")
+            raise InputFormatError(msg)
+    if table.column("cell_id").null_count:
+        msg = f"{path}: expected a cell_id in every row, found {table.column('cell_id').null_count} empty ones"
+        raise InputFormatError(msg)
     raw = table.column("cell_id").to_pylist()
-    ids = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in raw], dtype=object)
-    xy = np.column_stack([np.asarray(table.column(c).to_numpy(), dtype=np.float64) for c in cols[1:]])
+    ids = np.array([v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in raw], dtype=object)
+    xy = np.column_stack([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
+                          for c in cols[1:]])
     if not np.isfinite(xy).all():
         msg = f"{path}: expected finite cell centroids, found {int((~np.isfinite(xy)).any(1).sum())} cells with NaN/inf"
         raise InputFormatError(msg)
@@ -117,8 +127,12 @@ def read_alignment(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         msg = f"expected an H&E alignment CSV at {path}, found no such file"
         raise AlignmentError(msg)
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        msg = f"{path}: expected a CSV text file (3×3 matrix or keypoints), found unreadable content ({str(e)[:80]})"
+        raise AlignmentError(msg) from None
     if rows and "fixedX" in [c.strip() for c in rows[0]]:
         head = [c.strip() for c in rows[0]]
         need = ["fixedX", "fixedY", "alignmentX", "alignmentY"]
@@ -221,9 +235,51 @@ def read_xenium(bundle: str | os.PathLike, *, he_image: str | os.PathLike | None
     he_to_morph = read_alignment(aln_path)
     sample.image = TiffImage(img_path)
     sample.um_to_px = np.linalg.inv(he_to_morph) @ scale_matrix(1.0 / pixel_size)
+    try:
+        check_not_blank(sample.image, img_path)
+        check_cell_extent(sample, pixel_size, bundle / "experiment.xenium")
+    except InputFormatError:
+        sample.close()
+        raise
     sample.metadata.update(he_image=str(img_path), alignment=str(aln_path),
                            he_um_per_px=float(pixel_size * np.sqrt(abs(np.linalg.det(he_to_morph[:2, :2])))))
     return sample
+
+
+#: The cells must span at least this fraction of the H&E image's width or height (see :func:`check_cell_extent`).
+MIN_CELL_EXTENT = 0.15
+#: At least this fraction of the cells must fall inside the H&E image.
+MIN_CELLS_INSIDE = 0.10
+
+
+def check_cell_extent(sample: SpatialSample, pixel_size: float, where: Path) -> None:
+    """Refuse a ``pixel_size`` (or alignment) under which the cells cannot lie on the H&E image as a section does.
+
+    A post-Xenium H&E image is a scan of the section, so the cells span most of it (typically 50–95 % of each
+    side; the synthetic bundles about 90 %). A wrong ``pixel_size`` scales the cells' extent on the image by
+    (true / stated): a section spanning less than :data:`MIN_CELL_EXTENT` (15 %) of both the width and the height
+    means a pixel size off by about 5× or more (nm written as µm, the pixel size of another pyramid level, ...),
+    while a genuinely small section on a large scan rarely spans less than that of both sides. The opposite
+    error spreads the cells beyond the image: fewer than :data:`MIN_CELLS_INSIDE` (10 %) of them inside it is
+    refused too (partial H&E coverage is fine above that).
+    """
+    h, w = sample.image.shape
+    px = (sample.um_to_px @ np.column_stack([sample.xy_um, np.ones(len(sample.xy_um))]).T)[:2].T
+    if not len(px):
+        return
+    span = px.max(0) - px.min(0)
+    frac = max(span[0] / w, span[1] / h)
+    inside = float(((px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)).mean())
+    if frac < MIN_CELL_EXTENT:
+        msg = (f"{where}: expected the cells to span a section-sized part of the {w}×{h} px H&E image (at least "
+               f"{MIN_CELL_EXTENT:.0%} of its width or height), found {frac:.1%} with pixel_size {pixel_size:g} µm; "
+               "pixel_size (µm per morphology pixel, 0.2125 for Xenium) or the alignment CSV is wrong: fix it")
+        raise InputFormatError(msg)
+    if inside < MIN_CELLS_INSIDE:
+        msg = (f"{where}: expected the H&E image to cover the cells, found {inside:.1%} of them on the {w}×{h} px "
+               f"image with pixel_size {pixel_size:g} µm; pixel_size (µm per morphology pixel, 0.2125 for Xenium) "
+               "or the alignment CSV is wrong: fix it")
+        raise InputFormatError(msg)
 
 
 def read_transcripts(bundle: str | os.PathLike, genes: list[str], *, min_qv: float = 20.0):
