@@ -321,8 +321,8 @@ CASES: list[Case] = [
     C("bad-choice", lambda c: _x(c, "--grid", "triangle"), "invalid choice"),
     # ---- experiment.xenium
     C("experiment-is-a-json-array", lambda c: _exp(c, lambda d: [d]), "expected a JSON object"),
-    C("experiment-not-json", lambda c: _aln_free_exp_text(c, "{pixel_size: 0.2125"), "expected JSON"),
-    C("experiment-not-utf8", lambda c: _aln_free_exp_bytes(c, b"\xff\xfe\x00garbage"), "expected JSON"),
+    C("experiment-not-json", lambda c: _exp_text(c, "{pixel_size: 0.2125"), "expected JSON"),
+    C("experiment-not-utf8", lambda c: _exp_bytes(c, b"\xff\xfe\x00garbage"), "expected JSON"),
     C("experiment-missing", lambda c: _x(c, bundle=_rm(c.xenium(), "experiment.xenium")), "no such file"),
     C("pixel-size-string", lambda c: _exp(c, _set("pixel_size", "0.2125")), "'pixel_size'"),
     C("pixel-size-bool", lambda c: _exp(c, _set("pixel_size", True)), "'pixel_size'"),
@@ -440,6 +440,10 @@ CASES: list[Case] = [
       "at most 1,000,000,000 pixels"),
     C("visium-image-bomb-3.6-gigapixels", lambda c: _lowres(c, lambda p: _png_claiming(p, 60_000, 60_000)),
       "at most 1,000,000,000 pixels"),
+    C("visium-hd-rows-per-shard-0", lambda c: ["build", "visium-hd", str(c.visium()), "--image", "lowres", "--out",
+                                               c.out, "--rows-per-shard", "0"], "--rows-per-shard"),
+    C("visium-hd-out-is-the-input", lambda c: ["build", "visium-hd", str(c.visium()), "--image", "lowres", "--out",
+                                               str(c.root / "outs"), "--overwrite"], "is the input"),
     C("visium-outs-missing", lambda c: ["build", "visium", str(c.root / "outs"), "--image", "lowres", "--out", c.out],
       "no such directory"),
     # ---- damaged datasets: info / info --verify / split
@@ -541,13 +545,13 @@ def _trunc(root: Path, rel: str, frac: float) -> Path:
     return root
 
 
-def _aln_free_exp_text(ctx: Ctx, text: str) -> list[str]:
+def _exp_text(ctx: Ctx, text: str) -> list[str]:
     b = ctx.xenium()
     (b / "experiment.xenium").write_text(text)
     return _x(ctx, bundle=b)
 
 
-def _aln_free_exp_bytes(ctx: Ctx, data: bytes) -> list[str]:
+def _exp_bytes(ctx: Ctx, data: bytes) -> list[str]:
     b = ctx.xenium()
     (b / "experiment.xenium").write_bytes(data)
     return _x(ctx, bundle=b)

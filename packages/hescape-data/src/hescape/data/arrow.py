@@ -133,7 +133,15 @@ SPLITS = ("train", "val", "test")
 
 
 def _umask() -> int:
-    """The process umask (read without changing it for longer than two system calls)."""
+    """The process umask: from ``/proc/self/status`` where there is one (no change of state), else by setting
+    and restoring it (two system calls)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     old = os.umask(0o022)
     os.umask(old)
     return old

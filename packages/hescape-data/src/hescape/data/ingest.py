@@ -511,6 +511,6 @@ def build_visium_hd_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, 
         return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_bins[keep], genes=genes,
                       gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue,
                       source=source, split=split, geometry=geometry, patch=patch, overwrite=overwrite,
-                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra)
+                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=inputs)
     finally:
         s.close()
