@@ -150,8 +150,8 @@ def _inputs(a) -> list[Path]:
 
 def _validate(a):
     """Check every option and the output location before any input is read; returns (geometry, patch, spots)."""
-    from .arrow import check_output_location
     from .ingest import PatchOptions, SpotOptions, check_build_options
+    from .outputs import check_output_location
 
     for opt in ("sample", "donor", "tissue", "source"):
         v = getattr(a, opt, None)

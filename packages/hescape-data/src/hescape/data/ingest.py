@@ -5,7 +5,7 @@ One call = one sample (one bundle or one ``outs/`` folder) written with :class:`
 by a :class:`~hescape.data.geometry.SpotGeometry` (recorded in ``manifest.json``), and so are Visium HD bins
 (:func:`build_visium_hd_dataset`); Visium spots are used as they are. Each spot gets a µm-exact
 H&E patch (:mod:`hescape.data.patches`). A QC figure (spots over the H&E thumbnail, coloured by total counts)
-is written to ``<out>/qc/<sample>.png`` (the name made safe by :func:`~hescape.data.arrow.safe_filename`), inside
+is written to ``<out>/qc/<sample>.png`` (the name made safe by :func:`~hescape.data.outputs.safe_filename`), inside
 the writer's temporary directory, so it appears with the dataset or not at all. Every builder checks its options
 (:func:`check_build_options`) and the output location (never an input, never a folder that is not a HESCAPE
 dataset) before it reads any input.
@@ -21,9 +21,10 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .arrow import SPLITS, DatasetWriter, SpotRecords, check_output_location, encode_png, safe_filename
+from .arrow import SPLITS, DatasetWriter, SpotRecords, encode_png
 from .errors import HescapeDataError, InputFormatError, PanelMismatchError
 from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
+from .outputs import check_output_location, safe_filename
 from .panels import load_panel
 from .patches import extract_patches, um_per_px
 from .pseudospots import pool_counts
@@ -293,7 +294,7 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
 def _fresh_output(out: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
     """Fail fast, before reading any input, when the output location may not be written or replaced.
 
-    See :func:`~hescape.data.arrow.check_output_location`: ``out`` may not be, contain or lie inside an input;
+    See :func:`~hescape.data.outputs.check_output_location`: ``out`` may not be, contain or lie inside an input;
     an existing ``out`` is replaced only with ``overwrite`` and only when it is a HESCAPE dataset or empty.
     """
     return check_output_location(out, overwrite=overwrite, inputs=inputs)
