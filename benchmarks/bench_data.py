@@ -3,11 +3,12 @@
 Run: ``uv run pytest benchmarks/bench_data.py --benchmark-enable`` (not collected by the default run; ~2-3 min).
 
 * **pool**: 500,000 cells × 5,001 genes (~200 non-zeros per cell, scipy CSR, ~0.8 GB) pooled into 55 µm
-  pseudo-spots on a 100 µm hex grid. ``hescape`` = :func:`assign_cells` + :func:`pool_counts`; ``pandas`` =
-  the exploded long table (cell, gene, count) merged with the (spot, cell) pairs, then ``groupby([spot,
-  gene]).sum()``. Both start from the same matrix; the pandas path reuses our cell→spot pairs, so it is timed
-  on pooling only. Peak memory = rise of the process's resident high-water mark (``VmHWM``, reset through
-  ``/proc/self/clear_refs``) during the call, against the CSR input's size. Targets: < 20 s, ≤ 2× input.
+  pseudo-spots on a 100 µm hex grid (``get_geometry("visium")``). ``hescape`` = ``SpotGeometry.assign`` +
+  :func:`pool_counts`; ``pandas`` = the exploded long table (cell, gene, count) merged with the (spot, cell)
+  pairs, then ``groupby([spot, gene]).sum()``. Both start from the same matrix; the pandas path reuses our
+  cell→spot pairs, so it is timed on pooling only. Peak memory = rise of the process's resident high-water
+  mark (``VmHWM``, reset through ``/proc/self/clear_refs``) during the call, against the CSR input's size.
+  Targets: < 20 s, ≤ 2× input.
 * **patches**: 224-px patches (112 µm at 0.5 µm/px) from a 20,000 × 20,000 px JPEG-tiled pyramidal OME-TIFF
   at 0.2738 µm/px, rotated 23°, through :func:`extract_patches` (patches/s).
 * **read**: one epoch over 2,048 rows (224-px PNG, 5,001 genes, 4 shards), ``DataLoader(batch_size=64,
@@ -106,15 +107,17 @@ def _pandas_pool(assignment: sp.csr_matrix, counts: sp.csr_matrix) -> np.ndarray
 
 @pytest.mark.parametrize("provider", ["hescape", "pandas"])
 def test_pool(benchmark, cells, provider):
-    from hescape.data import assign_cells, pool_counts, spot_grid
+    from hescape.data import pool_counts
+    from hescape.data.geometry import get_geometry
 
     xy, counts, side = cells
-    spots = spot_grid((0, 0, side, side), pitch_um=100.0, kind="hex")
+    geo = get_geometry("visium")  # 55 µm discs on a 100 µm hex lattice
+    spots = geo.centres((0, 0, side, side))
     if provider == "hescape":
         def run():
-            return pool_counts(assign_cells(xy, spots, diameter_um=55.0), counts)
+            return pool_counts(geo.assign(xy, spots), counts)
     else:
-        assignment = _RES["_assignment"] if "_assignment" in _RES else assign_cells(xy, spots, diameter_um=55.0)
+        assignment = _RES["_assignment"] if "_assignment" in _RES else geo.assign(xy, spots)
 
         def run():
             return _pandas_pool(assignment, counts)
@@ -123,7 +126,7 @@ def test_pool(benchmark, cells, provider):
     _RES[f"pool_{provider}_s"] = dt
     _RES[f"pool_{provider}_mem"] = rise / _nbytes(counts)
     if provider == "hescape":
-        _RES["_assignment"] = assign_cells(xy, spots, diameter_um=55.0)
+        _RES["_assignment"] = geo.assign(xy, spots)
         _RES["_pooled"] = out
         _RES["pool_spots"] = out.shape[0]
         _RES["pool_input_gb"] = _nbytes(counts) / 1e9

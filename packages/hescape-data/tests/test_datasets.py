@@ -21,8 +21,11 @@ from hescape.data import (
     verify_dataset,
 )
 from hescape.data.arrow import encode_png
+from hescape.data.geometry import get_geometry
 
-TINY = SyntheticConfig(sample_size_um=300.0, n_donors=3, pixel_size_um=2.0, spot_pitch_um=50.0)
+#: HESCAPE hexagons, 112 µm patches stored at the generator's 2 µm/px (56 px)
+TINY = SyntheticConfig(sample_size_um=300.0, n_donors=3, pixel_size_um=2.0,
+                       geometry=get_geometry("hescape").with_(um_per_px=2.0))
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,15 @@ def test_manifest_and_donor_splits(tiny_ds):
     assert {s["split"] for s in m["samples"]} == {"train", "val", "test"}
     check_no_donor_leakage(m["samples"])
     assert len(m["genes"]) == 280 and m["genes"][0] == "ABCC11" and m["gene_ids"][0].startswith("ENSG")
+    # the one donor-split function of the package decides the synthetic splits
+    from hescape.data import donor_split_assignment
+
+    assert {s["name"]: s["split"] for s in m["samples"]} == donor_split_assignment(m["samples"], seed=TINY.seed)
+    # the spot geometry is recorded: 55 µm hexagons, 112 µm patches of 56 px
+    geo = m["geometry"]
+    assert (geo["shape"], geo["diameter_um"], geo["fov_um"], geo["um_per_px"], geo["patch_px"]) == (
+        "hexagon", 55.0, 112.0, 2.0, 56)
+    assert PairedSpotDataset(tiny_ds)[0]["image"].shape == (3, 56, 56)
 
 
 def test_round_trip(tmp_path):

@@ -34,6 +34,9 @@ def test_train_end_to_end(tiny_dataset, tmp_path, capsys):
     n = res["i2g_n"]
     assert res["i2g_R@5_chance"] == pytest.approx(5 / n) and 0 <= res["g2i_R@1"] <= 1
     assert "image → gene" in out and "(chance)" in out and f"{n} spots" in out
+    # the colour-statistics probe on the same split, beside the model
+    assert 0 <= res["i2g_R@5_probe"] <= 1 and 0 <= res["g2i_R@5_probe"] <= 1
+    assert "image → gene: colour probe" in out and "× the colour probe" in out
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert len(ckpt["genes"]) == 280 and ckpt["model_cfg"]["gene"]["n_genes"] == 280
 

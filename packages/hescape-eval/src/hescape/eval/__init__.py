@@ -3,6 +3,7 @@
 Exact Recall@k over the full gallery (one or several positives per query), mean/median rank, with
 chance levels. Ranks come from a fused C++ (AVX2) or CUDA kernel when the compiled extension is
 present, else from a blockwise torch fallback; :func:`compute_ranks` reports which ran.
+:mod:`hescape.eval.baselines` has the colour-statistics probe to report beside a model (needs scikit-learn).
 """
 
 from ._backend import BACKENDS, RankResult, available_backends, compute_ranks, has_cpp_ext, has_cuda_ext

@@ -24,6 +24,7 @@ class DataConfig:
     gene_transform: str = "log1p"  # raw-count transform: log1p | normalize_total_log1p | identity
     augment: bool = True  # random flips and 90° rotations of training patches
     stain_jitter: float = 0.1  # sd of the per-patch, per-channel optical-density scale (0 disables; needs augment)
+    hed_jitter: float = 0.4  # sd of the per-patch log haematoxylin / eosin amount (HED augmentation; 0 disables)
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -52,13 +53,14 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)  # dataset options
     model: ModelConfig = field(default_factory=ModelConfig)  # model options
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser options
-    epochs: int = 14  # passes over the training split
-    batch_size: int = 128  # spots per step (per process)
+    epochs: int = 16  # passes over the training split
+    batch_size: int = 64  # spots per step (per process)
     seed: int = 0  # seed of model init, sampling and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"  # parent directory of run directories
     run_name: str | None = None  # run directory name; empty = timestamp
     recall_ks: tuple[int, ...] = (1, 5, 10)  # k values of the Recall@k table
+    probe: bool = True  # also rank the test split with the colour-statistics probe (hescape.eval.baselines)
     progress: bool = True  # show progress bars
 
 

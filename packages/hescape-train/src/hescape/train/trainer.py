@@ -16,6 +16,7 @@ import torch
 from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, get_gene_transform, read_manifest
 from hescape.data.errors import HescapeDataError
 from hescape.eval import retrieval_metrics
+from hescape.eval.baselines import colour_statistics, ridge_probe
 from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_loss, create_model
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ class RunResult:
     test: dict  # {"i2g": RetrievalResult, "g2i": RetrievalResult}
     best_epoch: int
     wall_s: float
+    probe: dict | None = None  # the colour-statistics probe on the same split (same keys), if computed
 
 
 def seed_everything(seed: int) -> None:
@@ -54,17 +56,41 @@ def _device(name: str) -> torch.device:
         raise HescapeConfigError(msg) from None
 
 
-def _augment(images: torch.Tensor, gen: torch.Generator, stain_jitter: float = 0.0) -> torch.Tensor:
-    """Random flip and 90° rotation per patch (H&E has no preferred orientation), and optionally a stain
-    jitter: each patch's per-channel optical density scaled by ``1 + stain_jitter · N(0, 1)``.
+# Haematoxylin, eosin and residual optical-density vectors (rows; Ruifrok & Johnston, Anal Quant Cytol Histol
+# 2001), the residual orthogonal to both: OD (RGB) = concentrations @ _HED_TO_OD.
+_H = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)
+_E = torch.tensor([0.07, 0.99, 0.11], dtype=torch.float64)
+_R = torch.linalg.cross(_H, _E)
+_HED_TO_OD = torch.stack([_H / _H.norm(), _E / _E.norm(), _R / _R.norm()])
+_OD_TO_HED = torch.linalg.inv(_HED_TO_OD)
+_HED_TO_OD, _OD_TO_HED = _HED_TO_OD.float(), _OD_TO_HED.float()
 
-    Returns float images in [0, 1] when the stain jitter is on, else the input dtype.
+
+def _augment(images: torch.Tensor, gen: torch.Generator, stain_jitter: float = 0.0,
+             hed_jitter: float = 0.0) -> torch.Tensor:
+    """Random flip and 90° rotation per patch (H&E has no preferred orientation), and optionally stain
+    augmentation in optical density (OD = -ln I):
+
+    * ``hed_jitter``: colour deconvolution of each patch into haematoxylin and eosin amounts (Ruifrok & Johnston
+      vectors), each scaled by ``exp(hed_jitter · N(0, 1))`` per patch, then recomposed (HED augmentation,
+      Tellez et al., IEEE TMI 2018);
+    * ``stain_jitter``: each patch's per-channel OD scaled by ``1 + stain_jitter · N(0, 1)``.
+
+    ``images``: ``(B, 3, H, W)`` uint8 or float in [0, 1]. Returns float images in [0, 1] when a stain
+    augmentation is on, else the input dtype.
     """
-    if stain_jitter > 0:
+    if stain_jitter > 0 or hed_jitter > 0:
         x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
         od = -torch.log(x.clamp_min(1.0 / 255.0))
-        scale = 1.0 + stain_jitter * torch.randn(len(x), 3, 1, 1, generator=gen)
-        images = torch.exp(-od * scale.clamp_min(0.5))
+        if hed_jitter > 0:
+            amount = torch.exp(hed_jitter * torch.randn(len(x), 3, 1, 1, generator=gen))
+            amount[:, 2] = 1.0  # the residual channel keeps its amount
+            conc = torch.einsum("bchw,cs->bshw", od, _OD_TO_HED) * amount
+            od = torch.einsum("bshw,sc->bchw", conc, _HED_TO_OD).clamp_min(0.0)
+        if stain_jitter > 0:
+            scale = 1.0 + stain_jitter * torch.randn(len(x), 3, 1, 1, generator=gen)
+            od = od * scale.clamp_min(0.5)
+        images = torch.exp(-od)
     flip = torch.rand(len(images), generator=gen) < 0.5
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     k = torch.randint(0, 4, (len(images),), generator=gen)
@@ -98,6 +124,23 @@ def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 2
         img.append(model.encode_image(b["image"].to(device)).float().cpu())
         gex.append(model.encode_gene(b["gexp"].to(device)).float().cpu())
     return torch.cat(img), torch.cat(gex)
+
+
+def colour_features(ds: PairedSpotDataset, chunk: int = 256) -> np.ndarray:
+    """Colour statistics (:func:`hescape.eval.baselines.colour_statistics`) of every patch of ``ds``, ``(N, F)``."""
+    feats, buf = [], []
+    for i in range(len(ds)):
+        buf.append(ds[i]["image"].permute(1, 2, 0).numpy())
+        if len(buf) == chunk or i == len(ds) - 1:
+            feats.append(colour_statistics(np.stack(buf)))
+            buf = []
+    return np.concatenate(feats)
+
+
+def colour_probe_baseline(train_ds: PairedSpotDataset, test_ds: PairedSpotDataset, ks) -> dict:
+    """The colour-statistics probe (:mod:`hescape.eval.baselines`) fitted on ``train_ds``, ranked on ``test_ds``."""
+    return ridge_probe(colour_features(train_ds), train_ds.raw_counts(), colour_features(test_ds),
+                       test_ds.raw_counts(), ks=ks)
 
 
 def _resolve_dataset(cfg: TrainConfig) -> Path:
@@ -231,7 +274,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
                     g["lr"] = _lr_at(step, total_steps, cfg.optim)
                 images = batch["image"]
                 if cfg.data.augment:
-                    images = _augment(images, gen, cfg.data.stain_jitter)
+                    images = _augment(images, gen, cfg.data.stain_jitter, cfg.data.hed_jitter)
                 out = ddp(images.to(device, non_blocking=True), batch["gexp"].to(device, non_blocking=True))
                 loss_terms = model.loss(out)
                 loss = sum(v for k, v in loss_terms.items() if k.endswith("_loss"))
@@ -275,15 +318,21 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
         test = retrieval_metrics(*embed(model, test_ds, device), ks=ks)
         test_rec = {"split": "test", "best_epoch": best_epoch, **test["i2g"].as_dict("i2g_"),
                     **test["g2i"].as_dict("g2i_")}
+        probe = colour_probe_baseline(train_ds, test_ds, ks) if cfg.probe else None
+        if probe is not None:
+            for d in ("i2g", "g2i"):
+                test_rec.update({f"{d}_R@{k}_probe": v for k, v in probe[d].recall.items()})
+                test_rec[f"{d}_mean_rank_probe"] = probe[d].mean_rank
         metrics_f.write(json.dumps(test_rec) + "\n")
     finally:
         metrics_f.close()
     donors = sorted(set(test_ds.donors))
     table = format_results_table(test, title=f"Test retrieval: full gallery of {len(test_ds)} spots from held-out "
-                                             f"donor(s) {', '.join(donors)}; best epoch {best_epoch}/{cfg.epochs}")
+                                             f"donor(s) {', '.join(donors)}; best epoch {best_epoch}/{cfg.epochs}",
+                                 baseline=probe, baseline_name="colour probe")
     (run_dir / "results.md").write_text(table + "\n")
     (run_dir / "results.json").write_text(json.dumps(test_rec, indent=1))
-    return RunResult(run_dir=run_dir, test=test, best_epoch=best_epoch, wall_s=time.time() - t0)
+    return RunResult(run_dir=run_dir, test=test, best_epoch=best_epoch, wall_s=time.time() - t0, probe=probe)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
