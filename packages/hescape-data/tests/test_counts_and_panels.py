@@ -130,3 +130,25 @@ def test_reference_sample_gets_its_patient_as_donor(xenium_bundle, tmp_path):
     assert read_manifest(out)["samples"][0]["donor"] == "FFPE Human Breast with Pre-designed Panel / patient 2"
     out = build_xenium_dataset(xenium_bundle, tmp_path / "ds2", sample="mine", progress=False, qc=False)
     assert read_manifest(out)["samples"][0]["donor"] == "mine"
+
+
+def test_shared_symbol_is_not_merged_when_ids_differ(bundle_copy):
+    """Two genes that share a symbol in the data (as ~20 pairs do in GRCh38) keep their own counts: the panel takes
+    each by its Ensembl id; nothing is zero-filled and nothing summed."""
+    h5 = bundle_copy / "cell_feature_matrix.h5"
+    s = read_xenium(bundle_copy)
+    want, genes, _ = harmonise_genes(s, panel="human-breast-panel")
+    s.close()
+    with h5py.File(h5, "r") as f:
+        names = [v.decode() for v in f["matrix/features/name"][:]]
+    a, b = names.index("ACTA2"), names.index("ABCC11")
+    names[a] = "ABCC11"  # ACTA2's feature now carries ABCC11's symbol; its id is still ACTA2's
+    _rewrite_h5(h5, names=np.array(names, dtype="S"))
+    s = read_xenium(bundle_copy)
+    with pytest.raises(InputFormatError, match="duplicated"):  # without a panel the names are ambiguous
+        harmonise_genes(s)
+    got, genes2, _ = harmonise_genes(s, panel="human-breast-panel")
+    assert genes2 == genes and "zero_filled_genes" not in s.metadata and "merged_features" not in s.metadata
+    np.testing.assert_array_equal(got.toarray(), want.toarray())
+    assert got[:, genes.index("ACTA2")].sum() > 0 and b != a
+    s.close()

@@ -101,3 +101,18 @@ def test_xenium_build_records_geometry_and_spot_spacing(xenium_bundle, tmp_path)
     # the H&E pixel size the bundle was written with (not the morphology's 0.2125)
     assert m["samples"][0]["source_um_per_px"] == pytest.approx(XeniumBundleOptions().he_um_per_px, rel=1e-4)
     assert len(PairedSpotDataset(out)) == m["n_rows"]
+
+
+@pytest.mark.parametrize("name", ["hest", "hescape"])
+def test_points_on_shared_edges_are_counted_once(name):
+    """Visium HD 2 µm bin centres on an axis-aligned grid land exactly on the edges of 100 µm squares (and of
+    hexagons, along their vertical edges): in a tiling each bin must go to one spot, so counts are conserved."""
+    g = get_geometry(name)
+    xs = np.arange(0.0, 600.0 + 1e-9, 2.0)
+    pts = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
+    c = g.centres((0, 0, 600 + g.pitch_um, 600 + g.pitch_um))
+    per_point = np.asarray(g.assign(pts, c).sum(0)).ravel()
+    assert per_point.max() == 1 and per_point.min() == 1  # every bin in exactly one spot, none twice
+    if name == "hest":
+        per_spot = np.asarray(g.assign(pts, c).sum(1)).ravel()
+        assert per_spot.max() == 2500  # a 100 µm square holds 50 × 50 bins of 2 µm, not 51 × 51

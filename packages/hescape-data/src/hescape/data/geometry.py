@@ -157,15 +157,38 @@ class SpotGeometry:
         # pointy-top hexagon, circumradius r: |x| <= r·√3/2 and |y| <= r − |x|/√3
         return (d[:, 0] <= r * math.sqrt(3) / 2 + eps) & (d[:, 1] <= r - d[:, 0] / math.sqrt(3) + eps)
 
+    @property
+    def is_tiling(self) -> bool:
+        """True when the spots tile the plane with no gap and no overlap: hexagons on a hex lattice whose pitch is
+        the hexagon's width (``diameter · √3/2``), or squares on a square lattice whose pitch is their side."""
+        if self.shape == "hexagon" and self.grid == "hex":
+            return math.isclose(self.pitch_um, self.diameter_um * math.sqrt(3) / 2, rel_tol=1e-9)
+        if self.shape == "square" and self.grid == "square":
+            return math.isclose(self.pitch_um, self.diameter_um, rel_tol=1e-9)
+        return False
+
     def assign(self, points_um: np.ndarray, centres_um: np.ndarray) -> sp.csr_matrix:
         """Spot × point membership ``(n_spots, n_points)`` float32 CSR: 1 where a point lies inside a spot.
 
-        Points are cell centroids, transcript positions or Visium HD bin centres, in µm.
+        Points are cell centroids, transcript positions or Visium HD bin centres, in µm. In a tiling geometry
+        (:attr:`is_tiling`) every point goes to exactly one spot, its nearest centre (the tile holding it; a point
+        on an edge shared by two tiles goes to the one on its right/lower side, never both); otherwise a point belongs to every spot
+        whose shape contains it (overlapping discs share points).
         """
         pts = np.asarray(points_um, dtype=np.float64).reshape(-1, 2)
         ctr = np.asarray(centres_um, dtype=np.float64).reshape(-1, 2)
         if len(pts) == 0 or len(ctr) == 0:
             return sp.csr_matrix((len(ctr), len(pts)), dtype=np.float32)
+        if self.is_tiling:
+            # Half-open tiles: a point on a shared edge or corner goes to the tile it enters when moved by a tiny
+            # step along a direction parallel to no edge, so every tile holds its share (50 × 50 bins of 2 µm
+            # in a 100 µm square, not 51 × 51 in some and 49 × 49 in others).
+            step = 1e-7 * self.pitch_um * np.array([1.0, math.sqrt(2) + 0.1])
+            _, nearest = cKDTree(ctr).query(pts + step, k=1)
+            j = np.flatnonzero(self.contains(pts - ctr[nearest]))
+            m = sp.csr_matrix((np.ones(len(j), np.float32), (nearest[j], j)), shape=(len(ctr), len(pts)))
+            m.sort_indices()
+            return m
         pairs = cKDTree(ctr).sparse_distance_matrix(cKDTree(pts), self.circumradius_um * (1 + 1e-12),
                                                     output_type="ndarray")
         i, j = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)

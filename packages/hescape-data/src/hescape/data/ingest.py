@@ -75,22 +75,62 @@ def _strip_version(gene_id: str) -> str:
     return gid.split(".", 1)[0] if gid.upper().startswith("ENS") else gid
 
 
-def match_panel(panel_genes, panel_ids, genes, gene_ids) -> np.ndarray:
-    """Column of the data for every panel gene (-1 when absent), matched by Ensembl id, else by symbol.
+def match_panel(panel_genes, panel_ids, genes, gene_ids) -> list[list[int]]:
+    """Data columns of every panel gene, matched by Ensembl id, else by symbol (``[]`` when absent).
 
     Ensembl ids are compared without their version suffix, against both the data's feature ids and its feature
-    names (some tools write Ensembl ids as names). Returns ``(n_panel,)`` int64.
+    names (some tools write Ensembl ids as names). A panel gene whose id is present takes exactly the features
+    with that id, so two genes that share a symbol in the reference (GRCh38 has about 20 such pairs) are never
+    merged; only a gene absent by id falls back to its symbol. Returns one list of column indices per panel gene.
     """
-    by_id: dict[str, int] = {}
+    by_id: dict[str, list[int]] = {}
+    by_symbol: dict[str, list[int]] = {}
     for i, (name, gid) in enumerate(zip(genes, gene_ids, strict=True)):
-        for key in (_strip_version(gid), _strip_version(name)):
-            if key.upper().startswith("ENS"):
-                by_id.setdefault(key, i)
-    by_symbol = {g: i for i, g in reversed(list(enumerate(genes)))}
-    out = np.full(len(panel_genes), -1, dtype=np.int64)
-    for j, (sym, gid) in enumerate(zip(panel_genes, panel_ids, strict=True)):
-        out[j] = by_id.get(_strip_version(gid), by_symbol.get(sym, -1))
-    return out
+        keys = {k for k in (_strip_version(gid), _strip_version(name)) if k.upper().startswith("ENS")}
+        for key in keys:
+            by_id.setdefault(key, []).append(i)
+        by_symbol.setdefault(name, []).append(i)
+    return [by_id.get(_strip_version(gid)) or by_symbol.get(sym, [])
+            for sym, gid in zip(panel_genes, panel_ids, strict=True)]
+
+
+def _to_panel(sample, counts, genes, gene_ids, panel, duplicate_genes, missing_genes, max_missing):
+    """Counts reordered to a vendored panel's genes (see :func:`harmonise_genes`)."""
+    if missing_genes not in ("error", "zero"):
+        msg = f"missing_genes must be 'error' or 'zero', found {missing_genes!r}"
+        raise HescapeDataError(msg)
+    if not 0.0 <= max_missing <= 1.0:
+        msg = f"max_missing must be a fraction in [0, 1], found {max_missing!r}"
+        raise HescapeDataError(msg)
+    p = load_panel(panel)
+    cols = match_panel(p.genes, p.gene_ids, genes, gene_ids)
+    multi = {g: c for g, c in zip(p.genes, cols, strict=True) if len(c) > 1}
+    if multi and duplicate_genes == "error":
+        ex = "; ".join(f"{g}: {[gene_ids[i] for i in c]}" for g, c in list(multi.items())[:3])
+        msg = (f"sample {sample.name}: expected one feature per panel gene, found {len(multi)} panel genes matching "
+               f"several features ({ex}); pass duplicate_genes='sum' (--duplicate-genes sum) to add their counts")
+        raise InputFormatError(msg)
+    missing = [g for g, c in zip(p.genes, cols, strict=True) if not c]
+    if missing and missing_genes == "error":
+        msg = (f"sample {sample.name}: panel {panel} has {p.n_genes} genes, {len(missing)} of them absent from "
+               f"the data by Ensembl id and by symbol (e.g. {missing[:5]}); choose the panel the data were "
+               f"measured with, or pass missing_genes='zero' (--missing-genes zero) to fill up to "
+               f"{max_missing:.0%} of the panel with zeros")
+        raise PanelMismatchError(msg)
+    if len(missing) > max_missing * p.n_genes:
+        msg = (f"sample {sample.name}: expected at most {max_missing:.0%} of panel {panel} to be zero-filled, "
+               f"found {len(missing)} of {p.n_genes} genes absent ({len(missing) / p.n_genes:.0%}, e.g. "
+               f"{missing[:5]}); this is not the panel the data were measured with: choose the right --panel, "
+               "or raise --max-missing if you mean it")
+        raise PanelMismatchError(msg)
+    rows = [i for c in cols for i in c]
+    dst = [j for j, c in enumerate(cols) for _ in c]
+    take = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, dst)), shape=(len(genes), p.n_genes))
+    if multi:
+        sample.metadata["merged_features"] = {g: [gene_ids[i] for i in c] for g, c in multi.items()}
+    if missing:
+        sample.metadata["zero_filled_genes"] = missing
+    return sp.csr_matrix(counts @ take), list(p.genes), list(p.gene_ids)
 
 
 def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicate_genes: str = "error",
@@ -105,8 +145,10 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
         A vendored panel name; columns are reordered to its genes, matched by Ensembl id (version suffix
         ignored) and else by symbol (:func:`match_panel`).
     duplicate_genes
-        ``"error"`` (default) or ``"sum"`` (add up the features that share a name; every merged feature id is
-        recorded in ``sample.metadata["merged_features"]``, which goes into the manifest).
+        ``"error"`` (default) or ``"sum"``: without a panel, add up the features that share a name; with a panel,
+        add up the features that match one panel gene (same Ensembl id, or same symbol when the id is absent).
+        Every merged feature id is recorded in ``sample.metadata["merged_features"]`` (written to the manifest).
+        Features with different Ensembl ids that share a symbol are never merged into a panel gene.
     missing_genes
         ``"error"`` (default) or ``"zero"`` (panel genes absent from the data get zero counts; they are listed in
         ``sample.metadata["zero_filled_genes"]``).
@@ -119,6 +161,11 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
         Duplicated names without ``"sum"``; panel genes absent (beyond ``max_missing`` when zero-filling).
     """
     counts, genes, gene_ids = sample.counts.tocsc(), list(sample.genes), list(sample.gene_ids)
+    if duplicate_genes not in ("error", "sum"):
+        msg = f"duplicate_genes must be 'error' or 'sum', found {duplicate_genes!r}"
+        raise HescapeDataError(msg)
+    if panel is not None:
+        return _to_panel(sample, counts, genes, gene_ids, panel, duplicate_genes, missing_genes, max_missing)
     if len(set(genes)) != len(genes):
         seen: dict[str, int] = {}
         for g in genes:
@@ -126,11 +173,9 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
         dup = sorted(g for g, k in seen.items() if k > 1)
         if duplicate_genes == "error":
             msg = (f"sample {sample.name}: expected unique gene names, found {len(dup)} duplicated "
-                   f"(e.g. {dup[:5]}); pass duplicate_genes='sum' (--duplicate-genes sum) to add their counts")
+                   f"(e.g. {dup[:5]}); pass duplicate_genes='sum' (--duplicate-genes sum) to add their counts, "
+                   "or --panel to take the panel's genes by Ensembl id")
             raise InputFormatError(msg)
-        if duplicate_genes != "sum":
-            msg = f"duplicate_genes must be 'error' or 'sum', found {duplicate_genes!r}"
-            raise HescapeDataError(msg)
         order: list[str] = list(dict.fromkeys(genes))
         col = {g: i for i, g in enumerate(order)}
         ids_of: dict[str, list[str]] = {}
@@ -141,34 +186,6 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
         counts = (counts @ agg.T).tocsc()
         genes, gene_ids = order, [ids_of[g][0] for g in order]
         sample.metadata["merged_features"] = {g: ids for g, ids in ids_of.items() if len(ids) > 1}
-    if panel is not None:
-        if missing_genes not in ("error", "zero"):
-            msg = f"missing_genes must be 'error' or 'zero', found {missing_genes!r}"
-            raise HescapeDataError(msg)
-        if not 0.0 <= max_missing <= 1.0:
-            msg = f"max_missing must be a fraction in [0, 1], found {max_missing!r}"
-            raise HescapeDataError(msg)
-        p = load_panel(panel)
-        src = match_panel(p.genes, p.gene_ids, genes, gene_ids)
-        missing = [g for g, s_ in zip(p.genes, src, strict=True) if s_ < 0]
-        if missing and missing_genes == "error":
-            msg = (f"sample {sample.name}: panel {panel} has {p.n_genes} genes, {len(missing)} of them absent from "
-                   f"the data by Ensembl id and by symbol (e.g. {missing[:5]}); choose the panel the data were "
-                   f"measured with, or pass missing_genes='zero' (--missing-genes zero) to fill up to "
-                   f"{max_missing:.0%} of the panel with zeros")
-            raise PanelMismatchError(msg)
-        if len(missing) > max_missing * p.n_genes:
-            msg = (f"sample {sample.name}: expected at most {max_missing:.0%} of panel {panel} to be zero-filled, "
-                   f"found {len(missing)} of {p.n_genes} genes absent ({len(missing) / p.n_genes:.0%}, e.g. "
-                   f"{missing[:5]}); this is not the panel the data were measured with: choose the right --panel, "
-                   "or raise --max-missing if you mean it")
-            raise PanelMismatchError(msg)
-        take = sp.csr_matrix((np.ones(int((src >= 0).sum()), np.float32),
-                              (src[src >= 0], np.flatnonzero(src >= 0))), shape=(len(genes), p.n_genes))
-        counts = counts @ take
-        genes, gene_ids = list(p.genes), list(p.gene_ids)
-        if missing:
-            sample.metadata["zero_filled_genes"] = missing
     return sp.csr_matrix(counts), genes, gene_ids
 
 

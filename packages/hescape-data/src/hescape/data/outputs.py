@@ -19,7 +19,8 @@ from pathlib import Path
 from .errors import OutputLocationError
 
 __all__ = ["TEMP_KINDS", "MANIFEST", "dir_mode", "file_mode", "safe_filename", "temp_sibling", "clean_stale_siblings",
-           "check_output_location", "is_hescape_dataset"]
+           "check_output_location", "is_hescape_dataset",
+           "foreign_files"]
 
 MANIFEST = "manifest.json"
 
@@ -162,6 +163,25 @@ def is_hescape_dataset(path: Path) -> bool:
     return isinstance(m, dict) and str(m.get("schema_version", "")).startswith("hescape-arrow/")
 
 
+def foreign_files(path: Path, limit: int = 10) -> list[str]:
+    """Up to ``limit`` entries of a dataset directory that a build did not write (relative paths).
+
+    A dataset holds ``manifest.json``, ``shard-*.arrow`` and ``qc/*.png`` only; anything else (a user's notebook, a
+    nested dataset) would be lost by a replace.
+    """
+    found: list[str] = []
+    for p in sorted(path.iterdir()):
+        if p.name == MANIFEST or (p.name.startswith("shard-") and p.suffix == ".arrow" and p.is_file()):
+            continue
+        if p.name == "qc" and p.is_dir() and not p.is_symlink():
+            found += [f"qc/{q.name}" for q in sorted(p.iterdir()) if not (q.suffix == ".png" and q.is_file())]
+        else:
+            found.append(p.name)
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
 def _within(a: Path, b: Path) -> bool:
     """True when ``a`` is ``b`` or lies inside it (both resolved)."""
     return a == b or b in a.parents
@@ -225,6 +245,17 @@ def check_output_location(out: str | os.PathLike, *, overwrite: bool = False,
             msg = (f"--out {out} --overwrite: expected a HESCAPE dataset (a directory with a HESCAPE "
                    f"{MANIFEST}) or an empty directory, found a directory with other content; refusing to delete "
                    "it: choose another --out, or delete it yourself if you mean it")
+            raise OutputLocationError(msg)
+        foreign = [] if empty else foreign_files(out)
+        if foreign:
+            msg = (f"--out {out} --overwrite: expected only the dataset's own files ({MANIFEST}, shard-*.arrow, "
+                   f"qc/*.png), found {len(foreign)} other(s) (e.g. {foreign[0]}); refusing to delete them: move them "
+                   "out of the dataset, or choose another --out")
+            raise OutputLocationError(msg)
+    for anc in out.parents:
+        if is_hescape_dataset(anc):
+            msg = (f"--out {out}: expected a location outside any dataset, found it inside the dataset {anc} (a "
+                   "later --overwrite of that dataset would delete it); choose another --out")
             raise OutputLocationError(msg)
     parent = out.parent
     while not parent.exists() and parent != parent.parent:

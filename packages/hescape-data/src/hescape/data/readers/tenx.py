@@ -78,6 +78,16 @@ def read_json(path: Path, missing_hint: str) -> dict:
     return obj
 
 
+def _check_unique_barcodes(barcodes: np.ndarray, where: str) -> None:
+    """A barcode (cell or spot) listed twice would put two count rows at one position: refuse."""
+    uniq, counts = np.unique(np.asarray(barcodes, dtype=str), return_counts=True)
+    if len(uniq) != len(barcodes):
+        dup = uniq[counts > 1][:3].tolist()
+        msg = (f"{where}: expected each barcode once, found {int((counts - 1).sum())} repeated (e.g. {dup}); "
+               "the matrix is corrupt or was concatenated from several runs: take it unmodified from Space Ranger/XOA")
+        raise InputFormatError(msg)
+
+
 def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> FeatureMatrix:
     """Read a 10x HDF5 feature-barcode matrix (all feature types; see :meth:`FeatureMatrix.gene_expression`).
 
@@ -138,6 +148,7 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
     counts = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int64), indptr.astype(np.int64)),
                            shape=(n_bc, n_feat))
     counts.sum_duplicates()
+    _check_unique_barcodes(barcodes, str(path))
     return FeatureMatrix(counts, barcodes, ids, names, types)
 
 
@@ -190,6 +201,7 @@ def read_10x_mex(folder: str | os.PathLike, *, allow_non_integer: bool = False) 
         raise InputFormatError(msg)
     check_counts(m.data, str(mtx), allow_non_integer=allow_non_integer)
     counts = sp.csr_matrix(m.T.astype(np.float32))
+    _check_unique_barcodes(barcodes, str(folder))
     return FeatureMatrix(counts, barcodes, ids, names, types)
 
 
