@@ -155,3 +155,13 @@ def test_min_tissue_fraction_filters_edge_spots(xenium_bundle, tmp_path):
         build_xenium_dataset(xenium_bundle, tmp_path / "none", progress=False, qc=False, geometry=spots,
                              patch=PatchOptions(min_tissue_fraction=1.01))
     assert not (tmp_path / "none").exists()
+
+
+def test_inverted_alignment_is_refused_even_with_drop(bundle_copy, tmp_path):
+    """An inverted H&E alignment puts most spots off the image; dropping them would keep a few wrong patches."""
+    f = next(bundle_copy.glob("*he_imagealignment.csv"))
+    np.savetxt(f, np.linalg.inv(np.loadtxt(f, delimiter=",")), delimiter=",")
+    with pytest.raises(InputFormatError, match="alignment is wrong"):
+        build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False,
+                             patch=PatchOptions(outside_spots="drop"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

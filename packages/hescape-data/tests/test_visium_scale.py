@@ -213,3 +213,25 @@ def test_cli_visium_on_hd_output_exits_2(tmp_path, capsys):
     assert err.startswith("hescape-data: error: ") and "\n" not in err
     assert "Visium HD" in err and "hescape-data build visium-hd" in err
     assert not (tmp_path / "ds").exists()
+
+
+def test_header_names_the_columns(visium_outs, tmp_path):
+    """A tissue_positions.csv whose header lists the pixel columns in another order is read by name."""
+    import csv
+    import shutil
+
+    from hescape.data.readers.visium import read_visium
+
+    outs = shutil.copytree(visium_outs, tmp_path / "outs")
+    src = outs / "spatial" / "tissue_positions_list.csv"
+    rows = [r for r in csv.reader(src.open()) if r]
+    src.unlink()
+    with (outs / "spatial" / "tissue_positions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["barcode", "in_tissue", "array_row", "array_col", "pxl_col_in_fullres", "pxl_row_in_fullres"])
+        w.writerows([r[0], r[1], r[2], r[3], r[5], r[4]] for r in rows)
+    a = read_visium(visium_outs, image="lowres")
+    b = read_visium(outs, image="lowres")
+    np.testing.assert_array_equal(a.xy_um, b.xy_um)
+    a.close()
+    b.close()

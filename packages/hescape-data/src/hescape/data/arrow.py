@@ -267,7 +267,7 @@ class DatasetWriter:
                                         pa.array(g.astype(np.float32).ravel()))
         coords = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rec.coords_um, np.float64).ravel()), 2)
         image = pa.StructArray.from_arrays(
-            [pa.array(rec.images, pa.binary()), pa.array([f"{rec.name}_{i}.png" for i in range(n)])],
+            [pa.array(rec.images, pa.binary()), pa.array([f"{safe_filename(rec.name)}_{i}.png" for i in range(n)])],
             names=["bytes", "path"])
         batch = pa.RecordBatch.from_arrays(
             [pa.array([rec.name] * n), image, gexp, coords, pa.array([rec.source] * n), pa.array([rec.tissue] * n),

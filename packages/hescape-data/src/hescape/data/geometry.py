@@ -43,6 +43,12 @@ from .errors import HescapeDataError
 __all__ = ["SpotGeometry", "GEOMETRY_PRESETS", "get_geometry", "SHAPES", "GRIDS"]
 
 SHAPES = ("disc", "square", "hexagon")
+#: Largest stored patch side (px): 1 mm at 0.5 µm/px; the paper's encoders take 224 px, HESCAPE stores >= 512 px.
+MAX_PATCH_PX = 2048
+#: Smallest spot pitch (µm): below the 2 µm Visium HD bin there is nothing to pool.
+MIN_PITCH_UM = 1.0
+#: Largest (spot diameter / pitch)²: how many spots one point may fall in (a Visium spot: 0.3; dense tiling: ~1.3).
+MAX_OVERLAP = 100.0
 GRIDS = ("hex", "square")
 
 
@@ -94,9 +100,19 @@ class SpotGeometry:
                 msg = f"spot geometry {f}: expected a positive finite number of µm, found {v!r}"
                 raise HescapeDataError(msg)
         n = self.fov_um / self.um_per_px
-        if round(n) < 8 or round(n) > 8192:
-            msg = (f"patch size: expected 8 to 8192 px per side, found {self.fov_um} µm / {self.um_per_px} µm/px = "
-                   f"{n:.0f} px; choose another --fov-um or --um-per-px (HEST: 112 µm at 0.5 µm/px)")
+        if round(n) < 8 or round(n) > MAX_PATCH_PX:
+            msg = (f"patch size: expected 8 to {MAX_PATCH_PX} px per side, found {self.fov_um} µm / {self.um_per_px} "
+                   f"µm/px = {n:.0f} px; choose another --fov-um or --um-per-px (HEST: 112 µm at 0.5 µm/px)")
+            raise HescapeDataError(msg)
+        if self.pitch_um < MIN_PITCH_UM:
+            msg = (f"spot pitch: expected at least {MIN_PITCH_UM} µm (a Visium HD bin is 2 µm), found "
+                   f"{self.pitch_um} µm; check --pitch-um")
+            raise HescapeDataError(msg)
+        overlap = (2 * self.circumradius_um / self.pitch_um) ** 2
+        if overlap > MAX_OVERLAP:
+            msg = (f"spot geometry: expected spots that overlap a few neighbours at most, found a {self.diameter_um} "
+                   f"µm spot every {self.pitch_um} µm (each point would be pooled into ~{overlap:.0f} spots); "
+                   "check --spot-diameter-um and --pitch-um")
             raise HescapeDataError(msg)
 
     # ------------------------------------------------------------------ layout

@@ -53,6 +53,14 @@ class PatchOptions:
     max_upsample: float = 2.0  # refuse a source image coarser than this many times the patch µm/px
 
 
+#: Largest number of patch pixels one build cuts (spots × patch_px²): 2·10¹⁰ is ~400,000 spots of 224 px, several
+#: times a whole Xenium 5K section; beyond it a build runs for hours on a misplaced option.
+MAX_OUTPUT_PIXELS = 2e10
+
+#: More spot centres than this fraction off the H&E image means a wrong alignment, not a partial scan: refused
+#: even with ``outside_spots="drop"`` (a post-Xenium H&E covers the section it was aligned to).
+MAX_OUTSIDE_FRACTION = 0.5
+
 #: A pixel is background (glass) when its mean intensity is at least this (0–255).
 BACKGROUND_LEVEL = 220.0
 
@@ -270,12 +278,23 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
         msg = f"outside_spots must be 'error' or 'drop', found {patch.outside_spots!r}"
         raise HescapeDataError(msg)
     src_mpp = check_resolution(sample, geometry, patch)
+    pixels = len(spots_um) * geometry.patch_px ** 2
+    if pixels > MAX_OUTPUT_PIXELS:
+        msg = (f"sample {sample.name}: expected at most {MAX_OUTPUT_PIXELS:.0e} patch pixels in one build, found "
+               f"{len(spots_um)} spots × {geometry.patch_px}² px = {pixels:.1e}; use smaller patches (--fov-um / "
+               "--um-per-px) or a coarser spot geometry")
+        raise InputFormatError(msg)
     inside = spots_inside_image(sample, spots_um)
+    h, w = sample.image.shape
+    if (~inside).mean() > MAX_OUTSIDE_FRACTION:
+        msg = (f"sample {sample.name}: expected most spot centres on the H&E image, found {int((~inside).sum())} of "
+               f"{len(spots_um)} outside it ({w} x {h} px); the alignment is wrong (an inverted matrix, another "
+               "image's alignment, a wrong pixel size): check it in Xenium Explorer / the QC figure")
+        raise InputFormatError(msg)
     if not inside.all() and patch.outside_spots == "error":
-        h, w = sample.image.shape
         msg = (f"sample {sample.name}: {int((~inside).sum())} of {len(spots_um)} spot centres fall outside the "
-               f"H&E image ({w} x {h} px); check the alignment matrix and pixel size, or pass "
-               "outside_spots='drop' (--outside-spots drop) to leave those spots out")
+               f"H&E image ({w} x {h} px); check the alignment matrix and pixel size, or, if the H&E covers only "
+               "part of the section, pass outside_spots='drop' (--outside-spots drop) to leave those spots out")
         raise InputFormatError(msg)
     patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=geometry.fov_um,
                               target_um_per_px=geometry.um_per_px)

@@ -91,14 +91,28 @@ def _refuse_hd_barcode(path: Path, barcode: str) -> None:
 
 def _read_csv(path: Path, visium_hd: bool) -> SpotPositions:
     rows: list[list[str]] = []
+    order = list(range(6))  # column of each of POSITION_COLUMNS; a header, when present, names them
     with open(path, newline="") as fh:
         for i, row in enumerate(csv.reader(fh)):
-            if not row or (i == 0 and row[0].strip() == "barcode"):
+            if i == 0 and row and row[0].strip() == "barcode":
+                head = [c.strip() for c in row]
+                missing = [c for c in POSITION_COLUMNS if c not in head]
+                if missing:
+                    msg = (f"{path}: expected the header to name {list(POSITION_COLUMNS)}, missing {missing} "
+                           f"(found {head})")
+                    raise InputFormatError(msg)
+                order = [head.index(c) for c in POSITION_COLUMNS]
+                continue
+            if not row:
                 continue
             if len(row) < 6:
                 msg = (f"{path}, line {i + 1}: expected 6 columns (barcode, in_tissue, array_row, array_col, "
                        f"pxl_row_in_fullres, pxl_col_in_fullres), found {len(row)}")
                 raise InputFormatError(msg)
+            if len(row) <= max(order):
+                msg = f"{path}, line {i + 1}: expected {max(order) + 1} columns (as the header), found {len(row)}"
+                raise InputFormatError(msg)
+            row = [row[k] for k in order]
             rows.append(row)
             if len(rows) == 1 and not visium_hd:
                 _refuse_hd_barcode(path, row[0].strip())
