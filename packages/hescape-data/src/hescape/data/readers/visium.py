@@ -210,6 +210,36 @@ def _check_not_blank(img: SlideImage, path: Path) -> None:
         raise InputFormatError(msg)
 
 
+def spots_of_matrix(where: Path, barcodes: list[str], positions, in_tissue_only: bool, what: str):
+    """Rows of the matrix to keep (``(k,)`` int64) and their full-resolution pixel positions (``(k, 2)`` x, y).
+
+    Every matrix barcode must be in the positions file (same run); with ``in_tissue_only`` only spots or bins
+    flagged ``in_tissue = 1`` are kept, and at least one must be.
+    """
+    row_of = positions.index_of(barcodes)
+    if (row_of < 0).any():
+        unknown = [b for b, r in zip(barcodes, row_of.tolist(), strict=True) if r < 0]
+        msg = (f"{where}: expected every matrix barcode in {positions.path.name}, found {len(unknown)} missing "
+               f"(e.g. {unknown[:3]}); matrix and spatial/ must come from the same Space Ranger run")
+        raise InputFormatError(msg)
+    keep = positions.in_tissue[row_of] == 1 if in_tissue_only else np.ones(len(barcodes), dtype=bool)
+    if not keep.any():
+        msg = f"{where}: expected in-tissue {what} (in_tissue = 1) among the matrix barcodes, found none"
+        raise InputFormatError(msg)
+    idx = np.flatnonzero(keep)
+    return idx, positions.xy_px[row_of[idx]]
+
+
+def open_checked_image(where: Path, image, sf: dict, um_per_px: float, xy_px: np.ndarray):
+    """The image (full resolution, or ``hires``/``lowres``), its path and µm → px affine; a full-resolution image
+    must cover the spots (:func:`check_fullres_extent`) and no image may be blank."""
+    img, um_to_px, img_path = _load_image(where, image, sf, um_per_px)
+    if str(image) not in ("hires", "lowres"):
+        check_fullres_extent(img, img_path, xy_px)
+    _check_not_blank(img, img_path)
+    return img, img_path, um_to_px
+
+
 def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, matrix: str = "filtered",
                 in_tissue_only: bool = True, allow_non_integer_counts: bool = False) -> SpatialSample:
     """Read a Space Ranger ``outs/`` folder: in-tissue spots (µm), Gene Expression counts and the image.
@@ -233,22 +263,8 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
     um_per_px, scale = visium_um_per_px(visium_lattice(positions), sf, pos_path)
     fm = read_10x_matrix(_find_matrix(outs, matrix), allow_non_integer=allow_non_integer_counts).gene_expression()
     barcodes = fm.barcodes.tolist()
-    row_of = positions.index_of(barcodes)
-    unknown = [b for b, r in zip(barcodes, row_of.tolist(), strict=True) if r < 0]
-    if unknown:
-        msg = (f"{outs}: expected every matrix barcode in {pos_path.name}, found {len(unknown)} missing "
-               f"(e.g. {unknown[:3]}); matrix and spatial/ must come from the same Space Ranger run")
-        raise InputFormatError(msg)
-    keep = positions.in_tissue[row_of] == 1 if in_tissue_only else np.ones(len(barcodes), dtype=bool)
-    if not keep.any():
-        msg = f"{outs}: expected in-tissue spots (in_tissue = 1) among the matrix barcodes, found none"
-        raise InputFormatError(msg)
-    idx = np.flatnonzero(keep)
-    xy_px = positions.xy_px[row_of[idx]]
-    img, um_to_px, img_path = _load_image(outs, image, sf, um_per_px)
-    if str(image) not in ("hires", "lowres"):
-        check_fullres_extent(img, img_path, xy_px)
-    _check_not_blank(img, img_path)
+    idx, xy_px = spots_of_matrix(outs, barcodes, positions, in_tissue_only, "spots")
+    img, img_path, um_to_px = open_checked_image(outs, image, sf, um_per_px, xy_px)
     return SpatialSample(
         name=outs.name if outs.name != "outs" else outs.parent.name,
         obs_ids=np.asarray(barcodes, dtype=object)[idx],

@@ -41,7 +41,7 @@ import numpy as np
 from ..errors import InputFormatError
 from .spaceranger import LatticeFit, SpotPositions, fit_lattice, read_positions_file
 from .tenx import read_10x_matrix, read_json
-from .visium import _check_not_blank, _find_matrix, _load_image, check_fullres_extent
+from .visium import _find_matrix, open_checked_image, spots_of_matrix
 from .xenium import SpatialSample
 
 __all__ = ["HD_BIN_SIZES_UM", "DEFAULT_BIN_SIZE_UM", "find_bin_folder", "read_visium_hd", "hd_lattice"]
@@ -244,22 +244,8 @@ def read_visium_hd(path: str | os.PathLike, *, image: str | os.PathLike | None, 
             warnings.warn(meta["scale_warning"], UserWarning, stacklevel=2)
     fm = read_10x_matrix(_find_matrix(folder, matrix), allow_non_integer=allow_non_integer_counts).gene_expression()
     barcodes = fm.barcodes
-    row_of = pos.index_of(barcodes.tolist())
-    if (row_of < 0).any():
-        missing = barcodes[row_of < 0][:3].tolist()
-        msg = (f"{folder}: expected every matrix barcode in {pos.path.name}, found {int((row_of < 0).sum())} "
-               f"missing (e.g. {missing}); matrix and spatial/ must come from the same Space Ranger run and bin size")
-        raise InputFormatError(msg)
-    keep = pos.in_tissue[row_of] == 1 if in_tissue_only else np.ones(len(barcodes), dtype=bool)
-    if not keep.any():
-        msg = f"{folder}: expected bins under tissue (in_tissue = 1) among the matrix barcodes, found none"
-        raise InputFormatError(msg)
-    idx = np.flatnonzero(keep)
-    xy_px = pos.xy_px[row_of[idx]]
-    img, um_to_px, img_path = _load_image(folder, image, sf, um_per_px)
-    if str(image) not in ("hires", "lowres"):
-        check_fullres_extent(img, img_path, xy_px)
-    _check_not_blank(img, img_path)
+    idx, xy_px = spots_of_matrix(folder, barcodes.tolist(), pos, in_tissue_only, "bins")
+    img, img_path, um_to_px = open_checked_image(folder, image, sf, um_per_px, xy_px)
     meta.update({"n_bins": int(len(idx)), "image": str(img_path), "scalefactors": sf, "positions": str(pos.path)})
     return SpatialSample(
         name=_sample_name(folder.resolve()),
