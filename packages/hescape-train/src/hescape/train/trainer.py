@@ -159,7 +159,15 @@ def _load_init_checkpoint(path: str, genes: list[str]) -> dict:
     if not p.is_file():
         msg = f"model.init_checkpoint={path!r} does not exist; give the checkpoint.pt of an earlier run"
         raise HescapeConfigError(msg)
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint from elsewhere cannot run code when it is loaded
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad or unsafe file
+        msg = (f"model.init_checkpoint={path!r}: expected a hescape-train checkpoint.pt (tensors and plain values "
+               f"only), found a file torch cannot load safely ({type(e).__name__}); give the checkpoint.pt of a run")
+        raise HescapeConfigError(msg) from None
+    if not isinstance(ckpt, dict):
+        msg = f"model.init_checkpoint={path!r}: expected a hescape-train checkpoint (a dict), found {type(ckpt).__name__}"
+        raise HescapeConfigError(msg)
     if list(ckpt.get("genes", [])) != list(genes):
         msg = (f"checkpoint {p} was trained on a {len(ckpt.get('genes', []))}-gene panel but the dataset has "
                f"{len(genes)} genes (or another order); train from scratch or use a dataset with the checkpoint's panel")
@@ -313,7 +321,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
 
         if not info.is_main:
             return None
-        best_state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        best_state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(best_state["state_dict"])
         test = retrieval_metrics(*embed(model, test_ds, device), ks=ks)
         test_rec = {"split": "test", "best_epoch": best_epoch, **test["i2g"].as_dict("i2g_"),
