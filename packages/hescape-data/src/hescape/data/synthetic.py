@@ -252,6 +252,18 @@ def _nearest(centres: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return d, i
 
 
+def _lumen_lining(lumens: np.ndarray, xy: np.ndarray, thickness_um: float):
+    """For round lumens ``(n, 3)`` (x, y, radius in µm): which points ``(m, 2)`` lie in a lumen, which in the lining
+    ``thickness_um`` thick around it, and the angle tangential to the lumen at each point (radians)."""
+    d, i = _nearest(lumens[:, :2], xy)
+    if len(lumens) == 0:
+        none = np.zeros(len(xy), dtype=bool)
+        return none, none.copy(), np.zeros(len(xy))
+    r = lumens[i, 2]
+    off = xy - lumens[i, :2]
+    return d < r, (d >= r) & (d < r + thickness_um), np.arctan2(off[:, 1], off[:, 0]) + np.pi / 2
+
+
 @dataclass
 class _Tissue:
     """Cells and the structures the renderer draws besides them."""
@@ -312,26 +324,18 @@ def _layout(rng: np.random.Generator, cfg: SyntheticConfig, niche_prob, nest_fn,
     ctype = np.where(nest, np.where(til, ti["t_cell"], ti["tumour_epithelial"]), ctype)
 
     # acini: a lumen, then a two-cell-thick epithelial ring with nuclei tangential to it
-    da, ia = _nearest(acini[:, :2], xy)
-    ra = acini[ia, 2] if len(acini) else np.zeros(len(xy))
-    in_lumen = da < ra
-    ring = (da >= ra) & (da < ra + 10.0)
+    in_lumen, ring, tangent = _lumen_lining(acini, xy, 10.0)
     occ = np.where(ring, 0.9, occ)
     ctype = np.where(ring, ti["normal_epithelial"], ctype)
-    if len(acini):
-        off = xy - acini[ia, :2]
-        angle = np.where(ring, np.arctan2(off[:, 1], off[:, 0]) + np.pi / 2, angle)
+    angle = np.where(ring, tangent, angle)
 
     # vessels: a lumen lined by flat endothelial nuclei
-    dv, iv = _nearest(vessels[:, :2], xy)
-    rv = vessels[iv, 2] if len(vessels) else np.zeros(len(xy))
-    in_lumen |= dv < rv
-    wall = (dv >= rv) & (dv < rv + 3.5) & ~ring
+    in_vessel, wall, tangent = _lumen_lining(vessels, xy, 3.5)
+    in_lumen |= in_vessel
+    wall &= ~ring
     occ = np.where(wall, 0.95, occ)
     ctype = np.where(wall, ti["endothelial"], ctype)
-    if len(vessels):
-        off = xy - vessels[iv, :2]
-        angle = np.where(wall, np.arctan2(off[:, 1], off[:, 0]) + np.pi / 2, angle)
+    angle = np.where(wall, tangent, angle)
 
     # fat vacuoles hold no other cells
     df, idf = _nearest(adipo[:, :2], xy)
