@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hescape.models.losses.naive import clip_loss_naive, siglip_loss_naive
 
 DTYPE_PARAMS = {  # dtype: (atol as a fraction of max|expected|, rtol) for values and gradients
     torch.float32: (2e-5, 1e-4),
@@ -56,16 +57,8 @@ def assert_verbose_allclose(actual: torch.Tensor | None, expected: torch.Tensor 
 
 def naive_clip_rect(v, g, s, offset: int, row_weight: float, col_weight: float):
     """Materialised weighted CLIP loss on an M×N logit matrix (columns only when square)."""
-    z = s * v.float() @ g.float().T
-    labels = torch.arange(v.shape[0]) + offset
-    loss = row_weight * F.cross_entropy(z, labels, reduction="sum")
-    if col_weight:
-        loss = loss + col_weight * F.cross_entropy(z.T, labels, reduction="sum")
-    return loss
+    return clip_loss_naive(v, g, s, offset=offset, row_weight=row_weight, col_weight=col_weight)
 
 
 def naive_siglip_rect(v, g, s, b, offset: int):
-    z = s * v.float() @ g.float().T + b
-    y = -torch.ones_like(z)
-    y[torch.arange(v.shape[0]), torch.arange(v.shape[0]) + offset] = 1.0
-    return -F.logsigmoid(y * z).sum() / v.shape[0]
+    return siglip_loss_naive(v, g, s, b, offset=offset)

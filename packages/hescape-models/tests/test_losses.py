@@ -10,7 +10,7 @@ import pytest
 import torch
 from hescape.models import HescapeModelError
 from hescape.models.losses import ClipLoss, SigLipLoss, clip_loss, create_loss, siglip_loss
-from hescape.models.losses._reference import clip_loss_torch, siglip_loss_torch
+from hescape.models.losses._tiled import clip_loss_torch, siglip_loss_torch
 from open_clip.loss import ClipLoss as OCClipLoss
 from open_clip.loss import SigLipLoss as OCSigLipLoss
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -15,19 +15,16 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hescape.models.losses import clip_loss, siglip_loss  # noqa: E402
+from hescape.models.losses.naive import clip_loss_naive, siglip_loss_naive  # noqa: E402
 from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _rect_reference(kind, v, g, s, b, offset):
-    z = s * v @ g.T + (b if kind == "siglip" else 0.0)
-    idx = torch.arange(v.shape[0])
     if kind == "clip":
-        return 0.5 / v.shape[0] * F.cross_entropy(z, idx + offset, reduction="sum")
-    y = -torch.ones_like(z)
-    y[idx, idx + offset] = 1.0
-    return -F.logsigmoid(y * z).sum() / v.shape[0]
+        return clip_loss_naive(v, g, s, offset=offset, row_weight=0.5 / v.shape[0], col_weight=0.0)
+    return siglip_loss_naive(v, g, s, b, offset=offset)
 
 
 def run_case(case: dict) -> dict:

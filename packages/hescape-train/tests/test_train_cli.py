@@ -37,8 +37,13 @@ def test_train_end_to_end(tiny_dataset, tmp_path, capsys):
     # the colour-statistics probe on the same split, beside the model
     assert 0 <= res["i2g_R@5_probe"] <= 1 and 0 <= res["g2i_R@5_probe"] <= 1
     assert "image → gene: colour probe" in out and "× the colour probe" in out
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert len(ckpt["genes"]) == 280 and ckpt["model_cfg"]["gene"]["n_genes"] == 280
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert len(ckpt["genes"]) == 280 and ckpt["model_cfg"]["panel"] == ckpt["genes"]
+    # every encoder's name, weights tag and contract are recorded, so a reload restores the preprocessing
+    towers = ckpt["encoders"]["towers"]
+    assert towers["image"]["encoder"] == "vit_nano" and towers["image"]["weights"] == "random-init"
+    assert towers["gene"]["contract"]["preprocessing"] == "log1p"
+    assert ckpt["model_cfg"]["image"]["contract"]["input_size"] == 64
 
 
 def test_same_seed_same_result(tiny_dataset, tmp_path, capsys):
@@ -58,6 +63,28 @@ def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_any_registered_towers_with_lora_and_frozen(tiny_dataset, tmp_path, capsys):
+    """Encoders are named in the config; LoRA/frozen towers train, the checkpoint restores them exactly."""
+    args = ("model.image=vit_nano", "model.image_finetune=lora", "model.gene=mlp_small", "model.gene_finetune=frozen",
+            "model.projection=linear", "model.image_projection=transformer", 'model.image_options={"depth": 2}')
+    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "a", *args, "epochs=1"))
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "a" / "r" / "checkpoint.pt", weights_only=True)
+    towers = ckpt["encoders"]["towers"]
+    assert towers["image"]["finetune"] == "lora" and towers["gene"]["finetune"] == "frozen"
+    assert towers["gene"]["params"]["trainable"] == 0 < towers["image"]["params"]["trainable"]
+    assert towers["image"]["projection"] == "transformer" and towers["gene"]["projection"] == "linear"
+    assert sum(k.startswith("image_encoder.backbone.blocks.") and k.endswith(".norm1.weight")
+               for k in ckpt["state_dict"]) == 2  # the image_options reached the builder
+    from hescape.models import HescapeCLIP, cfg_from_dict
+
+    again = HescapeCLIP(cfg_from_dict(ckpt["model_cfg"]), load_weights=False)
+    again.load_state_dict(ckpt["state_dict"])  # strict: same LoRA layout, heads and towers
+    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "b", f"model.init_checkpoint={tmp_path}/a/r/checkpoint.pt",
+                                            "epochs=1"))
+    assert code == 0, err
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -66,6 +93,10 @@ def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
         (["data.path=/nonexistent/dataset"], "does not exist"),
         (["model.n_genes=300"], "expects 300 genes"),
         (["model.name=vit_mlp_nan"], "Did you mean 'vit_mlp_nano'?"),
+        (["model.image=unii"], "unknown image encoder 'unii'"),
+        (["model.image_finetune=half"], "unknown finetune mode 'half'"),
+        (["model.image_options=depth:2"], "expected a value of type dict"),
+        (["data.gene_transform=log1p"], "unknown config key 'data.gene_transform'"),
         (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
         (["novalue"], "expected key=value"),
         (["recall_ks=1,5,100000"], "asks for Recall@100000 but the test split has"),

@@ -26,15 +26,6 @@ from .readers.visium_hd import read_visium_hd
 from .readers.xenium import read_xenium
 from .splits import apply_splits, check_no_donor_leakage, donor_split_assignment, preset_split_assignment
 from .synthetic import SyntheticConfig, generate_sample
-from .tokenize import (
-    VocabMapping,
-    map_panel_to_vocab,
-    nicheformer_tokenize,
-    read_vocabulary,
-    reindex_to_vocab,
-    scfoundation_gather,
-    scfoundation_input,
-)
 from .transforms import get_gene_transform, log1p, normalize_total_log1p
 from .xenium_bundle import XeniumBundleOptions, write_xenium_bundle
 
@@ -57,9 +48,6 @@ __all__ = [
     "spot_grid", "assign_cells", "pool_counts",
     # transforms
     "get_gene_transform", "log1p", "normalize_total_log1p",
-    # encoder inputs (vocabulary mapping, Nicheformer tokens, scFoundation values)
-    "VocabMapping", "map_panel_to_vocab", "read_vocabulary", "reindex_to_vocab", "nicheformer_tokenize",
-    "scfoundation_input", "scfoundation_gather",
     # errors
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
     "AlignmentError", "OutputLocationError",

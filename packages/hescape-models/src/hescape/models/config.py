@@ -3,38 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["ImageEncoderCfg", "GeneEncoderCfg", "ModelCfg"]
+__all__ = ["TowerCfg", "ModelCfg", "FINETUNE_MODES", "PROJECTIONS"]
 
-
-@dataclass(frozen=True)
-class ImageEncoderCfg:
-    timm_name: str = "vit_small_patch16_224"  # timm architecture the tower is built from
-    image_size: int = 64  # input side in pixels (patches are resized to it)
-    patch_size: int = 8  # ViT patch size in pixels
-    width: int = 128  # ViT embedding width
-    depth: int = 4  # number of transformer blocks
-    heads: int = 4  # attention heads
-    pretrained: bool = False  # load timm weights (needs them local or hub access)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel normalisation mean (ImageNet)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # per-channel normalisation std (ImageNet)
+FINETUNE_MODES = ("full", "frozen", "lora")
+PROJECTIONS = ("linear", "mlp", "transformer")
 
 
 @dataclass(frozen=True)
-class GeneEncoderCfg:
-    kind: str = "mlp"  # gene tower type; "mlp" is the from-scratch baseline of the paper
-    n_genes: int = 0  # input genes; 0 = set from the dataset at build time
-    hidden_mult: int = 2  # hidden width = hidden_mult × n_genes (the paper's MLP: 2×)
-    dropout: float = 0.1  # dropout in the gene MLP
-    transform: str = "log1p"  # raw-count transform applied before the tower (see hescape.data.transforms)
+class TowerCfg:
+    name: str  # registered encoder (hescape.models.list_image_encoders() / list_gene_encoders())
+    weights: str | None = None  # None = random init; a file/directory of the published weights; "hf" = download
+    options: dict[str, Any] = field(default_factory=dict)  # builder options of the encoder (sizes, pooling, vocab)
+    finetune: str = "full"  # full | frozen (trunk fixed, in eval mode) | lora (peft adapters on lora_targets)
+    lora_rank: int = 8  # LoRA rank r (the reference: 8)
+    lora_alpha: float = 16.0  # LoRA alpha (the reference: 16)
+    lora_dropout: float = 0.1  # dropout on the LoRA branch (the reference: 0.1)
+    lora_targets: tuple[str, ...] = ()  # module-name suffixes to adapt; empty = the encoder's defaults
+    projection: str | None = None  # linear | mlp | transformer; None = ModelCfg.projection
+    contract: dict[str, Any] | None = None  # input contract recorded by a checkpoint (None = the entry's default)
 
 
 @dataclass(frozen=True)
 class ModelCfg:
-    image: ImageEncoderCfg = field(default_factory=ImageEncoderCfg)  # image tower
-    gene: GeneEncoderCfg = field(default_factory=GeneEncoderCfg)  # gene tower
+    image: TowerCfg = field(default_factory=lambda: TowerCfg("vit_nano"))  # image tower
+    gene: TowerCfg = field(default_factory=lambda: TowerCfg("mlp"))  # gene tower
+    panel: tuple[str, ...] = ()  # gene names of the model's input columns, in order (the dataset's panel)
+    gene_ids: tuple[str, ...] | None = None  # their Ensembl ids when known (vocabulary mapping of pretrained encoders)
     embed_dim: int = 128  # shared embedding size d (the paper: 128)
-    projection: str = "mlp"  # projection head: "linear" or "mlp" (the paper's best)
+    projection: str = "mlp"  # projection head of both towers unless a tower sets its own: linear | mlp | transformer
+    head_dropout: float = 0.2  # dropout inside the MLP head (the reference: timm Mlp, drop 0.2)
     loss: str = "clip"  # "clip" or "siglip"
     init_logit_scale: float = 2.6592  # log(1/0.07), CLIP's initial temperature
     init_logit_bias: float = -10.0  # SigLIP's initial bias (used by loss="siglip")

@@ -1,6 +1,8 @@
-"""Named model configurations: ``create_model(name, **overrides)``, ``list_models(pattern)``.
+"""Named model presets: ``create_model(name, panel=…, **overrides)``, ``list_models(pattern)``.
 
-Names follow ``<image encoder>_<gene encoder>_<size>``.
+A preset is a :class:`ModelCfg` without a panel; names follow ``<image encoder>_<gene encoder>_<size>``. Any
+registered image and gene encoder can be combined by overriding ``image=``/``gene=`` (a name or a
+:class:`TowerCfg`).
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ import dataclasses
 import difflib
 import fnmatch
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from .config import GeneEncoderCfg, ImageEncoderCfg, ModelCfg
+from .config import ModelCfg, TowerCfg
 from .errors import HescapeModelError
 from .model import HescapeCLIP
 
@@ -41,39 +43,63 @@ def get_model_cfg(name: str) -> ModelCfg:
     return _REGISTRY[name]()
 
 
-def create_model(name: str, *, n_genes: int, **overrides) -> HescapeCLIP:
-    """Build a registered model for a panel of ``n_genes`` genes.
+def _as_tower(value: str | TowerCfg | dict, base: TowerCfg) -> TowerCfg:
+    if isinstance(value, TowerCfg):
+        return value
+    if isinstance(value, str):
+        return TowerCfg(value) if value != base.name else base
+    if isinstance(value, dict):
+        return dataclasses.replace(base, **value)
+    msg = f"expected an encoder name, a TowerCfg or a dict of TowerCfg fields, found {value!r}"
+    raise HescapeModelError(msg)
 
-    ``overrides`` set top-level :class:`ModelCfg` fields (``embed_dim=64``, ``loss="siglip"``); ``None``
-    values are dropped so the registered defaults apply.
+
+def create_model(name: str, *, panel: Sequence[str], gene_ids: Sequence[str] | None = None,
+                 load_weights: bool = True, **overrides) -> HescapeCLIP:
+    """Build a preset for a gene ``panel`` (the dataset's gene names, in column order).
+
+    ``overrides`` set :class:`ModelCfg` fields (``embed_dim=64``, ``loss="siglip"``, ``image="uni"``,
+    ``gene={"finetune": "frozen"}``); ``None`` values are dropped so the preset's values apply.
     """
     cfg = get_model_cfg(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    known = {f.name for f in dataclasses.fields(ModelCfg)}
+    known = {f.name for f in dataclasses.fields(ModelCfg)} - {"panel", "gene_ids"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         msg = f"unknown model option(s) {unknown}: expected some of {sorted(known)}"
         raise HescapeModelError(msg)
-    cfg = dataclasses.replace(cfg, gene=dataclasses.replace(cfg.gene, n_genes=n_genes), **overrides)
-    return HescapeCLIP(cfg)
+    for key in ("image", "gene"):
+        if key in overrides:
+            overrides[key] = _as_tower(overrides[key], getattr(cfg, key))
+    if isinstance(panel, str) or not len(panel):
+        msg = f"create_model needs the gene panel (a list of gene names), found {panel!r}"
+        raise HescapeModelError(msg)
+    cfg = dataclasses.replace(cfg, panel=tuple(str(g) for g in panel),
+                              gene_ids=None if gene_ids is None else tuple(str(g) for g in gene_ids), **overrides)
+    return HescapeCLIP(cfg, load_weights=load_weights)
 
 
 @register_model
 def vit_mlp_nano() -> ModelCfg:
     """4-block ViT (width 128) on 64 px patches + the paper's MLP gene tower: trains on a CPU in minutes."""
-    return ModelCfg(image=ImageEncoderCfg(image_size=64, patch_size=8, width=128, depth=4, heads=4),
-                    gene=GeneEncoderCfg(), embed_dim=128)
+    return ModelCfg(image=TowerCfg("vit_nano"), gene=TowerCfg("mlp"), embed_dim=128)
 
 
 @register_model
 def vit_mlp_tiny() -> ModelCfg:
     """ViT-Tiny (width 192, 12 blocks, 224 px, patch 16) + MLP gene tower."""
-    return ModelCfg(image=ImageEncoderCfg(timm_name="vit_tiny_patch16_224", image_size=224, patch_size=16,
-                                          width=192, depth=12, heads=3), gene=GeneEncoderCfg(), embed_dim=128)
+    return ModelCfg(image=TowerCfg("vit_tiny"), gene=TowerCfg("mlp"), embed_dim=128)
 
 
 @register_model
 def vit_mlp_small() -> ModelCfg:
     """ViT-Small (width 384, 12 blocks, 224 px, patch 16) + MLP gene tower."""
-    return ModelCfg(image=ImageEncoderCfg(timm_name="vit_small_patch16_224", image_size=224, patch_size=16,
-                                          width=384, depth=12, heads=6), gene=GeneEncoderCfg(), embed_dim=128)
+    return ModelCfg(image=TowerCfg("vit_small"), gene=TowerCfg("mlp"), embed_dim=128)
+
+
+@register_model
+def paper() -> ModelCfg:
+    """The paper's benchmark setting (section 8.1): d = 128, MLP projection, CLIP, frozen gene encoder, LoRA image
+    encoder. Choose the encoders with ``image=``/``gene=`` (defaults: UNI and the from-scratch MLP, which trains)."""
+    return ModelCfg(image=TowerCfg("uni", finetune="lora"), gene=TowerCfg("mlp"), embed_dim=128,
+                    projection="mlp", loss="clip")

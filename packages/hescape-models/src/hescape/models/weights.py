@@ -74,6 +74,22 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def _numpy_plain_values() -> list:
+    """numpy scalar and dtype classes: plain values a training checkpoint may hold beside its tensors (a Lightning
+    checkpoint's learning rates computed with ``np.cos``). Allowing them runs no code; every other global stays
+    refused. Files written under numpy < 2 name the scalar ``numpy.core.multiarray.scalar``."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    classes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "int16", "int8",
+                                           "uint8", "bool")]
+    return [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            *classes]
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file loaded with ``weights_only=True``.
 
@@ -84,7 +100,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+        msg = f"weights file {path} does not exist"
+        raise WeightsError(msg)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -94,7 +111,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             msg = f"weights file {path}: expected a safetensors file, found one that cannot be read ({e})"
             raise WeightsError(msg) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_plain_values()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean the same here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         msg = (f"weights file {path}: expected tensors saved with torch.save (loaded with weights_only=True, so "
@@ -111,12 +129,14 @@ def resolve_weights(source: str | os.PathLike, spec: WeightsSpec, name: str) -> 
     if str(source) == "hf" or str(source).startswith("hf:"):
         repo = str(source)[3:] or spec.hf_id if str(source) != "hf" else spec.hf_id
         if not repo:
-            raise WeightsError(f"encoder {name!r} has no Hugging Face repository; give a local weights path")
+            msg = f"encoder {name!r} has no Hugging Face repository; give a local weights path"
+            raise WeightsError(msg)
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
-            raise WeightsError(f"weights='hf' needs huggingface_hub; pip install huggingface_hub, or "
-                               f"{spec.how_to_get()} and pass the local path") from None
+            msg = (f"weights='hf' needs huggingface_hub; pip install huggingface_hub, or {spec.how_to_get()} and "
+                   "pass the local path")
+            raise WeightsError(msg) from None
         errors = []
         for fname in spec.files:
             try:
@@ -136,7 +156,8 @@ def resolve_weights(source: str | os.PathLike, spec: WeightsSpec, name: str) -> 
                f"{spec.how_to_get()}")
         raise WeightsError(msg)
     if not path.is_file():
-        raise WeightsError(f"encoder {name!r}: weights path {path} does not exist; {spec.how_to_get()}")
+        msg_0 = f"encoder {name!r}: weights path {path} does not exist; {spec.how_to_get()}"
+        raise WeightsError(msg_0)
     return path
 
 

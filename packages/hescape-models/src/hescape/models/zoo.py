@@ -123,7 +123,8 @@ def _load_plugins() -> None:
                 entries = [obj] if isinstance(obj, EncoderEntry) else list(obj)
                 for e in entries:
                     if not isinstance(e, EncoderEntry) or e.modality != modality:
-                        raise TypeError(f"expected {modality} EncoderEntry objects, found {type(e).__name__}")
+                        msg = f"expected {modality} EncoderEntry objects, found {type(e).__name__}"
+                        raise TypeError(msg)
                     register_encoder(e)
             except Exception as e:  # noqa: BLE001 - a broken plugin must not break the built-in encoders
                 warnings.warn(f"encoder plugin {ep.name!r} ({ep.value}) of group {group} failed to load: {e}",
@@ -176,7 +177,9 @@ def _contract(entry: EncoderEntry, contract) -> ImageContract | GeneContract:
 
 
 def _finish(enc: nn.Module, entry: EncoderEntry, contract, weights) -> nn.Module:
-    enc.contract = _contract(entry, contract)
+    # A recorded contract wins; else the one the builder set for its options (e.g. another input size); else the
+    # entry's default.
+    enc.contract = _contract(entry, contract) if contract is not None else getattr(enc, "contract", entry.contract)
     enc.encoder_name = entry.name
     if not getattr(enc, "lora_targets", ()):
         enc.lora_targets = entry.lora_targets

@@ -21,7 +21,6 @@ __all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_conf
 class DataConfig:
     path: str | None = None  # dataset directory (manifest.json); empty = the embedded synthetic default, built and cached
     panel: str = "human-breast-panel"  # gene panel of the embedded synthetic default
-    gene_transform: str = "log1p"  # raw-count transform: log1p | normalize_total_log1p | identity
     augment: bool = True  # random flips and 90° rotations of training patches
     stain_jitter: float = 0.1  # sd of the per-patch, per-channel optical-density scale (0 disables; needs augment)
     hed_jitter: float = 0.4  # sd of the per-patch log haematoxylin / eosin amount (HED augmentation; 0 disables)
@@ -30,10 +29,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_mlp_nano"  # registered model (hescape.models.list_models())
+    name: str = "vit_mlp_nano"  # model preset (hescape.models.list_models()); image/gene below override its towers
+    image: str | None = None  # image encoder (hescape-models list); empty = the preset's
+    gene: str | None = None  # gene encoder (hescape-models list); empty = the preset's
+    image_weights: str | None = None  # published image weights: a file or directory, or hf; empty = the preset's
+    gene_weights: str | None = None  # published gene-encoder weights (file/directory; DRVI: its model directory)
+    image_options: dict | None = None  # image encoder builder options (YAML mapping or JSON, e.g. {"pooling": "cls+mean"})
+    gene_options: dict | None = None  # gene encoder builder options (e.g. {"vocabulary": "model.h5ad"})
+    image_finetune: str | None = None  # full | frozen | lora; empty = the preset's
+    gene_finetune: str | None = None  # full | frozen | lora; empty = the preset's
+    lora_rank: int = 8  # LoRA rank of a lora tower (the reference: 8)
+    lora_alpha: float = 16.0  # LoRA alpha (the reference: 16)
     loss: str = "clip"  # contrastive loss: clip | siglip
     embed_dim: int = 128  # shared embedding size
-    projection: str = "mlp"  # projection head: mlp | linear
+    projection: str = "mlp"  # projection head of both towers: mlp | linear | transformer
+    image_projection: str | None = None  # image head only (the paper's ablation); empty = projection
     n_genes: int = 0  # gene-panel size the model expects; 0 = take it from the dataset
     init_checkpoint: str | None = None  # start from this checkpoint.pt (its gene panel must match the dataset)
 
@@ -95,6 +105,13 @@ def _coerce(value, tp, key: str):
             return float(value)
         if tp is str:
             return str(value)
+        if tp is dict or origin is dict:
+            if isinstance(value, dict):
+                return value
+            parsed = json.loads(value) if isinstance(value, str) else None
+            if isinstance(parsed, dict):
+                return parsed
+            raise ValueError
         if origin is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(_coerce(v, args[0], key) for v in items if str(v).strip() != "")
@@ -118,7 +135,16 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+#: Keys of earlier versions and where their choice lives now.
+_MOVED = {
+    "data.gene_transform": "gene preprocessing is now the gene encoder's input contract (see `hescape-models list`); "
+                           "choose the encoder with model.gene=…",
+}
+
+
 def _unknown_key(key: str) -> HescapeConfigError:
+    if key in _MOVED:
+        return HescapeConfigError(f"unknown config key {key!r}: {_MOVED[key]}")
     keys = _all_keys(TrainConfig)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, get_gene_transform, read_manifest
+from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, read_manifest
 from hescape.data.errors import HescapeDataError
 from hescape.eval import retrieval_metrics
 from hescape.eval.baselines import colour_statistics, ridge_probe
-from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_loss, create_model
+from hescape.models import HescapeCLIP, TowerCfg, cfg_from_dict, cfg_to_dict, create_loss, create_model
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict
@@ -175,6 +176,59 @@ def _load_init_checkpoint(path: str, genes: list[str]) -> dict:
     return ckpt
 
 
+def _tower_overrides(cfg: TrainConfig, key: str) -> dict | None:
+    m = cfg.model
+    fields = {"weights": getattr(m, f"{key}_weights"), "options": getattr(m, f"{key}_options"),
+              "finetune": getattr(m, f"{key}_finetune")}
+    if key == "image":
+        fields["projection"] = m.image_projection
+    out = {k: v for k, v in fields.items() if v is not None}
+    if out.get("finetune") == "lora":
+        out.update(lora_rank=m.lora_rank, lora_alpha=m.lora_alpha)
+    name = getattr(m, key)
+    if name is None and not out:
+        return None
+    from hescape.models import get_model_cfg
+
+    base = getattr(get_model_cfg(m.name), key)
+    tower = dataclasses.replace(base if name in (None, base.name) else TowerCfg(name), **out)
+    return {f.name: getattr(tower, f.name) for f in dataclasses.fields(tower)}
+
+
+def _build_model(cfg: TrainConfig, ckpt: dict | None, genes: list[str], gene_ids) -> HescapeCLIP:
+    """The model of a new run, or of ``model.init_checkpoint`` (architecture, contracts and panel from it)."""
+    if ckpt is not None:
+        try:
+            mcfg = cfg_from_dict(ckpt["model_cfg"])
+        except (KeyError, TypeError) as e:
+            msg = (f"model.init_checkpoint={cfg.model.init_checkpoint!r}: expected a hescape-train checkpoint with a "
+                   f"model_cfg, found one without ({e}); give the checkpoint.pt of a run of this version")
+            raise HescapeConfigError(msg) from None
+        model = HescapeCLIP(mcfg, load_weights=False)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except (KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            msg = (f"model.init_checkpoint={cfg.model.init_checkpoint!r}: its weights do not fit its recorded "
+                   f"architecture ({first}); the file is damaged or from another version")
+            raise HescapeConfigError(msg) from None
+        return model
+    ids = list(gene_ids) if gene_ids and len(gene_ids) == len(genes) and any(gene_ids) else None
+    return create_model(cfg.model.name, panel=genes, gene_ids=ids, loss=cfg.model.loss,
+                        embed_dim=cfg.model.embed_dim, projection=cfg.model.projection,
+                        image=_tower_overrides(cfg, "image"), gene=_tower_overrides(cfg, "gene"))
+
+
+def _warn_scale(model: HescapeCLIP, manifest: dict, info: DistInfo) -> None:
+    geo = manifest.get("geometry") or {}
+    um, fov = geo.get("um_per_px"), geo.get("fov_um")
+    if not (um and fov) or not info.is_main:
+        return
+    text = model.image_encoder.contract.scale_warning(float(um), round(float(fov) / float(um)))
+    if text:
+        tqdm.write(f"warning: image encoder {model.cfg.image.name!r}: {text}")
+
+
 def train(cfg: TrainConfig) -> RunResult | None:
     """Train, validate each epoch, test the best epoch on held-out donors, write the run directory.
 
@@ -211,15 +265,15 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
         raise HescapeConfigError(msg)
     ckpt = _load_init_checkpoint(cfg.model.init_checkpoint, genes) if cfg.model.init_checkpoint else None
 
-    gene_tf = get_gene_transform(cfg.data.gene_transform)
     splits = {s["split"] for s in manifest["samples"]}
     for needed in ("train", "test"):
         if needed not in splits:
             msg = f"dataset {data_path} has no {needed!r} split (found {sorted(splits)}); rebuild it with donor splits"
             raise HescapeDataError(msg)
-    train_ds = PairedSpotDataset(data_path, "train", gene_transform=gene_tf)
-    val_ds = PairedSpotDataset(data_path, "val", gene_transform=gene_tf) if "val" in splits else None
-    test_ds = PairedSpotDataset(data_path, "test", gene_transform=gene_tf)
+    # Raw counts and raw patches: each encoder prepares its own input with its contract.
+    train_ds = PairedSpotDataset(data_path, "train")
+    val_ds = PairedSpotDataset(data_path, "val") if "val" in splits else None
+    test_ds = PairedSpotDataset(data_path, "test")
     if not cfg.recall_ks or min(cfg.recall_ks) < 1:
         msg = f"recall_ks must list positive k values (e.g. recall_ks=1,5,10), found {cfg.recall_ks!r}"
         raise HescapeConfigError(msg)
@@ -228,12 +282,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
                f"has {len(test_ds)} spots; lower recall_ks or put more samples in the test split")
         raise HescapeConfigError(msg)
 
-    if ckpt is not None:
-        model = HescapeCLIP(cfg_from_dict(ckpt["model_cfg"]))
-        model.load_state_dict(ckpt["state_dict"])
-    else:
-        model = create_model(cfg.model.name, n_genes=len(genes), loss=cfg.model.loss, embed_dim=cfg.model.embed_dim,
-                             projection=cfg.model.projection)
+    model = _build_model(cfg, ckpt, genes, manifest.get("gene_ids"))
+    _warn_scale(model, manifest, info)
     model.to(device)
     if info.enabled:
         model.loss_fn = create_loss(cfg.model.loss, rank=info.rank, world_size=info.world_size,
@@ -242,8 +292,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
     else:
         ddp = model
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
@@ -291,6 +342,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
                 if cfg.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 opt.step()
+                model.clamp_logit_scale()  # after the step, as open_clip: the scale used is the scale stored
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / float(out['logit_scale'].detach()):.3f}")
                 step += 1
@@ -315,8 +367,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult 
                 tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {rec['train_loss']:.4f}{extra}")
             if score > best:
                 best, best_epoch = score, epoch + 1
-                torch.save({"state_dict": model.state_dict(), "model_cfg": cfg_to_dict(model.cfg), "genes": genes,
-                            "gene_transform": cfg.data.gene_transform, "epoch": epoch + 1,
+                torch.save({"state_dict": model.state_dict(), "model_cfg": cfg_to_dict(model.recorded_cfg()),
+                            "encoders": model.describe(), "genes": genes, "epoch": epoch + 1,
                             "train_config": config_to_dict(cfg)}, run_dir / "checkpoint.pt")
 
         if not info.is_main:

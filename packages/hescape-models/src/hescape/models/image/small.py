@@ -37,7 +37,7 @@ class TimmImageEncoder(ImageEncoder):
             raise HescapeModelError(msg) from None
         self.out_dim = self.backbone.num_features
         self.contract = ImageContract(input_size=image_size)
-        self.lora_targets = ("qkv", "proj") if vit else ()
+        self.lora_targets = ("attn.qkv", "attn.proj") if vit else ()  # attention only, not patch_embed.proj
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -55,7 +55,7 @@ def _vit(name, timm_name, size, patch, width, depth, heads, description):
                                 num_heads=heads)
 
     register_encoder(EncoderEntry(name=name, modality="image", builder=build, contract=ImageContract(input_size=size),
-                                  out_dim=width, pooling="cls", lora_targets=("qkv", "proj"),
+                                  out_dim=width, pooling="cls", lora_targets=("attn.qkv", "attn.proj"),
                                   description=description))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import HescapeModelError
 from ..ops._utils import triton_usable
-from ._reference import DEFAULT_TILE, clip_loss_torch, siglip_loss_torch
+from ._tiled import DEFAULT_TILE, clip_loss_torch, siglip_loss_torch
 from .distributed import check_world, gather_features
 
 __all__ = ["IMPLS", "ClipLoss", "SigLipLoss", "clip_loss", "create_loss", "resolve_impl", "siglip_loss"]
@@ -106,7 +106,7 @@ class ClipLoss(_ContrastiveLoss):
         Each rank scores only its own rows against all columns (O(B_local·B) work); the mean over ranks equals
         the global loss. Otherwise every rank computes the global loss on the gathered batch.
     tile
-        Tile edge of the torch path (memory O(B·d + tile²) per CPU worker thread; see ``_reference``).
+        Tile edge of the torch path (memory O(B·d + tile²) per CPU worker thread; see ``_tiled``).
     """
 
     def forward(self, img: torch.Tensor, gex: torch.Tensor, logit_scale: torch.Tensor,

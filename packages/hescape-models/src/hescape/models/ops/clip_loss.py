@@ -1,6 +1,6 @@
 """Fused tiled CLIP loss in Triton: the logit matrix is never written to memory.
 
-Derivation (the same algorithm as ``hescape.models.losses._reference``, which is the test reference)
+Derivation (the same algorithm as ``hescape.models.losses._tiled``; the tests compare both with :mod:`hescape.models.losses.naive`)
 -----------------------------------------------------------------------------------------------------
 Features ``v`` (M×d), ``g`` (N×d), exponentiated scale ``s``, logits ``z_ij = s·<v_i, g_j>``, positives at
 ``(i, i + o)`` with ``δ_ij = [j = i + o]``. With ``r_i = logsumexp_j z_ij`` and ``c_j = logsumexp_i z_ij``

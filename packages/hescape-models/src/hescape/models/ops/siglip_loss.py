@@ -1,6 +1,6 @@
 """Fused tiled SigLIP loss in Triton: the logit matrix is never written to memory.
 
-Derivation (the same algorithm as ``hescape.models.losses._reference``, which is the test reference)
+Derivation (the same algorithm as ``hescape.models.losses._tiled``; the tests compare both with :mod:`hescape.models.losses.naive`)
 -----------------------------------------------------------------------------------------------------
 Features ``v`` (M×d), ``g`` (N×d), exponentiated scale ``s``, bias ``b``, logits ``z_ij = s·<v_i, g_j> + b``,
 labels ``y_ij = +1`` at the positives ``(i, i + o)`` (``δ_ij``) and −1 elsewhere. Since −log σ(x) = softplus(−x),

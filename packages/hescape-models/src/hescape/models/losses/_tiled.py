@@ -1,4 +1,4 @@
-"""Tiled pure-torch CLIP and SigLIP losses: the reference for the Triton kernels and the CPU fallback.
+"""Tiled pure-torch CLIP and SigLIP losses: the CPU path and the algorithm the Triton kernels follow.
 
 Neither loss ever holds the M×N logit matrix. Memory is O((M + N)·d + tile²) per worker: each of the ``W``
 workers (``W = torch.get_num_threads()`` on CPU, capped by the number of row tiles; 1 on other devices) holds two
