@@ -11,6 +11,12 @@ Not collected by the default ``uv run pytest`` (root testpaths are ``packages`` 
 
 Writes ``benchmarks/out/bench_recall.csv`` (not committed) and prints ratios and GFLOP/s against this
 CPU's fp32 peak: cores x 2 FMA units x SIMD lanes (8 AVX2, 16 AVX-512) x 2 flops x GHz (GHz from /proc/cpuinfo).
+
+Both directions (``test_directions``, N = ``DIR_N``, d = 128; ``-k "directions or summary"`` runs only these and the summary):
+``one`` = :func:`hescape.eval.compute_ranks` image→gene only; ``two`` = image→gene then gene→image, two calls
+(what ``retrieval_metrics`` did before); ``fused`` = :func:`hescape.eval.compute_ranks_both`, both directions
+from one pass over the score tiles; for the C++ kernel and the torch fallback. The summary prints fused/two and
+fused/one from the same run, with the CPU model, and checks that fused and two give identical ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import torch
 
 from .conftest import SUMMARY
 
-faiss = pytest.importorskip("faiss")
+try:
+    import faiss
+except ImportError:  # only the faiss comparison needs it
+    faiss = None
 
 D = 128
 ARGSORT_ROWS = 1024
@@ -103,13 +112,25 @@ def _argsort_rows(n: int, rows: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module", autouse=True)
+def _threads():
+    torch.set_num_threads(_cores())
+    if faiss is not None:
+        faiss.omp_set_num_threads(_cores())
+
+
+@pytest.fixture
 def _need_extension():
     if not E.has_cpp_ext():
         pytest.skip("hescape.eval._C is not built: run `uv sync --reinstall-package hescape-eval`")
-    torch.set_num_threads(_cores())
-    faiss.omp_set_num_threads(_cores())
 
 
+@pytest.fixture
+def _need_faiss():
+    if faiss is None:
+        pytest.skip("faiss is not installed (dev dependency faiss-cpu)")
+
+
+@pytest.mark.usefixtures("_need_extension")
 @pytest.mark.parametrize("n", [16384, 65536])
 def test_cpp(benchmark, n):
     out = _run(benchmark, ("cpp", n), lambda: _cpp(n), rounds=3 if n <= 16384 else 1)
@@ -117,6 +138,7 @@ def test_cpp(benchmark, n):
     TIMES[("cpp_recall10", n)] = float((out.ranks < 10).double().mean())
 
 
+@pytest.mark.usefixtures("_need_extension")
 def test_argsort_reference(benchmark):
     n = 16384
     ranks = _run(benchmark, ("argsort_rows", n), lambda: _argsort_rows(n, ARGSORT_ROWS), rounds=1)
@@ -126,10 +148,48 @@ def test_argsort_reference(benchmark):
     assert float((ranks == exact).double().mean()) > 0.99
 
 
+@pytest.mark.usefixtures("_need_faiss")
 @pytest.mark.parametrize("n", [16384, 65536])
 def test_faiss_top10(benchmark, n):
     idx = _run(benchmark, ("faiss", n), lambda: _faiss(n), rounds=2 if n <= 16384 else 1)
     TIMES[("faiss_recall10", n)] = float((idx == np.arange(n)[:, None]).any(axis=1).mean())
+
+
+DIR_N = 8192
+DIR_RANKS: dict[tuple[str, str], tuple] = {}
+
+
+def _one(backend: str):
+    q, g = _data(DIR_N)
+    return (E.compute_ranks(q, g, backend=backend).ranks,)
+
+
+def _two(backend: str):
+    q, g = _data(DIR_N)
+    return E.compute_ranks(q, g, backend=backend).ranks, E.compute_ranks(g, q, backend=backend).ranks
+
+
+def _fused(backend: str):
+    q, g = _data(DIR_N)
+    fwd, rev = E.compute_ranks_both(q, g, backend=backend)
+    assert fwd.fused
+    return fwd.ranks, rev.ranks
+
+
+@pytest.mark.parametrize("mode", ["one", "two", "fused"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.skipif(not E.has_cpp_ext(), reason="hescape.eval._C is not built")), "torch"])
+def test_directions(benchmark, backend, mode):
+    fn = {"one": _one, "two": _two, "fused": _fused}[mode]
+    out = _run(benchmark, (f"dir-{backend}-{mode}", DIR_N), lambda: fn(backend), rounds=5 if backend == "cpp" else 2)
+    DIR_RANKS[(backend, mode)] = out
+    benchmark.extra_info.update(n=DIR_N, d=D, backend=backend, mode=mode)
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def _sgemm_gflops(n: int = 3072) -> float:
@@ -172,10 +232,23 @@ def test_zz_summary():
             line += (f"; faiss top-10 {r['faiss_s']:.2f} s -> {r['speedup_vs_faiss']:.2f}x"
                      f" (R@10 {r['recall10_cpp']:.4f} vs faiss {r['recall10_faiss']:.4f})")
         SUMMARY.append(line)
+    for backend in ("cpp", "torch"):
+        t = {m: TIMES.get((f"dir-{backend}-{m}", DIR_N)) for m in ("one", "two", "fused")}
+        if None in t.values():
+            continue
+        two, fused = DIR_RANKS[(backend, "two")], DIR_RANKS[(backend, "fused")]
+        same = all(bool((a == b).all()) for a, b in zip(two, fused, strict=True))
+        assert same, f"{backend}: fused ranks differ from two separate calls"
+        SUMMARY.append(f"both directions, N={DIR_N} d={D}, {backend}: one direction {t['one']:.3f} s, two calls "
+                       f"{t['two']:.3f} s, fused {t['fused']:.3f} s -> fused/two {t['fused'] / t['two']:.2f}x, "
+                       f"fused/one {t['fused'] / t['one']:.2f}x (ranks identical: {same}); {_cpu_model()}, "
+                       f"{torch.get_num_threads()} threads")
+        rows.append({"n": DIR_N, "d": D, f"{backend}_one_s": t["one"], f"{backend}_two_s": t["two"],
+                     f"{backend}_fused_s": t["fused"]})
     _OUT.mkdir(exist_ok=True)
     keys = sorted({k for r in rows for k in r})
     with open(_OUT / "bench_recall.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    assert rows, "no cpp timing was recorded"
+    assert rows, "no timing was recorded"

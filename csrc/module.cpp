@@ -21,8 +21,9 @@ using f32_array = py::array_t<float, py::array::c_style>;
 using u16_array = py::array_t<uint16_t, py::array::c_style>;
 using i64_array = py::array_t<int64_t, py::array::c_style>;
 
-py::tuple rank_cpu(const py::array& queries, const py::array& gallery, const py::object& query_labels,
-                   const py::object& gallery_labels, int num_threads, const std::string& isa) {
+// Checks and wraps the arrays of a rank call; ql/gl keep the label arrays alive while `in` points into them.
+hescape::RankInput make_input(const py::array& queries, const py::array& gallery, const py::object& query_labels,
+                              const py::object& gallery_labels, i64_array& ql, i64_array& gl) {
   const bool bf16 = queries.dtype().is(py::dtype::of<uint16_t>());
   if (!bf16 && !queries.dtype().is(py::dtype::of<float>()))
     throw py::type_error("queries: expected float32 or uint16 (bfloat16 bits)");
@@ -37,7 +38,6 @@ py::tuple rank_cpu(const py::array& queries, const py::array& gallery, const py:
 
   hescape::RankInput in{queries.data(), gallery.data(), bf16 ? hescape::ElemType::bf16 : hescape::ElemType::f32,
                         queries.shape(0), gallery.shape(0), queries.shape(1), nullptr, nullptr};
-  i64_array ql, gl;
   if (!query_labels.is_none()) {
     ql = query_labels.cast<i64_array>();
     gl = gallery_labels.cast<i64_array>();
@@ -46,6 +46,13 @@ py::tuple rank_cpu(const py::array& queries, const py::array& gallery, const py:
     in.q_labels = ql.data();
     in.g_labels = gl.data();
   }
+  return in;
+}
+
+py::tuple rank_cpu(const py::array& queries, const py::array& gallery, const py::object& query_labels,
+                   const py::object& gallery_labels, int num_threads, const std::string& isa) {
+  i64_array ql, gl;
+  const hescape::RankInput in = make_input(queries, gallery, query_labels, gallery_labels, ql, gl);
   i64_array ranks(in.nq), best_index(in.nq);
   f32_array best_score(in.nq);
   const hescape::RankOutput out{ranks.mutable_data(), best_score.mutable_data(), best_index.mutable_data()};
@@ -57,6 +64,22 @@ py::tuple rank_cpu(const py::array& queries, const py::array& gallery, const py:
   return py::make_tuple(ranks, best_score, best_index, std::string(used));
 }
 
+py::tuple rank_cpu_both(const py::array& queries, const py::array& gallery, const py::object& query_labels,
+                        const py::object& gallery_labels, int num_threads, const std::string& isa) {
+  i64_array ql, gl;
+  const hescape::RankInput in = make_input(queries, gallery, query_labels, gallery_labels, ql, gl);
+  i64_array f_ranks(in.nq), f_index(in.nq), r_ranks(in.ng), r_index(in.ng);
+  f32_array f_score(in.nq), r_score(in.ng);
+  const hescape::RankOutput fwd{f_ranks.mutable_data(), f_score.mutable_data(), f_index.mutable_data()};
+  const hescape::RankOutput rev{r_ranks.mutable_data(), r_score.mutable_data(), r_index.mutable_data()};
+  const char* used = nullptr;
+  {
+    py::gil_scoped_release release;
+    used = hescape::rank_cpu_both(in, fwd, rev, num_threads, isa.c_str());
+  }
+  return py::make_tuple(f_ranks, f_score, f_index, r_ranks, r_score, r_index, std::string(used));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -64,6 +87,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("rank_cpu", &rank_cpu, py::arg("queries"), py::arg("gallery"), py::arg("query_labels") = py::none(),
         py::arg("gallery_labels") = py::none(), py::arg("num_threads") = 0, py::arg("isa") = "auto",
         "Ranks, best-positive scores, best-positive indices and the ISA used ('avx512', 'avx2' or 'generic').");
+  m.def("rank_cpu_both", &rank_cpu_both, py::arg("queries"), py::arg("gallery"),
+        py::arg("query_labels") = py::none(), py::arg("gallery_labels") = py::none(), py::arg("num_threads") = 0,
+        py::arg("isa") = "auto",
+        "Both directions from one counting pass: forward ranks, scores, indices, then reverse ranks, scores, "
+        "indices (queries ranked for each gallery row), and the ISA used.");
   m.def("cpu_has_avx2", &hescape::cpu_has_avx2, "Whether the AVX2+FMA path can run on this CPU.");
   m.def("cpu_has_avx512", &hescape::cpu_has_avx512, "Whether the AVX-512F+FMA path can run on this CPU (and build).");
 #ifdef HESCAPE_WITH_CUDA

@@ -40,6 +40,13 @@ constexpr int kNR = 16;
 // counts[i - i0] is incremented.
 using CountFn = void (*)(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0,
                          int64_t p1, int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts);
+// Both directions from the same tiles (rank_cpu_both): the row counts of CountFn, plus, for every gallery row j
+// of the panels, the number of query rows i in [i0, i1) with s_ij > cthr[j] or (s_ij == cthr[j] and i < cpidx[j])
+// added to ccounts[j] (int32). cthr/cpidx/ccounts are indexed by gallery row and padded to whole panels; padded
+// entries hold cthr = +inf, so they never count. A tail block's repeated rows are not counted for columns.
+using CountBothFn = void (*)(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0,
+                             int64_t p1, int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts,
+                             const float* cthr, const int32_t* cpidx, int32_t* ccounts);
 // The canonical dot; g is read with stride gstride (kNR inside a panel).
 using DotFn = float (*)(const float* q, const float* g, int64_t d, int64_t gstride);
 
@@ -47,6 +54,9 @@ using DotFn = float (*)(const float* q, const float* g, int64_t d, int64_t gstri
   namespace ns {                                                                                            \
   void count_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1, \
                   int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts);                      \
+  void count_both(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1, \
+                  int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts, const float* cthr,    \
+                  const int32_t* cpidx, int32_t* ccounts);                                                  \
   float dot(const float* q, const float* g, int64_t d, int64_t gstride);                                    \
   }
 HESCAPE_DECLARE_ISA(generic)
@@ -83,5 +93,14 @@ struct RankOutput {
 // Runs both passes. isa: "auto" (avx512, else avx2, else generic), "avx512", "avx2" or "generic".
 // Returns the ISA used. The avx512 and avx2 paths compute bit-identical scores (both fused, same order).
 const char* rank_cpu(const RankInput& in, const RankOutput& out, int num_threads, const char* isa);
+
+// Both directions at once: fwd ranks the gallery for every query (as rank_cpu), rev ranks the queries for every
+// gallery row (as rank_cpu with the two sets and the two label arrays swapped), from one counting pass: each
+// score s_ij is computed once, in a tile, and compared with the row's threshold t_i and the column's threshold
+// u_j. Because the canonical dot is symmetric (fma(a, b, c) == fma(b, a, c), a * b == b * a), every score, and
+// so every tie, is bit-identical to the one the two separate rank_cpu calls compute on the same ISA path: the
+// ranks are equal integer for integer. Needs nq < 2^31 - 1 (column counts and indices are int32).
+const char* rank_cpu_both(const RankInput& in, const RankOutput& fwd, const RankOutput& rev, int num_threads,
+                          const char* isa);
 
 }  // namespace hescape

@@ -43,6 +43,26 @@ struct V {
       return s;
     }
   };
+
+  // Reverse-direction state of 8 gallery rows (lanes): hits of query row i against each lane's threshold.
+  struct Col {
+    __m256 u;
+    __m256i r, c;
+    Col(const float* thr, const int32_t* pidx)
+        : u(_mm256_loadu_ps(thr)),
+          r(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pidx))),
+          c(_mm256_setzero_si256()) {}
+    inline void add(__m256 s, int32_t i) {
+      const __m256 gt = _mm256_cmp_ps(s, u, _CMP_GT_OQ);
+      const __m256 eq = _mm256_cmp_ps(s, u, _CMP_EQ_OQ);
+      const __m256 before = _mm256_castsi256_ps(_mm256_cmpgt_epi32(r, _mm256_set1_epi32(i)));  // i < r
+      c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_or_ps(gt, _mm256_and_ps(eq, before))));
+    }
+    inline void flush(int32_t* dst) const {
+      __m256i* p = reinterpret_cast<__m256i*>(dst);
+      _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), c));
+    }
+  };
 };
 
 }  // namespace

@@ -37,6 +37,36 @@ struct Row {
   }
 };
 
+// Reverse-direction state of 16 gallery rows (lanes): hits of query row i against each lane's threshold.
+struct Col {
+  __m512 u;
+  __m512i r, c;
+  Col(const float* thr, const int32_t* pidx)
+      : u(_mm512_loadu_ps(thr)), r(_mm512_loadu_si512(pidx)), c(_mm512_setzero_si512()) {}
+  inline void add(__m512 s, int32_t i) {
+    const __mmask16 gt = _mm512_cmp_ps_mask(s, u, _CMP_GT_OQ);
+    const __mmask16 eq = _mm512_cmp_ps_mask(s, u, _CMP_EQ_OQ);
+    const __mmask16 before = _mm512_cmpgt_epi32_mask(r, _mm512_set1_epi32(i));  // i < r
+    c = _mm512_mask_add_epi32(c, static_cast<__mmask16>(gt | (eq & before)), c, _mm512_set1_epi32(1));
+  }
+  inline void flush(int32_t* dst) const { _mm512_storeu_si512(dst, _mm512_add_epi32(_mm512_loadu_si512(dst), c)); }
+};
+
+// Column counts of one 16-row panel at gallery row j0 from the six accumulators of that panel (rows past
+// nrows repeat row i0 and are skipped).
+inline void add_cols(const float* cthr, const int32_t* cpidx, int32_t* ccounts, int64_t j0, int64_t i0, int nrows,
+                     __m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5) {
+  Col col(cthr + j0, cpidx + j0);
+  const int32_t ib = static_cast<int32_t>(i0);
+  col.add(a0, ib);
+  if (nrows > 1) col.add(a1, ib + 1);
+  if (nrows > 2) col.add(a2, ib + 2);
+  if (nrows > 3) col.add(a3, ib + 3);
+  if (nrows > 4) col.add(a4, ib + 4);
+  if (nrows > 5) col.add(a5, ib + 5);
+  col.flush(ccounts + j0);
+}
+
 }  // namespace
 
 float dot(const float* q, const float* g, int64_t d, int64_t gstride) {
@@ -46,8 +76,13 @@ float dot(const float* q, const float* g, int64_t d, int64_t gstride) {
   return s;
 }
 
-void count_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1,
-                int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts) {
+namespace {
+
+// The 6x32 tile loop; kBoth adds the column (reverse-direction) counts of count_both.
+template <bool kBoth>
+inline void tile_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1,
+                      int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts, const float* cthr,
+                      const int32_t* cpidx, int32_t* ccounts) {
   const int nrows = static_cast<int>(i1 - i0);
   const float* q0 = q + i0 * d;
   const float* q1 = q + (nrows > 1 ? i0 + 1 : i0) * d;
@@ -106,6 +141,10 @@ void count_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t 
     rows[4].add(c41, j1, ng);
     rows[5].add(c50, j0, ng);
     rows[5].add(c51, j1, ng);
+    if constexpr (kBoth) {
+      add_cols(cthr, cpidx, ccounts, j0, i0, nrows, c00, c10, c20, c30, c40, c50);
+      add_cols(cthr, cpidx, ccounts, j1, i0, nrows, c01, c11, c21, c31, c41, c51);
+    }
   }
   if (p < p1) {  // a last single panel
     const float* ga = gp + p * pstride;
@@ -127,8 +166,22 @@ void count_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t 
     rows[3].add(c3, j0, ng);
     rows[4].add(c4, j0, ng);
     rows[5].add(c5, j0, ng);
+    if constexpr (kBoth) add_cols(cthr, cpidx, ccounts, j0, i0, nrows, c0, c1, c2, c3, c4, c5);
   }
   for (int r = 0; r < nrows; ++r) counts[r] += rows[r].cnt;
+}
+
+}  // namespace
+
+void count_rows(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1,
+                int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts) {
+  tile_rows<false>(q, gp, d, i0, i1, p0, p1, ng, thr, pidx, counts, nullptr, nullptr, nullptr);
+}
+
+void count_both(const float* q, const float* gp, int64_t d, int64_t i0, int64_t i1, int64_t p0, int64_t p1,
+                int64_t ng, const float* thr, const int32_t* pidx, int64_t* counts, const float* cthr,
+                const int32_t* cpidx, int32_t* ccounts) {
+  tile_rows<true>(q, gp, d, i0, i1, p0, p1, ng, thr, pidx, counts, cthr, cpidx, ccounts);
 }
 
 }  // namespace avx512

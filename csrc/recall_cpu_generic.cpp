@@ -40,6 +40,25 @@ struct V {
     }
     inline int64_t total() const { return cnt; }
   };
+
+  // Reverse-direction state of 8 gallery rows: hits of query row i against each row's threshold.
+  struct Col {
+    float u[8];
+    int32_t r[8];
+    int32_t c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    Col(const float* thr, const int32_t* pidx) {
+      for (int l = 0; l < 8; ++l) {
+        u[l] = thr[l];
+        r[l] = pidx[l];
+      }
+    }
+    inline void add(const vec& s, int32_t i) {
+      for (int l = 0; l < 8; ++l) c[l] += (s.v[l] > u[l]) || (s.v[l] == u[l] && i < r[l]);
+    }
+    inline void flush(int32_t* dst) const {
+      for (int l = 0; l < 8; ++l) dst[l] += c[l];
+    }
+  };
 };
 
 }  // namespace

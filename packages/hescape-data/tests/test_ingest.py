@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hescape.data import PairedSpotDataset, get_gene_transform, read_manifest, verify_dataset
+from hescape.data import PairedSpotDataset, read_manifest, verify_dataset
 from hescape.data.arrow import open_shard
 from hescape.data.cli import main
 from hescape.data.errors import HescapeDataError, InputFormatError
@@ -26,7 +26,7 @@ def test_build_xenium_dataset(xenium_bundle, small_cfg, tmp_path):
     assert m["ingest"]["kind"] == "xenium"
     # each stored spot holds exactly the generator's own cells within 27.5 µm of its recorded centre (brute force)
     smp = generate_sample(small_cfg, 0, 0)
-    ds = PairedSpotDataset(out, gene_transform=get_gene_transform("log1p"))
+    ds = PairedSpotDataset(out)
     centres = np.concatenate([np.asarray(open_shard(out / sh["file"]).column("cell_coords").to_pylist())
                               for sh in m["shards"]])
     inside = np.linalg.norm(centres[:, None] - smp.cell_xy[None], axis=-1) <= 27.5

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from hescape.data import HescapeDataError, assign_cells, pool_counts, spot_grid
-from hescape.data.transforms import get_gene_transform, normalize_total_log1p
 
 
 def test_hex_grid_geometry():
@@ -33,15 +32,3 @@ def test_assign_and_pool_match_brute_force(n_cells):
     np.testing.assert_allclose(pool_counts(a, counts), brute.astype(np.float64) @ counts.toarray(), rtol=1e-5)
     with pytest.raises(HescapeDataError, match="rows"):
         pool_counts(a, sp.csr_matrix((n_cells + 1, 13)))
-
-
-def test_gene_transforms():
-    import torch
-
-    x = torch.tensor([[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]])
-    np.testing.assert_allclose(get_gene_transform("log1p")(x).numpy(), np.log1p(x.numpy()))
-    y = normalize_total_log1p(x, target_sum=4.0)
-    np.testing.assert_allclose(y[0].numpy(), np.log1p([0.0, 1.0, 3.0]))
-    assert torch.equal(y[1], torch.zeros(3))
-    with pytest.raises(HescapeDataError, match="log1p"):
-        get_gene_transform("log2")

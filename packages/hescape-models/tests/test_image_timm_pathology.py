@@ -87,12 +87,13 @@ def _published_vit(name: str, **overrides) -> nn.Module:
 
 
 def _randomise(module: nn.Module, seed: int = 0) -> None:
-    """Every parameter and buffer random, so a key landing in the wrong place changes the output."""
+    """Every float parameter and buffer random (vectors positive: norms, LayerScale, BN variances), so a key that
+    lands in the wrong place changes the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
-            t.copy_(torch.rand(t.shape, generator=g) * 0.4 + 0.1 if t.ndim == 1 else torch.randn(t.shape, generator=g)
-                    * 0.05)
+        for t in [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]:
+            r = torch.rand(t.shape, generator=g) * 0.4 + 0.1 if t.ndim == 1 else torch.randn(t.shape, generator=g) * 0.05
+            t.copy_(r)
 
 
 def _reference_embedding(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,7 @@ def _full_size(name: str) -> nn.Module:
         with torch.device("meta"):
             _FULL[name] = create_image_encoder(name)
     return _FULL[name]
+
 
 def _vit_hand_count(dim, depth, patch, n_patches, n_reg, mlp_in, mlp_hidden, pos_prefix, in_ch=3):
     """Parameters of a pre-norm ViT with LayerScale and a packed SwiGLU/GELU MLP, counted by hand."""

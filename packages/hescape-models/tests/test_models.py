@@ -51,10 +51,16 @@ def test_gene_mlp_is_twice_the_panel_and_heads_are_capped():
     model = create_model("vit_mlp_nano", panel=[f"g{i}" for i in range(37)])
     assert model.gene_encoder.net[0].out_features == 74
     # On the 5K panel the gene tower is 10,000 wide; the reference's MLP head has hidden width 2·d, not 10,000.
-    big = create_model("vit_mlp_nano", panel=[f"g{i}" for i in range(5000)], load_weights=False)
+    big = create_model("paper", panel=[f"g{i}" for i in range(5000)], image="vit_nano")
     head = count_parameters(big.gene_proj)["total"]
     assert head == (10_000 * 256 + 256) + 2 * 256 + (256 * 128 + 128)  # fc1, LayerNorm, fc2
     assert count_parameters(big.gene_encoder)["total"] == (5000 * 10_000 + 10_000) + 2 * 10_000 + (10_000**2 + 10_000)
+
+
+def test_demo_heads_are_as_wide_as_their_encoders():
+    model = create_model("vit_mlp_nano", panel=PANEL)
+    assert model.gene_proj.net.fc1.out_features == 22 and model.image_proj.net.fc1.out_features == 128
+    assert isinstance(model.gene_proj.net.norm, torch.nn.Identity)
 
 
 def test_gene_tower_log1p_is_its_own_preprocessing():

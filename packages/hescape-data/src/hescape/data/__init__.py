@@ -26,7 +26,6 @@ from .readers.visium_hd import read_visium_hd
 from .readers.xenium import read_xenium
 from .splits import apply_splits, check_no_donor_leakage, donor_split_assignment, preset_split_assignment
 from .synthetic import SyntheticConfig, generate_sample
-from .transforms import get_gene_transform, log1p, normalize_total_log1p
 from .xenium_bundle import XeniumBundleOptions, write_xenium_bundle
 
 __version__ = "0.1.0"
@@ -46,8 +45,6 @@ __all__ = [
     "SpotOptions", "PatchOptions", "XeniumBundleOptions", "write_xenium_bundle",
     # pooling
     "spot_grid", "assign_cells", "pool_counts",
-    # transforms
-    "get_gene_transform", "log1p", "normalize_total_log1p",
     # errors
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
     "AlignmentError", "OutputLocationError",

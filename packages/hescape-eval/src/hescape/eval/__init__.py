@@ -4,11 +4,32 @@ Exact Recall@k over the full gallery (one or several positives per query), mean/
 chance levels. Ranks come from a fused C++ (AVX2) or CUDA kernel when the compiled extension is
 present, else from a blockwise torch fallback; :func:`compute_ranks` reports which ran.
 :mod:`hescape.eval.baselines` has the colour-statistics probe to report beside a model (needs scikit-learn).
+Protocols (:mod:`hescape.eval.protocol`): the full gallery, or ranks within test batches as the HESCAPE paper
+did; :mod:`hescape.eval.io` saves and loads a run's embeddings; the ``hescape-eval`` command is
+:mod:`hescape.eval.cli`.
 """
 
-from ._backend import BACKENDS, RankResult, available_backends, compute_ranks, has_cpp_ext, has_cuda_ext
+from ._backend import (
+    BACKENDS,
+    RankResult,
+    available_backends,
+    compute_ranks,
+    compute_ranks_both,
+    has_cpp_ext,
+    has_cuda_ext,
+)
 from .errors import HescapeEvalError, HescapeEvalWarning
-from .retrieval import RetrievalResult, chance_recall, match_ranks, recall_at_k, retrieval_metrics
+from .io import load_embeddings, save_embeddings
+from .protocol import PAPER_PROTOCOL, RetrievalProtocol
+from .retrieval import (
+    RetrievalReport,
+    RetrievalResult,
+    chance_recall,
+    match_ranks,
+    recall_at_k,
+    retrieval_metrics,
+    retrieval_reports,
+)
 
 __version__ = "0.1.0"
 
@@ -19,4 +40,7 @@ __all__ = [
     "BACKENDS", "RankResult", "available_backends", "compute_ranks", "has_cpp_ext", "has_cuda_ext",
     # errors
     "HescapeEvalError", "HescapeEvalWarning",
+    # protocols, both directions in one pass, saved embeddings
+    "PAPER_PROTOCOL", "RetrievalProtocol", "RetrievalReport", "retrieval_reports", "compute_ranks_both",
+    "load_embeddings", "save_embeddings",
 ]

@@ -21,6 +21,23 @@ GPU inputs when built with CUDA, else C++ for float32/float16/bfloat16 CPU input
 the compiled extension is missing, ``"auto"`` falls back to torch and warns once. All backends score
 in float32 (float64 inputs: torch only, in float64); each is tie-exact against its own scores, while
 scores of different backends may differ in the last bit.
+
+Both directions in one pass
+---------------------------
+Image→gene counts, in row ``i`` of the score matrix, the entries above ``t_i``; gene→image counts, in column
+``j`` of the *same* matrix, the entries above ``u_j`` (the best image positive of gene ``j``; ``s_jj`` for
+paired data). :func:`compute_ranks_both` therefore scores every pair once and counts both ways:
+
+* ``"cpp*"``: one sweep of the register tiles; each tile's accumulators are compared with the row thresholds
+  (as before) and with the column thresholds, column hits summed per thread (``_C.rank_cpu_both``). The
+  canonical dot is symmetric (``fma(a, b, c) == fma(b, a, c)``), so every score is bit-identical to the one
+  the two separate calls compute: the ranks are equal integer for integer, ties included (tested on Gaussian
+  data with duplicated rows). About half the time of two calls.
+* ``"torch"`` (diagonal positives): square tiles of one shape; diagonal tiles first (they hold every
+  threshold), then each other tile once (see :func:`_torch_ranks_both`). Exact wherever the BLAS gives a pair
+  the same bits in any tile position (the assumption the one-direction torch path makes for its columns);
+  tested equal to two separate calls on data whose products are exact. With labels it runs two passes.
+* ``"cuda"``: two passes (the CUDA kernel is unchanged).
 """
 
 from __future__ import annotations
@@ -44,7 +61,8 @@ except ImportError as exc:  # pure-Python install or a failed build: torch fallb
 else:
     _C_IMPORT_ERROR = None
 
-__all__ = ["BACKENDS", "RankResult", "available_backends", "compute_ranks", "has_cpp_ext", "has_cuda_ext"]
+__all__ = ["BACKENDS", "RankResult", "available_backends", "batched_ranks_both", "compute_ranks", "compute_ranks_both",
+           "has_cpp_ext", "has_cuda_ext"]
 
 BACKENDS = ("auto", "cuda", "cpp", "cpp-avx512", "cpp-avx2", "cpp-generic", "torch")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -65,12 +83,15 @@ class RankResult:
         Gallery index ``p_i`` of the best positive (int64).
     backend
         What ran: ``"cuda"``, ``"cpp-avx512"``, ``"cpp-avx2"``, ``"cpp-generic"`` or ``"torch"``.
+    fused
+        Whether this direction came out of one pass that scored both directions (:func:`compute_ranks_both`).
     """
 
     ranks: torch.Tensor
     best_score: torch.Tensor
     best_index: torch.Tensor
     backend: str
+    fused: bool = False
 
 
 def has_cpp_ext() -> bool:
@@ -210,25 +231,9 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
 
 
-def compute_ranks(queries, gallery, *, positives=None, backend: str = "auto", block_size: int = 1024,
-                  num_threads: int | None = None) -> RankResult:
-    """Exact rank of each query's best positive in the gallery, by the rule in the module docstring.
 
-    Parameters
-    ----------
-    queries, gallery
-        ``(N_q, d)`` and ``(N_g, d)`` float embeddings (tensors or arrays) on one device.
-    positives
-        ``None``: gallery row ``i`` is the only positive of query ``i`` (paired data). A label vector of
-        length ``N``: the gallery rows sharing the query's label. A pair ``(query_labels, gallery_labels)``
-        for unpaired sets.
-    backend
-        One of :data:`BACKENDS`; see the module docstring.
-    block_size
-        Query rows per block of the torch backend.
-    num_threads
-        CPU threads of the C++ backend (default ``torch.get_num_threads()``).
-    """
+def _prepare(queries, gallery, positives, backend: str):
+    """Validated ``(q, g, query_labels, gallery_labels, backend_to_run)`` (labels int64 tensors or ``None``)."""
     q, g = _as_tensor(queries, "queries"), _as_tensor(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise HescapeEvalError.build(what="queries and gallery", expected="the same embedding width d",
@@ -247,8 +252,11 @@ def compute_ranks(queries, gallery, *, positives=None, backend: str = "auto", bl
                                      found=f"norm product up to {bound:.3g}",
                                      fix="L2-normalise the embeddings (torch.nn.functional.normalize)")
     ql, gl = _positives(positives, q.shape[0], g.shape[0], q.device)
-    used = _resolve(backend, q)
+    return q, g, ql, gl, _resolve(backend, q)
 
+
+def _run(q: torch.Tensor, g: torch.Tensor, ql, gl, used: str, block_size: int, num_threads: int | None) -> RankResult:
+    """One direction on validated inputs."""
     if used == "torch":
         work = q.dtype if q.dtype == torch.float64 else torch.float32
         ranks, best, idx = torch_ranks(q.to(work), g.to(work), ql, gl, block_size=block_size)
@@ -268,11 +276,255 @@ def compute_ranks(queries, gallery, *, positives=None, backend: str = "auto", bl
                          ranks.data_ptr(), best.data_ptr(), idx.data_ptr(), qk.device.index or 0, stream)
         return RankResult(ranks, best, idx, "cuda")
 
-    def to_np(x: torch.Tensor) -> np.ndarray:
-        return x.view(torch.int16).numpy().view(np.uint16) if bf16 else x.numpy()
-
-    isa = {"cpp": "auto", "cpp-avx512": "avx512", "cpp-avx2": "avx2", "cpp-generic": "generic"}[used]
-    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
-    r, b, i, isa_used = _C.rank_cpu(to_np(qk), to_np(gk), None if ql is None else ql.numpy(),
-                                    None if gl is None else gl.numpy(), threads, isa)
+    r, b, i, isa_used = _C.rank_cpu(_np_view(qk), _np_view(gk), None if ql is None else ql.numpy(),
+                                    None if gl is None else gl.numpy(), _threads(num_threads), _isa(used))
     return RankResult(torch.from_numpy(r), torch.from_numpy(b), torch.from_numpy(i), f"cpp-{isa_used}")
+
+
+def _np_view(x: torch.Tensor) -> np.ndarray:
+    """A float32 tensor as float32 numpy, a bfloat16 tensor as its uint16 bit patterns (no copy)."""
+    return x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
+
+
+def _isa(used: str) -> str:
+    return {"cpp": "auto", "cpp-avx512": "avx512", "cpp-avx2": "avx2", "cpp-generic": "generic"}[used]
+
+
+def _threads(num_threads: int | None) -> int:
+    return torch.get_num_threads() if num_threads is None else int(num_threads)
+
+
+def compute_ranks(queries, gallery, *, positives=None, backend: str = "auto", block_size: int = 1024,
+                  num_threads: int | None = None) -> RankResult:
+    """Exact rank of each query's best positive in the gallery, by the rule in the module docstring.
+
+    Parameters
+    ----------
+    queries, gallery
+        ``(N_q, d)`` and ``(N_g, d)`` float embeddings (tensors or arrays) on one device.
+    positives
+        ``None``: gallery row ``i`` is the only positive of query ``i`` (paired data). A label vector of
+        length ``N``: the gallery rows sharing the query's label. A pair ``(query_labels, gallery_labels)``
+        for unpaired sets.
+    backend
+        One of :data:`BACKENDS`; see the module docstring.
+    block_size
+        Query rows per block of the torch backend.
+    num_threads
+        CPU threads of the C++ backend (default ``torch.get_num_threads()``).
+    """
+    q, g, ql, gl, used = _prepare(queries, gallery, positives, backend)
+    return _run(q, g, ql, gl, used, block_size, num_threads)
+
+
+def compute_ranks_both(image, gene, *, positives=None, backend: str = "auto", block_size: int = 1024,
+                       num_threads: int | None = None) -> tuple[RankResult, RankResult]:
+    """Image→gene and gene→image ranks, both from one pass over the similarity tiles where the backend allows.
+
+    ``(i2g, g2i)`` equal, integer for integer, ``compute_ranks(image, gene)`` and ``compute_ranks(gene, image)``
+    (positives swapped) on the same backend; see "Both directions in one pass" in the module docstring for
+    which backends fuse (``RankResult.fused``) and why the scores, and so the ties, are the same.
+
+    Parameters
+    ----------
+    image, gene
+        ``(N_i, d)`` and ``(N_g, d)`` float embeddings on one device (``N_i == N_g`` unless ``positives`` is a
+        pair of label vectors).
+    positives, backend, block_size, num_threads
+        As in :func:`compute_ranks`; ``positives`` is given image→gene (a pair is ``(image_labels,
+        gene_labels)``) and swapped for gene→image. ``block_size`` is the tile side of the torch backend.
+
+    Raises
+    ------
+    HescapeEvalError
+        As :func:`compute_ranks`, for either direction (e.g. a gene label that no image carries).
+    """
+    q, g, ql, gl, used = _prepare(image, gene, positives, backend)
+    if ql is not None:
+        missing = ~torch.isin(gl, ql)
+        if bool(missing.any()):
+            first = int(torch.nonzero(missing)[0, 0])
+            raise HescapeEvalError.build(what="positives (gene→image)", expected="at least one image positive per gene",
+                                         found=f"{int(missing.sum())} genes without one (first: gene row {first})",
+                                         fix="drop those rows or pass matching (image_labels, gene_labels)")
+    if used == "torch":
+        work = q.dtype if q.dtype == torch.float64 else torch.float32
+        if ql is None:
+            return _torch_ranks_both(q.to(work), g.to(work), block_size)
+        return _run(q, g, ql, gl, used, block_size, num_threads), _run(g, q, gl, ql, used, block_size, num_threads)
+    if used == "cuda" or not hasattr(_C, "rank_cpu_both"):  # CUDA kernel (unchanged) or an older build: two passes
+        return (_run(q, g, ql, gl, used, block_size, num_threads),
+                _run(g, q, gl, ql, used, block_size, num_threads))
+    qk, gk = _kernel_input(q), _kernel_input(g)
+    out = _C.rank_cpu_both(_np_view(qk), _np_view(gk), None if ql is None else ql.numpy(),
+                           None if gl is None else gl.numpy(), _threads(num_threads), _isa(used))
+    isa_used = f"cpp-{out[6]}"
+    fwd = RankResult(*(torch.from_numpy(a) for a in out[0:3]), isa_used, True)
+    rev = RankResult(*(torch.from_numpy(a) for a in out[3:6]), isa_used, True)
+    return fwd, rev
+
+
+def _torch_ranks_both(q: torch.Tensor, g: torch.Tensor, block_size: int) -> tuple[RankResult, RankResult]:
+    """Both directions of the diagonal-positive rule from one product per tile (torch backend).
+
+    The ``N × N`` score matrix is cut into square ``b × b`` tiles (inputs zero-padded so that every product has
+    one shape, ``b`` a multiple of 16 so that every row block starts equally aligned). Pass 1 computes the
+    diagonal tiles: their diagonals are the thresholds ``t_i = s_ii`` of both directions, and their own counts
+    use the triangular tie masks. Pass 2 computes every other tile once: for tile ``(I, J)`` with ``J < I`` every
+    column index is below every row index, so image→gene counts ``s >= t_row`` and gene→image ``s > t_col``;
+    for ``J > I`` the other way round. Each score is computed once, so the pass costs one ``N²d`` product.
+    """
+    n, d = q.shape
+    dev = q.device
+    nb = max(1, -(-n // max(1, int(block_size))))
+    b = -(-n // nb)
+    b = -(-b // 16) * 16
+    nb = -(-n // b)
+    pad = nb * b - n
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, d)])
+        g = torch.cat([g, g.new_zeros(pad, d)])
+    q, g = q.contiguous(), g.contiguous()
+    t = torch.empty(n, dtype=q.dtype, device=dev)
+    r_ig = torch.zeros(n, dtype=torch.int64, device=dev)
+    r_gi = torch.zeros(n, dtype=torch.int64, device=dev)
+    ar = torch.arange(b, device=dev)
+    below = ar.unsqueeze(0) < ar.unsqueeze(1)  # [i, j]: j < i
+    spans = [(lo, min(b, n - lo)) for lo in range(0, n, b)]
+    for lo, m in spans:  # pass 1: diagonal tiles
+        s = (q[lo:lo + b] @ g[lo:lo + b].T)[:m, :m]
+        ti = s.diagonal()
+        t[lo:lo + m] = ti
+        r_ig[lo:lo + m] += ((s > ti.unsqueeze(1)) | ((s == ti.unsqueeze(1)) & below[:m, :m])).sum(1)
+        r_gi[lo:lo + m] += ((s > ti.unsqueeze(0)) | ((s == ti.unsqueeze(0)) & below[:m, :m].T)).sum(0)
+    for bi, (lo_i, m_i) in enumerate(spans):  # pass 2: every other tile, once
+        t_row = t[lo_i:lo_i + m_i].unsqueeze(1)
+        for bj, (lo_j, m_j) in enumerate(spans):
+            if bi == bj:
+                continue
+            s = (q[lo_i:lo_i + b] @ g[lo_j:lo_j + b].T)[:m_i, :m_j]
+            t_col = t[lo_j:lo_j + m_j].unsqueeze(0)
+            if bj < bi:
+                r_ig[lo_i:lo_i + m_i] += (s >= t_row).sum(1)
+                r_gi[lo_j:lo_j + m_j] += (s > t_col).sum(0)
+            else:
+                r_ig[lo_i:lo_i + m_i] += (s > t_row).sum(1)
+                r_gi[lo_j:lo_j + m_j] += (s >= t_col).sum(0)
+    idx = torch.arange(n, device=dev)
+    return (RankResult(r_ig, t, idx, "torch", True), RankResult(r_gi, t.clone(), idx.clone(), "torch", True))
+
+
+@dataclass(frozen=True)
+class BatchedRanks:
+    """Ranks of every query inside its own gallery (:func:`batched_ranks_both`), one entry per evaluated query.
+
+    Attributes
+    ----------
+    rows
+        Row of the evaluated set that each query is (int64; a row repeats when a protocol pads).
+    pool
+        Size of the gallery the query was ranked in.
+    i2g, g2i
+        0-based ranks (int64), by the rule of the module docstring applied inside the gallery (ties broken by
+        position in the gallery).
+    n_pos_i2g, n_pos_g2i
+        Positives of the query inside its gallery (1 without labels).
+    backend
+        What ranked: ``"torch"`` (vectorised over galleries of equal size) or a :func:`compute_ranks_both` backend.
+    """
+
+    rows: np.ndarray
+    pool: np.ndarray
+    i2g: np.ndarray
+    g2i: np.ndarray
+    n_pos_i2g: np.ndarray
+    n_pos_g2i: np.ndarray
+    backend: str
+
+
+def batched_ranks_both(image, gene, galleries: list[np.ndarray], *, positives=None, backend: str = "auto",
+                       num_threads: int | None = None, max_elements: int = 1 << 22) -> BatchedRanks:
+    """Both directions' ranks with each query ranked only inside its own gallery (e.g. a test batch).
+
+    Parameters
+    ----------
+    image, gene
+        Paired ``(N, d)`` embeddings (row ``i`` of one matches row ``i`` of the other).
+    galleries
+        Row-index arrays (see :meth:`hescape.eval.protocol.RetrievalProtocol.galleries`); each gallery is ranked
+        on its own, its rows in the given order (a row may appear in several galleries).
+    positives
+        ``None`` or one label vector of length ``N`` (same-label rows of the gallery are positives).
+    backend
+        ``"auto"`` or ``"torch"``: batched matrix products, galleries of equal size stacked, at most
+        ``max_elements`` scores at a time; any other :data:`BACKENDS` entry: one :func:`compute_ranks_both` call
+        per gallery on that backend.
+    """
+    q, g, ql, _, used = _prepare(image, gene, positives, "torch" if backend == "auto" else backend)
+    if q.shape[0] != g.shape[0]:
+        raise HescapeEvalError.build(what="image and gene embeddings", expected="paired rows (equal N)",
+                                     found=f"{q.shape[0]} and {g.shape[0]} rows", fix="pass one row per spot in both")
+    n = q.shape[0]
+    bad = [k for k, rows in enumerate(galleries) if len(rows) == 0 or np.min(rows) < 0 or np.max(rows) >= n]
+    if not galleries or bad:
+        raise HescapeEvalError.build(what="galleries", expected=f"non-empty row-index arrays within 0..{n - 1}",
+                                     found=f"{len(galleries)} galleries, invalid: {bad[:5]}",
+                                     fix="build them with RetrievalProtocol.galleries(N)")
+    sizes = np.array([len(rows) for rows in galleries])
+    out_rows = np.concatenate(galleries).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    total = int(sizes.sum())
+    r_ig, r_gi = np.empty(total, np.int64), np.empty(total, np.int64)
+    p_ig, p_gi = np.ones(total, np.int64), np.ones(total, np.int64)
+    if used == "torch":
+        work = q.dtype if q.dtype == torch.float64 else torch.float32
+        qw, gw = q.to(work), g.to(work)
+        for size in np.unique(sizes):
+            which = np.flatnonzero(sizes == size)
+            per = max(1, int(max_elements) // int(size * size))
+            for c in range(0, len(which), per):
+                sel = which[c:c + per]
+                idx = torch.from_numpy(np.stack([galleries[k] for k in sel]).astype(np.int64)).to(q.device)
+                lab = None if ql is None else ql[idx]
+                a, bq, pa, pb = _batched_torch(qw[idx], gw[idx], lab)
+                dst = (starts[sel][:, None] + np.arange(size)[None, :]).ravel()
+                r_ig[dst], r_gi[dst] = a.cpu().numpy().ravel(), bq.cpu().numpy().ravel()
+                p_ig[dst], p_gi[dst] = pa.cpu().numpy().ravel(), pb.cpu().numpy().ravel()
+        ran = "torch"
+    else:
+        ran = used
+        for k, rows in enumerate(galleries):
+            sl = slice(starts[k], starts[k] + sizes[k])
+            t_rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(q.device)
+            lab = None if ql is None else ql[t_rows]
+            fwd, rev = compute_ranks_both(q[t_rows], g[t_rows], positives=lab, backend=backend, num_threads=num_threads)
+            ran = fwd.backend
+            r_ig[sl], r_gi[sl] = fwd.ranks.cpu().numpy(), rev.ranks.cpu().numpy()
+            if lab is not None:
+                eq = (lab.unsqueeze(0) == lab.unsqueeze(1)).sum(1).cpu().numpy()
+                p_ig[sl], p_gi[sl] = eq, eq
+    pool = np.repeat(sizes, sizes).astype(np.int64)
+    return BatchedRanks(out_rows, pool, r_ig, r_gi, p_ig, p_gi, ran)
+
+
+def _batched_torch(qb: torch.Tensor, gb: torch.Tensor, lab: torch.Tensor | None):
+    """Ranks of ``m`` stacked galleries ``(m, B, d)``: both directions from one ``(m, B, B)`` product."""
+    m, size, _ = qb.shape
+    s = torch.bmm(qb, gb.transpose(1, 2))  # s[:, i, j] = image_i . gene_j
+    dev = s.device
+    if lab is None:
+        pos = torch.eye(size, dtype=torch.bool, device=dev).expand(m, size, size)
+    else:
+        pos = lab.unsqueeze(2) == lab.unsqueeze(1)
+    ar = torch.arange(size, device=dev)
+    neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=dev)
+    masked = torch.where(pos, s, neg_inf)
+    # image -> gene: along rows; best positive = highest score, then lowest column (argmax returns the first)
+    t = masked.amax(2, keepdim=True)
+    p = (pos & (s == t)).to(torch.int8).argmax(2, keepdim=True)
+    r_ig = (s > t).sum(2) + ((s == t) & (ar.view(1, 1, -1) < p)).sum(2)
+    # gene -> image: along columns; best positive = highest score, then lowest row
+    u = masked.amax(1, keepdim=True)
+    pr = (pos & (s == u)).to(torch.int8).argmax(1, keepdim=True)
+    r_gi = (s > u).sum(1) + ((s == u) & (ar.view(1, -1, 1) < pr)).sum(1)
+    return r_ig, r_gi, pos.sum(2), pos.sum(1)

@@ -34,6 +34,8 @@ class ModelCfg:
     embed_dim: int = 128  # shared embedding size d (the paper: 128)
     projection: str = "mlp"  # projection head of both towers unless a tower sets its own: linear | mlp | transformer
     head_dropout: float = 0.2  # dropout inside the MLP head (the reference: timm Mlp, drop 0.2)
+    head_hidden: int | None = None  # MLP head hidden width: None = 2·embed_dim (the reference); 0 = the encoder's width
+    head_norm: bool = True  # LayerNorm inside the MLP head (the reference: yes)
     loss: str = "clip"  # "clip" or "siglip"
     init_logit_scale: float = 2.6592  # log(1/0.07), CLIP's initial temperature
     init_logit_bias: float = -10.0  # SigLIP's initial bias (used by loss="siglip")

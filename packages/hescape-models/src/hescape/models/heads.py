@@ -33,9 +33,15 @@ class ProjectionHead(nn.Module):
         batch-first tokens; here attention runs over tokens (``batch_first=True``).
     dropout
         Dropout of the MLP head (the reference: 0.2).
+    hidden
+        Hidden width of the MLP head: ``None`` = ``2·d`` (the reference); ``0`` = ``in_dim`` (a plain two-layer
+        projection as wide as the encoder); any other value is used as given.
+    norm
+        LayerNorm before the MLP head's second layer (the reference: yes).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", dropout: float = 0.2):
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", dropout: float = 0.2, hidden: int | None = None,
+                 norm: bool = True):
         super().__init__()
         if kind not in PROJECTIONS:
             msg = f"unknown projection {kind!r}: expected one of {PROJECTIONS}"
@@ -44,7 +50,11 @@ class ProjectionHead(nn.Module):
         if kind == "linear":
             self.net = nn.Linear(in_dim, out_dim)
         elif kind == "mlp":
-            self.net = Mlp(in_dim, 2 * out_dim, out_dim, drop=dropout, norm_layer=nn.LayerNorm)
+            width = 2 * out_dim if hidden is None else (in_dim if hidden == 0 else hidden)
+            if width < 1 or not 0.0 <= dropout < 1.0:
+                msg = f"mlp projection head: expected hidden >= 0 and 0 <= dropout < 1, found {hidden}, {dropout}"
+                raise HescapeModelError(msg)
+            self.net = Mlp(in_dim, width, out_dim, drop=dropout, norm_layer=nn.LayerNorm if norm else None)
         else:
             layer = nn.TransformerEncoderLayer(in_dim, _heads_for(in_dim), dim_feedforward=out_dim, dropout=0.1,
                                                batch_first=True)

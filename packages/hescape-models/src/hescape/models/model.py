@@ -50,10 +50,11 @@ class HescapeCLIP(nn.Module):
         self.gene_encoder = create_gene_encoder(cfg.gene.name, cfg.gene.weights if load_weights else None,
                                                 panel=cfg.panel, gene_ids=cfg.gene_ids, contract=cfg.gene.contract,
                                                 **cfg.gene.options)
+        head = {"dropout": cfg.head_dropout, "hidden": cfg.head_hidden, "norm": cfg.head_norm}
         self.image_proj = ProjectionHead(self.image_encoder.out_dim, cfg.embed_dim,
-                                         cfg.image.projection or cfg.projection, cfg.head_dropout)
+                                         cfg.image.projection or cfg.projection, **head)
         self.gene_proj = ProjectionHead(self.gene_encoder.out_dim, cfg.embed_dim,
-                                        cfg.gene.projection or cfg.projection, cfg.head_dropout)
+                                        cfg.gene.projection or cfg.projection, **head)
         for enc, tower in ((self.image_encoder, cfg.image), (self.gene_encoder, cfg.gene)):
             apply_finetune(enc, tower.finetune, rank=tower.lora_rank, alpha=tower.lora_alpha,
                            dropout=tower.lora_dropout, targets=tower.lora_targets)

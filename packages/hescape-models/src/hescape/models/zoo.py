@@ -183,10 +183,12 @@ def _finish(enc: nn.Module, entry: EncoderEntry, contract, weights) -> nn.Module
     enc.encoder_name = entry.name
     if not getattr(enc, "lora_targets", ()):
         enc.lora_targets = entry.lora_targets
-    enc.weights_tag = "random-init"
+    if not hasattr(enc, "weights_tag"):  # a builder that loaded its own weights (DRVI's model_dir) set its tag
+        enc.weights_tag = "random-init"
     if weights is not None:
         if entry.weights is None:
-            msg = f"encoder {entry.name!r} has no published weights (random init only); drop weights={weights!r}"
+            msg = (f"encoder {entry.name!r} loads no weights file through weights= (it is random-init only, or takes "
+                   f"its trained model through its own options, e.g. model_dir=); drop weights={weights!r}")
             raise HescapeModelError(msg)
         enc.weights_tag = load_weights(enc, weights, entry.weights, entry.name)
     return enc
