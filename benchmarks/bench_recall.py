@@ -12,7 +12,8 @@ Not collected by the default ``uv run pytest`` (root testpaths are ``packages`` 
 Writes ``benchmarks/out/bench_recall.csv`` (not committed) and prints ratios and GFLOP/s against this
 CPU's fp32 peak: cores x 2 FMA units x SIMD lanes (8 AVX2, 16 AVX-512) x 2 flops x GHz (GHz from /proc/cpuinfo).
 
-Both directions (``test_directions``, N = ``DIR_N``, d = 128; ``-k "directions or summary"`` runs only these and the summary):
+Both directions (``test_directions``, N = ``DIR_N``, d = 128; ``-k "directions or summary"`` runs only these and
+the summary):
 ``one`` = :func:`hescape.eval.compute_ranks` image→gene only; ``two`` = image→gene then gene→image, two calls
 (what ``retrieval_metrics`` did before); ``fused`` = :func:`hescape.eval.compute_ranks_both`, both directions
 from one pass over the score tiles; for the C++ kernel and the torch fallback. The summary prints fused/two and
@@ -176,8 +177,11 @@ def _fused(backend: str):
     return fwd.ranks, rev.ranks
 
 
+_NO_EXT = pytest.mark.skipif(not E.has_cpp_ext(), reason="hescape.eval._C is not built")
+
+
 @pytest.mark.parametrize("mode", ["one", "two", "fused"])
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.skipif(not E.has_cpp_ext(), reason="hescape.eval._C is not built")), "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=_NO_EXT), "torch"])
 def test_directions(benchmark, backend, mode):
     fn = {"one": _one, "two": _two, "fused": _fused}[mode]
     out = _run(benchmark, (f"dir-{backend}-{mode}", DIR_N), lambda: fn(backend), rounds=5 if backend == "cpp" else 2)

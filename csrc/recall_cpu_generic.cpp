@@ -53,7 +53,7 @@ struct V {
       }
     }
     inline void add(const vec& s, int32_t i) {
-      for (int l = 0; l < 8; ++l) c[l] += (s.v[l] > u[l]) || (s.v[l] == u[l] && i < r[l]);
+      for (int l = 0; l < 8; ++l) c[l] += static_cast<int32_t>((s.v[l] > u[l]) | ((s.v[l] == u[l]) & (i < r[l])));
     }
     inline void flush(int32_t* dst) const {
       for (int l = 0; l < 8; ++l) dst[l] += c[l];

@@ -23,8 +23,9 @@ def _have(*mods: str) -> bool:
 
 needs_scib = pytest.mark.skipif(not _have("scib_metrics"),
                                 reason="scib-metrics not installed (pip install 'hescape-eval[batch]')")
-needs_scanpy = pytest.mark.skipif(not _have("scanpy", "anndata", "leidenalg", "scib_metrics"),
-                                  reason="scanpy/leidenalg/scib-metrics not installed (pip install 'hescape-eval[batch]')")
+needs_scanpy = pytest.mark.skipif(
+    not _have("scanpy", "anndata", "leidenalg", "scib_metrics"),
+    reason="scanpy/leidenalg/scib-metrics not installed (pip install 'hescape-eval[batch]')")
 needs_mpl = pytest.mark.skipif(not _have("matplotlib"), reason="matplotlib not installed")
 
 

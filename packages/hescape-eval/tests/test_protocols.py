@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import hescape.eval as E
 import numpy as np
@@ -354,8 +355,10 @@ def test_fused_unpaired_label_pair_and_reverse_coverage():
     gl = np.random.default_rng(1).integers(0, 4, 70)
     for backend in _FUSED_BACKENDS:
         fwd, rev = E.compute_ranks_both(q, g, positives=(ql, gl), backend=backend)
-        np.testing.assert_array_equal(fwd.ranks.numpy(), E.compute_ranks(q, g, positives=(ql, gl), backend=backend).ranks)
-        np.testing.assert_array_equal(rev.ranks.numpy(), E.compute_ranks(g, q, positives=(gl, ql), backend=backend).ranks)
+        want_f = E.compute_ranks(q, g, positives=(ql, gl), backend=backend).ranks
+        want_r = E.compute_ranks(g, q, positives=(gl, ql), backend=backend).ranks
+        np.testing.assert_array_equal(fwd.ranks.numpy(), want_f)
+        np.testing.assert_array_equal(rev.ranks.numpy(), want_r)
     gl_extra = gl.copy()
     gl_extra[5] = 99  # a gene label that no image carries: gene->image has no positive for it
     _raises(lambda: E.compute_ranks_both(q, g, positives=(ql, gl_extra)), "gene")
@@ -366,6 +369,32 @@ def test_retrieval_metrics_uses_one_pass():
     res = E.retrieval_metrics(q, g, ks=(1, 5))
     assert res["i2g"].recall[5] == float((stable_ranks(q, g) < 5).mean())
     assert res["g2i"].recall[1] == float((stable_ranks(g, q) < 1).mean())
+    res64 = E.retrieval_metrics(q.astype(np.float64), g.astype(np.float64), ks=(1, 5), block_size=32)  # torch, fp64
+    assert res64["i2g"] == replace(res["i2g"], backend="torch")  # float64 stays on torch; exact products agree
+    assert res64["g2i"] == replace(res["g2i"], backend="torch")
     if _CPP_FUSED:
         fwd, _ = E.compute_ranks_both(q, g)
         assert fwd.fused
+
+
+@pytest.mark.skipif(not _CPP_FUSED, reason="extension without rank_cpu_both")
+def test_extension_without_fused_entry_point_falls_back_to_two_calls(monkeypatch):
+    q, g = quantised_pair(77, 5, seed=8)
+    monkeypatch.delattr(_backend._C, "rank_cpu_both")
+    fwd, rev = E.compute_ranks_both(q, g, backend="cpp")
+    assert not fwd.fused and fwd.backend.startswith("cpp-")
+    np.testing.assert_array_equal(fwd.ranks.numpy(), stable_ranks(q, g))
+    np.testing.assert_array_equal(rev.ranks.numpy(), stable_ranks(g, q))
+
+
+def test_protocols_without_the_extension(monkeypatch):
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "_C_IMPORT_ERROR", "simulated")
+    monkeypatch.setattr(_backend, "_warned_fallback", True)
+    q, g = quantised_pair(140, 6, seed=12)
+    full = E.retrieval_metrics(q, g, ks=(1, 5))
+    assert full["i2g"].backend == "torch" and full["i2g"].recall[5] == float((stable_ranks(q, g) < 5).mean())
+    want_ig, want_gi, _ = brute_force_batches(q, g, RetrievalProtocol.parse("batch:64").galleries(140))
+    batch = E.retrieval_metrics(q, g, ks=(1, 5), protocol="batch:64")
+    assert batch["g2i"].recall[5] == float((want_gi < 5).mean())
+    assert batch["i2g"].recall[1] == float((want_ig < 1).mean())

@@ -16,6 +16,20 @@ def rank_cpu(
     uint16 inputs are bfloat16 bit patterns. Labels: both or neither (None: positive of query i is row i).
     """
 
+def rank_cpu_both(
+    queries: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    gallery: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    query_labels: npt.NDArray[np.int64] | None = None,
+    gallery_labels: npt.NDArray[np.int64] | None = None,
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64],
+    npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64], str,
+]:
+    """Both directions from one counting pass: the rank_cpu outputs for the queries, the same for the gallery rows
+    as queries (ranked among the queries, labels swapped), and the ISA used."""
+
 def cpu_has_avx2() -> bool:
     """Whether the AVX2+FMA path can run on this CPU."""
 

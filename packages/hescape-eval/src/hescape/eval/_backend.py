@@ -240,8 +240,8 @@ def _prepare(queries, gallery, positives, backend: str):
                                      found=f"shapes {tuple(q.shape)} and {tuple(g.shape)}",
                                      fix="project both modalities into the shared space before evaluating")
     if q.device != g.device:
-        raise HescapeEvalError.build(what="queries and gallery", expected="one device", found=f"{q.device} and {g.device}",
-                                     fix="move both to the same device")
+        raise HescapeEvalError.build(what="queries and gallery", expected="one device",
+                                     found=f"{q.device} and {g.device}", fix="move both to the same device")
     if q.dtype != g.dtype:
         common = torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32
         q, g = q.to(common), g.to(common)
@@ -460,6 +460,10 @@ def batched_ranks_both(image, gene, galleries: list[np.ndarray], *, positives=No
         ``max_elements`` scores at a time; any other :data:`BACKENDS` entry: one :func:`compute_ranks_both` call
         per gallery on that backend.
     """
+    if isinstance(positives, tuple | list) and len(positives) == 2:
+        raise HescapeEvalError.build(what="positives of batched galleries", expected="None or one label vector",
+                                     found="a (query_labels, gallery_labels) pair",
+                                     fix="galleries hold paired rows: pass one label vector")
     q, g, ql, _, used = _prepare(image, gene, positives, "torch" if backend == "auto" else backend)
     if q.shape[0] != g.shape[0]:
         raise HescapeEvalError.build(what="image and gene embeddings", expected="paired rows (equal N)",

@@ -279,7 +279,8 @@ def batch_silhouette(counts, batch, *, embeddings: Mapping[str, object] | None =
     chance = silhouette_batch(x_pca, labels, rng.permutation(b))
     params = {"n_pcs": n_pcs, "n_neighbors": n_neighbors, "resolution": resolution, "flavor": flavor, "seed": seed,
               "max_spots": max_spots, "x_expression": "X_pca of log1p(normalize_total(counts))"}
-    return BatchSilhouetteResult(scores=scores, coverage=coverage, chance=chance, n_clusters=len(np.unique(labels)), n_spots=len(rows),
+    return BatchSilhouetteResult(scores=scores, coverage=coverage, chance=chance, n_clusters=len(np.unique(labels)),
+                                 n_spots=len(rows),
                                  batch_key=batch_key, params=params)
 
 

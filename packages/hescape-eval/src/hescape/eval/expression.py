@@ -72,7 +72,7 @@ import numpy as np
 
 from .errors import HescapeEvalError, HescapeEvalWarning
 
-__all__ = ["HEST_N_GENES", "HEST_N_COMPONENTS", "HEST_MIN_CELLS_PCT", "DEFAULT_ALPHA_GRID", "hest_alpha",
+__all__ = ["HEST_N_GENES", "HEST_N_COMPONENTS", "HEST_MIN_CELLS_PCT", "HEST_SEED", "DEFAULT_ALPHA_GRID", "hest_alpha",
            "select_variable_genes", "pearson_per_gene", "ProbeScores", "ExpressionFold", "ExpressionProbeResult",
            "expression_probe"]
 
@@ -115,7 +115,8 @@ def _dense_float(x, what: str) -> np.ndarray:
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
         raise _err(what=what, expected="finite values",
-                   found=f"NaN or inf in {len(rows)} row(s), first at row {rows[0]}", fix="drop or repair those spots before probing")
+                   found=f"NaN or inf in {len(rows)} row(s), first at row {rows[0]}",
+                   fix="drop or repair those spots before probing")
     return arr
 
 
@@ -167,11 +168,13 @@ def _labels(x, n: int, what: str) -> np.ndarray:
     arr = np.asarray(x, dtype=object).ravel() if x is not None else None
     if arr is None or len(arr) != n:
         raise _err(what=what, expected=f"one label per spot ({n})",
-                   found="none" if arr is None else f"{len(arr)}", fix="pass labels aligned with the rows of the embeddings")
+                   found="none" if arr is None else f"{len(arr)}",
+                   fix="pass labels aligned with the rows of the embeddings")
     missing = [i for i, v in enumerate(arr) if v is None or (isinstance(v, float) and math.isnan(v))]
     if missing:
         raise _err(what=what, expected="a label for every spot",
-                   found=f"{len(missing)} missing (None/NaN), first at row {missing[0]}", fix="fill in the missing labels or drop those spots")
+                   found=f"{len(missing)} missing (None/NaN), first at row {missing[0]}",
+                   fix="fill in the missing labels or drop those spots")
     return arr.astype(str)
 
 
@@ -220,14 +223,17 @@ def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes
         keep &= cnt.detected(sr) >= math.ceil(min_cells_pct * len(sr))
     cols = np.flatnonzero(keep)
     if len(cols) < n_genes:
-        raise _err(what=f"genes counted in >= {min_cells_pct:.0%} of the spots of every sample", expected=f"at least {n_genes}",
+        raise _err(what=f"genes counted in >= {min_cells_pct:.0%} of the spots of every sample",
+                   expected=f"at least {n_genes}",
                    found=f"{len(cols)}", fix="lower n_genes or min_cells_pct, or pass genes= explicitly")
     try:
         import anndata
         import scanpy as sc
     except ImportError as exc:
-        raise _err(what="gene selection", expected="scanpy installed (HEST ranks genes with sc.pp.highly_variable_genes)",
-                   found="no scanpy", fix="pip install 'hescape-eval[batch]', or pass genes= (e.g. HEST's var_50genes.json)") from exc
+        raise _err(what="gene selection",
+                   expected="scanpy installed (HEST ranks genes with sc.pp.highly_variable_genes)",
+                   found="no scanpy",
+                   fix="pip install 'hescape-eval[batch]', or pass genes= (e.g. HEST's var_50genes.json)") from exc
     ad = anndata.AnnData(np.log1p(cnt.columns(cols, idx)).astype(np.float32))
     ad.var_names = [names[c] for c in cols]
     sc.pp.highly_variable_genes(ad, n_top_genes=n_genes)
@@ -347,7 +353,8 @@ class ExpressionProbeResult:
 
     def as_dict(self) -> dict[str, float]:
         """Flat metrics: ``pearson_mean``, ``pearson_std``, ``mse_mean``, ``mse_std`` per predictor."""
-        out: dict[str, float] = {"n_folds": len(self.folds), "n_genes": len(self.genes)}
+        out: dict[str, float] = {"n_folds": len(self.folds), "n_genes": len(self.genes),
+                                 "n_undefined_pearson": self.model.n_undefined}
         for prefix, s in (("", self.model), ("mean_baseline_", self.mean_baseline),
                           ("colour_baseline_", self.colour_baseline)):
             if s is None:
@@ -359,8 +366,10 @@ class ExpressionProbeResult:
     def summary(self) -> str:
         """Human-readable lines: the probe, then its chance levels, as mean (std) over folds."""
         p = self.params
+        alphas = sorted({a for a in self.model.alphas if a is not None})
+        shown = ", ".join(f"{a:.4g}" for a in alphas[:4]) + (", ..." if len(alphas) > 4 else "")
         head = (f"expression probe ({p.get('protocol', '?')}): {len(self.genes)} genes, {len(self.folds)} folds by "
-                f"patient, PCA {self.model.n_components}, alpha {p.get('alpha')}")
+                f"patient, PCA {self.model.n_components}, alpha {p.get('alpha')} ({shown})")
         lines = [head]
         for s in (self.model, self.colour_baseline, self.mean_baseline):
             if s is None:
@@ -383,7 +392,8 @@ class ExpressionProbeResult:
         path = Path(path)
         if self.params.get("fold_genes"):
             raise _err(what="per-gene table", expected="the same genes in every fold",
-                       found="genes selected per training fold", fix="use gene_selection='all' or genes=..., or read params['fold_genes'] and model.pearson")
+                       found="genes selected per training fold",
+                       fix="use gene_selection='all' or genes=..., or read params['fold_genes'] and model.pearson")
         m = self.model
         header = ["gene", "pearson_mean", "pearson_std", "mse_mean", "mse_std", "n_undefined", "mean_baseline_mse"]
         if self.colour_baseline is not None:
@@ -435,7 +445,8 @@ def _fit_predict(x_tr, y_tr, x_te, groups_tr, *, n_components, alpha, alpha_grid
 
         n_groups = len(np.unique(groups_tr))
         if n_groups < 2:
-            raise _err(what="alpha='cv'", expected="at least 2 patients in each training fold for the inner cross-validation",
+            raise _err(what="alpha='cv'",
+                       expected="at least 2 patients in each training fold for the inner cross-validation",
                        found=f"{n_groups}", fix="use alpha='hest' or a fixed alpha, or add patients")
         search = GridSearchCV(_make_pipeline(n_components, 1.0, seed, fit_intercept),
                               {"ridge__alpha": list(alpha_grid)}, scoring=_mean_pearson_scorer,
@@ -520,7 +531,8 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
     cnt = _Counts(counts)
     if cnt.shape[0] != n:
         raise _err(what="embeddings and counts", expected="one row per spot in both",
-                   found=f"{n} and {cnt.shape[0]} rows", fix="pass the embeddings and counts of the same spots, in the same order")
+                   found=f"{n} and {cnt.shape[0]} rows",
+                   fix="pass the embeddings and counts of the same spots, in the same order")
     names = _gene_names(gene_names, cnt.shape[1])
     patients_all = _labels(patients, n, "patients")
     samples_all = patients_all if samples is None else _labels(samples, n, "samples")
@@ -543,7 +555,8 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
             rows = np.flatnonzero(split_all == str(use_split))
             if len(rows) == 0:
                 raise _err(what=f"spots of split {use_split!r}", expected="at least one",
-                           found=f"none (splits: {sorted(set(split_all))})", fix="pass use_split= one of those, or use_split=None for all spots")
+                           found=f"none (splits: {sorted(set(split_all))})",
+                           fix="pass use_split= one of those, or use_split=None for all spots")
     x = x_all[rows]
     pat = patients_all[rows]
     n_pat = len(np.unique(pat))
@@ -560,7 +573,8 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
         missing = [g for g in genes if g not in set(names)]
         if missing:
             raise _err(what="genes", expected="genes present in gene_names",
-                       found=f"{len(missing)} missing: {missing[:20]}", fix="drop those genes or pass counts of a panel that has them")
+                       found=f"{len(missing)} missing: {missing[:20]}",
+                       fix="drop those genes or pass counts of a panel that has them")
         if len(set(genes)) != len(genes):
             raise _err(what="genes", expected="unique genes",
                        found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="deduplicate them")
@@ -603,7 +617,8 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
         gi = np.array([col[g] for g in fg])
         y_tr, y_te = np.log1p(cnt.columns(gi, rows[tr])), np.log1p(cnt.columns(gi, rows[te]))
         if n_components > len(tr):
-            raise _err(what=f"PCA({n_components}) on a training fold", expected=f"at least {n_components} training spots",
+            raise _err(what=f"PCA({n_components}) on a training fold",
+                       expected=f"at least {n_components} training spots",
                        found=f"{len(tr)} (held out: {sorted(set(pat[te]))})", fix="lower n_components or add spots")
         folds.append(ExpressionFold(tuple(sorted(set(pat[te]))), len(tr), len(te)))
         kw = {"alpha": alpha, "alpha_grid": alpha_grid, "inner_splits": inner_splits, "seed": seed,

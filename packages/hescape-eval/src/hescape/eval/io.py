@@ -66,7 +66,8 @@ def embeddings_path(run_dir: str | os.PathLike, split: str = "test") -> Path:
 
 def _to_numpy(x, what: str) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, without importing torch here
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy()  # bfloat16 has no NumPy dtype
     return np.asarray(x)
 
 
@@ -177,7 +178,7 @@ def load_embeddings(source: str | os.PathLike, split: str = "test") -> Embedding
         found = "no such file" if path.parent.parent.exists() or path == source else f"no such directory {source}"
         raise HescapeEvalError.build(
             what=f"embeddings of {where}", expected=f"the file {path}", found=found,
-            fix="rerun training with a hescape-train that saves embeddings (embeddings/test.npz), or write them "
+            fix=f"rerun training with a hescape-train that saves embeddings (embeddings/{path.name}), or write them "
                 "with hescape.eval.io.save_embeddings(path, image=..., gene=..., index=..., sample=..., donor=...)")
     try:
         with np.load(path, allow_pickle=False) as z:

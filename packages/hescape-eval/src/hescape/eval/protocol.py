@@ -93,7 +93,7 @@ class RetrievalProtocol:
                                              fix="e.g. RetrievalProtocol.parse('batch:64')")
         else:
             raise HescapeEvalError.build(what="protocol kind", expected="'full' or 'batch'", found=repr(self.kind),
-                                         fix="use RetrievalProtocol.parse('full') or RetrievalProtocol.parse('batch:64')")
+                                         fix="use RetrievalProtocol.parse('full') or .parse('batch:64')")
 
     # ------------------------------------------------------------------ parsing and naming
     @classmethod

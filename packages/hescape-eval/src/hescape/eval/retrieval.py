@@ -233,7 +233,7 @@ def _swap(positives):
 
 
 def _check_pool(ks: Sequence[int], largest: int, protocol: RetrievalProtocol, where: str) -> None:
-    """Every ``k`` must fit the largest gallery: the full set, or a full batch (a last, partial batch may be smaller)."""
+    """Every ``k`` must fit the largest gallery: the full set, or a full batch (a last, partial one may be smaller)."""
     _check_ks(ks, 1 << 62)  # types and positivity first
     for k in ks:
         if k > largest:
@@ -351,7 +351,8 @@ def retrieval_metrics(image_emb, gene_emb, *, ks: Sequence[int] = (1, 5, 10), bl
     if groups is not None:
         if q.shape[0] != g.shape[0]:
             raise HescapeEvalError.build(what="groups", expected="paired image and gene rows (equal N)",
-                                         found=f"{q.shape[0]} and {g.shape[0]} rows", fix="drop groups= or pair the rows")
+                                         found=f"{q.shape[0]} and {g.shape[0]} rows",
+                                         fix="drop groups= or pair the rows")
         labels = _labels(groups, "groups", q.shape[0])
         key = group_key or "group"
         for name in np.unique(labels):

@@ -1,78 +1,242 @@
-"""Training configuration: nested dataclasses, a config file (YAML/JSON) and ``key=value`` overrides."""
+"""Training configuration: nested dataclasses, a config file (YAML/JSON), ``key=value`` overrides, and one
+validation mechanism declared with the fields.
+
+Every field is declared with :func:`option`: its default, its help text (``hescape-train --help``) and its
+constraints (range, choices, a path check). :func:`validate_config` checks all of them in one pass and raises
+:class:`HescapeConfigError` with one line for the first field that breaks its constraint. It needs no heavy import
+(no torch) and touches nothing on disk, so a refused run leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
+import os
+import re
+import tempfile
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .errors import HescapeConfigError
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "config_to_dict", "describe_options"]
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "config_to_dict",
+           "config_from_dict", "describe_options", "validate_config", "option", "LOSSES", "PROJECTIONS",
+           "FINETUNE_MODES", "RESUMABLE_KEYS"]
 
+#: Choices mirrored from hescape-models (``hescape.models.losses._fused._LOSSES``, ``hescape.models.config``);
+#: written out here so that validating a config imports no torch. A test checks they agree with hescape-models.
+LOSSES = ("clip", "siglip")
+PROJECTIONS = ("linear", "mlp", "transformer")
+FINETUNE_MODES = ("full", "frozen", "lora")
+
+#: Keys a ``--resume`` may change: they do not change what is computed.
+RESUMABLE_KEYS = ("progress", "data.num_workers")
+
+
+# -- constraints -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """Constraints of one field; every one given must hold. ``None`` values pass when the field is optional."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    what: str = "value"  # the noun of a choice refusal ("finetune mode" → "unknown finetune mode 'x'")
+    fn: Callable[[str, typing.Any], str | None] | None = None  # custom check: an error message or None
+    example: str = ""  # a valid setting, shown in the fix
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING, **check):  # noqa: A002
+    """A config field: ``default`` (or ``factory``), ``help`` for ``--help``, constraints as :class:`Check` fields."""
+    meta = {"help": help, "check": Check(**check)}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _bound_text(c: Check) -> str:
+    parts = []
+    if c.gt is not None:
+        parts.append(f"> {c.gt:g}")
+    if c.ge is not None:
+        parts.append(f">= {c.ge:g}")
+    if c.lt is not None:
+        parts.append(f"< {c.lt:g}")
+    return " and ".join(parts)
+
+
+def _check_value(key: str, value, c: Check) -> str | None:
+    """The refusal message for ``value`` of ``key`` under ``c``, or None when it passes."""
+    if value is None:
+        return None
+    if c.choices is not None and value not in c.choices:
+        close = difflib.get_close_matches(str(value), list(c.choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{key}: unknown {c.what} {value!r}; expected one of {', '.join(c.choices)}{hint}"
+    numbers = value if isinstance(value, tuple) else (value,)
+    for v in numbers:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            break
+        bound = _bound_text(c)
+        finite = not (isinstance(v, float) and not math.isfinite(v))
+        ok = finite and (c.gt is None or v > c.gt) and (c.ge is None or v >= c.ge) and (c.lt is None or v < c.lt)
+        if not ok:
+            expected = f"a finite number {bound}".rstrip() if bound else "a finite number"
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            fix = f" (e.g. {c.example})" if c.example else ""
+            return f"{key}={shown}: expected {expected}{fix}"
+    if c.fn is not None:
+        return c.fn(key, value)
+    return None
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_out_dir(key: str, value: str) -> str | None:
+    if not value:
+        return f"{key}: expected a directory path, found an empty string (e.g. out_dir=runs)"
+    anc = _nearest_existing(Path(value))
+    if not anc.is_dir():
+        return f"{key}={value!r}: cannot create run directories there, {anc} is not a directory; choose another out_dir"
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return f"{key}={value!r}: {anc} is not writable; choose a writable out_dir"
+    try:  # root passes os.access everywhere: try an anonymous file (read-only mounts, quotas)
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        return f"{key}={value!r}: {anc} is not writable ({e.strerror}); choose a writable out_dir"
+    return None
+
+
+def _check_run_name(key: str, value: str) -> str | None:
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if value in ("", ".", "..") or any(s in value for s in seps) or "\0" in value:
+        return (f"{key}={value!r}: expected one directory name inside out_dir (no path separator, not '.' or '..'); "
+                "put parent folders in out_dir instead")
+    return None
+
+
+def _check_existing(what: str, fix: str) -> Callable[[str, str], str | None]:
+    def check(key: str, value: str) -> str | None:
+        if value and not Path(value).exists():
+            return f"{key}={value!r} does not exist; {fix}"
+        return None
+
+    check.__doc__ = f"{what} must exist"
+    return check
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_device(key: str, value: str) -> str | None:
+    if not _DEVICE.match(value):
+        return f"{key}={value!r} is not a device; expected auto, cpu, cuda or cuda:N"
+    return None
+
+
+def _check_recall_ks(key: str, value: tuple) -> str | None:
+    if not value or min(value) < 1:
+        return f"recall_ks must list positive k values (e.g. recall_ks=1,5,10), found {value!r}"
+    return None
+
+
+# -- the configuration ---------------------------------------------------------------------------------------------
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # dataset directory (manifest.json); empty = the embedded synthetic default, built and cached
-    panel: str = "human-breast-panel"  # gene panel of the embedded synthetic default
-    augment: bool = True  # random flips and 90° rotations of training patches
-    stain_jitter: float = 0.1  # sd of the per-patch, per-channel optical-density scale (0 disables; needs augment)
-    hed_jitter: float = 0.4  # sd of the per-patch log haematoxylin / eosin amount (HED augmentation; 0 disables)
-    num_workers: int = 0  # DataLoader worker processes
+    path: str | None = option(None, "dataset directory (manifest.json); empty = the embedded synthetic default, "
+                                    "built and cached",
+                              fn=_check_existing("data.path", "give the directory of a HESCAPE dataset (it holds "
+                                                 "manifest.json), or leave data.path empty to use the embedded "
+                                                 "synthetic default"))
+    panel: str = option("human-breast-panel", "gene panel of the embedded synthetic default")
+    augment: bool = option(True, "random flips and 90° rotations of training patches")
+    stain_jitter: float = option(0.1, "sd of the per-patch, per-channel optical-density scale (0 disables)", ge=0,
+                                 example="data.stain_jitter=0.1")
+    hed_jitter: float = option(0.4, "sd of the per-patch log haematoxylin / eosin amount (HED; 0 disables)", ge=0,
+                               example="data.hed_jitter=0.4")
+    num_workers: int = option(0, "DataLoader worker processes (results do not depend on it)", ge=0,
+                              example="data.num_workers=4")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_mlp_nano"  # model preset (hescape.models.list_models()); image/gene below override its towers
-    image: str | None = None  # image encoder (hescape-models list); empty = the preset's
-    gene: str | None = None  # gene encoder (hescape-models list); empty = the preset's
-    image_weights: str | None = None  # published image weights: a file or directory, or hf; empty = the preset's
-    gene_weights: str | None = None  # published gene-encoder weights (file/directory; DRVI: its model directory)
-    image_options: dict | None = None  # image encoder builder options (YAML mapping or JSON, e.g. {"pooling": "cls+mean"})
-    gene_options: dict | None = None  # gene encoder builder options (e.g. {"vocabulary": "model.h5ad"})
-    image_finetune: str | None = None  # full | frozen | lora; empty = the preset's
-    gene_finetune: str | None = None  # full | frozen | lora; empty = the preset's
-    lora_rank: int = 8  # LoRA rank of a lora tower (the reference: 8)
-    lora_alpha: float = 16.0  # LoRA alpha (the reference: 16)
-    loss: str = "clip"  # contrastive loss: clip | siglip
-    embed_dim: int = 128  # shared embedding size
-    projection: str = "mlp"  # projection head of both towers: mlp | linear | transformer
-    image_projection: str | None = None  # image head only (the paper's ablation); empty = projection
-    n_genes: int = 0  # gene-panel size the model expects; 0 = take it from the dataset
-    init_checkpoint: str | None = None  # start from this checkpoint.pt (its gene panel must match the dataset)
+    name: str = option("vit_mlp_nano", "model preset (hescape.models.list_models()); image/gene override its towers")
+    image: str | None = option(None, "image encoder (hescape-models list); empty = the preset's")
+    gene: str | None = option(None, "gene encoder (hescape-models list); empty = the preset's")
+    image_weights: str | None = option(None, "published image weights: a file or directory, or hf; empty = the "
+                                             "preset's")
+    gene_weights: str | None = option(None, "published gene-encoder weights (file/directory; DRVI: its model "
+                                            "directory)")
+    image_options: dict | None = option(None, 'image encoder builder options (JSON, e.g. {"pooling": "cls+mean"})')
+    gene_options: dict | None = option(None, 'gene encoder builder options (e.g. {"vocabulary": "model.h5ad"})')
+    image_finetune: str | None = option(None, "full | frozen | lora; empty = the preset's", choices=FINETUNE_MODES,
+                                        what="finetune mode")
+    gene_finetune: str | None = option(None, "full | frozen | lora; empty = the preset's", choices=FINETUNE_MODES,
+                                       what="finetune mode")
+    lora_rank: int = option(8, "LoRA rank of a lora tower (the reference: 8)", gt=0, example="model.lora_rank=8")
+    lora_alpha: float = option(16.0, "LoRA alpha (the reference: 16)", gt=0, example="model.lora_alpha=16")
+    loss: str = option("clip", "contrastive loss: clip | siglip", choices=LOSSES, what="loss")
+    embed_dim: int = option(128, "shared embedding size", gt=0, example="model.embed_dim=128")
+    projection: str = option("mlp", "projection head of both towers: mlp | linear | transformer", choices=PROJECTIONS,
+                             what="projection")
+    image_projection: str | None = option(None, "image head only (the paper's ablation); empty = projection",
+                                          choices=PROJECTIONS, what="projection")
+    n_genes: int = option(0, "gene-panel size the model expects; 0 = take it from the dataset", ge=0,
+                          example="model.n_genes=0")
+    init_checkpoint: str | None = option(None, "start from this run directory or checkpoint (same gene panel)",
+                                         fn=_check_existing("model.init_checkpoint",
+                                                            "give a run directory or a checkpoint of an earlier run"))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.01  # AdamW weight decay (the paper: 0.01)
-    beta1: float = 0.9  # AdamW beta1 (the paper: 0.9)
-    beta2: float = 0.95  # AdamW beta2 (the paper: 0.95)
-    warmup_steps: int = 30  # linear warm-up steps, then cosine decay to 0
-    grad_clip: float = 5.0  # gradient-norm clipping (the paper: 5.0); 0 disables
+    lr: float = option(1e-3, "peak learning rate (AdamW)", gt=0, example="optim.lr=1e-3")
+    weight_decay: float = option(0.01, "AdamW weight decay (the paper: 0.01); none on biases, norms, tokens", ge=0,
+                                 example="optim.weight_decay=0.01")
+    beta1: float = option(0.9, "AdamW beta1 (the paper: 0.9)", ge=0, lt=1, example="optim.beta1=0.9")
+    beta2: float = option(0.95, "AdamW beta2 (the paper: 0.95)", ge=0, lt=1, example="optim.beta2=0.95")
+    warmup_steps: int = option(30, "linear warm-up steps, then cosine decay to 0", ge=0, example="optim.warmup_steps=30")
+    grad_clip: float = option(5.0, "gradient-norm clipping (the paper: 5.0); 0 disables", ge=0,
+                              example="optim.grad_clip=5.0")
 
 
 @dataclass
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)  # dataset options
-    model: ModelConfig = field(default_factory=ModelConfig)  # model options
-    optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser options
-    epochs: int = 16  # passes over the training split
-    batch_size: int = 64  # spots per step (per process)
-    seed: int = 0  # seed of model init, sampling and augmentation
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out_dir: str = "runs"  # parent directory of run directories
-    run_name: str | None = None  # run directory name; empty = timestamp
-    recall_ks: tuple[int, ...] = (1, 5, 10)  # k values of the Recall@k table
-    probe: bool = True  # also rank the test split with the colour-statistics probe (hescape.eval.baselines)
-    progress: bool = True  # show progress bars
+    data: DataConfig = option(help="dataset options", factory=DataConfig)
+    model: ModelConfig = option(help="model options", factory=ModelConfig)
+    optim: OptimConfig = option(help="optimiser options", factory=OptimConfig)
+    epochs: int = option(16, "passes over the training split", gt=0, example="epochs=16")
+    batch_size: int = option(64, "spots per step (per process)", gt=0, example="batch_size=64")
+    seed: int = option(0, "seed of model init, sampling and augmentation", ge=0, example="seed=0")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", fn=_check_device)
+    out_dir: str = option("runs", "parent directory of run directories", fn=_check_out_dir)
+    run_name: str | None = option(None, "run directory name inside out_dir; empty = timestamp", fn=_check_run_name)
+    checkpoint_every: int = option(1000, "also checkpoint every N optimiser steps (0 = at epoch ends only)", ge=0,
+                                   example="checkpoint_every=1000")
+    log_every: int = option(10, "write a steps.jsonl/csv line every N steps", gt=0, example="log_every=10")
+    recall_ks: tuple[int, ...] = option((1, 5, 10), "k values of the Recall@k table", fn=_check_recall_ks)
+    probe: bool = option(True, "also rank the test split with the colour-statistics probe (hescape.eval.baselines)")
+    progress: bool = option(True, "show progress bars")
 
+
+_SECTIONS = ((TrainConfig, ""), (DataConfig, "data."), (ModelConfig, "model."), (OptimConfig, "optim."))
+
+
+# -- reading and writing --------------------------------------------------------------------------------------------
 
 def _resolve(cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
@@ -102,6 +266,8 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return int(value)
         if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         if tp is str:
             return str(value)
@@ -174,24 +340,8 @@ def _set(obj, dotted: str, value, full_key: str) -> None:
     setattr(obj, head, _coerce(value, tp, full_key))
 
 
-def load_config(config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML/JSON ``config_file``, then ``key=value`` overrides (dotted keys)."""
-    cfg = TrainConfig()
-    if config_file:
-        p = Path(config_file)
-        if not p.is_file():
-            msg = f"config file {p} does not exist; pass an existing YAML or JSON file to --config"
-            raise HescapeConfigError(msg)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            msg = f"config file {p} is not valid YAML/JSON: {e}"
-            raise HescapeConfigError(msg) from None
-        if not isinstance(data, dict):
-            msg = f"config file {p}: expected a mapping of keys to values at the top level, found {type(data).__name__}"
-            raise HescapeConfigError(msg)
-        for k, v in data.items():
-            _set(cfg, k, v, k)
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Apply ``key=value`` strings (dotted keys) to ``cfg`` in place; returns it."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -201,27 +351,89 @@ def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Tr
     return cfg
 
 
+def load_config(config_file: str | None = None, overrides: list[str] = (), *, validate: bool = True) -> TrainConfig:
+    """Defaults, then the YAML/JSON ``config_file``, then ``key=value`` overrides (dotted keys), then
+    :func:`validate_config` (unless ``validate=False``).
+
+    Raises
+    ------
+    HescapeConfigError
+        An unknown key, a value of the wrong type, a missing or malformed file, or a value out of its range.
+    """
+    cfg = TrainConfig()
+    if config_file:
+        import yaml
+
+        p = Path(config_file)
+        if not p.is_file():
+            msg = f"config file {p} does not exist; pass an existing YAML or JSON file to --config"
+            raise HescapeConfigError(msg)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            msg = f"config file {p} is not valid YAML/JSON: {' '.join(str(e).split())}"
+            raise HescapeConfigError(msg) from None
+        if not isinstance(data, dict):
+            msg = f"config file {p}: expected a mapping of keys to values at the top level, found {type(data).__name__}"
+            raise HescapeConfigError(msg)
+        for k, v in data.items():
+            _set(cfg, k, v, k)
+    apply_overrides(cfg, overrides)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
 def config_to_dict(cfg) -> dict:
+    """Plain JSON-safe dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def describe_options() -> str:
-    """Every config key with its default and comment (for --help), read from this module's source."""
-    import inspect
+def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
+    """Inverse of :func:`config_to_dict` (a run's ``config.json``); keys outside :class:`TrainConfig` are refused,
+    except the run facts hescape-train itself adds (``data_resolved``, ``world_size``, ``format``)."""
+    cfg = TrainConfig()
+    for k, v in d.items():
+        if k in ("data_resolved", "world_size", "format"):
+            continue
+        try:
+            _set(cfg, k, v, k)
+        except HescapeConfigError as e:
+            raise HescapeConfigError(f"{source}: {e}") from None
+    return cfg
 
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every field of ``cfg`` against the constraints declared with it (:func:`option`).
+
+    Raises
+    ------
+    HescapeConfigError
+        One line naming the first key out of its range or choices, the value found, and a valid example.
+    """
+    for cls, prefix in _SECTIONS:
+        obj = cfg if not prefix else getattr(cfg, prefix.rstrip("."))
+        if not isinstance(obj, cls):
+            msg = f"config section {prefix.rstrip('.')!r}: expected a {cls.__name__}, found {type(obj).__name__}"
+            raise HescapeConfigError(msg)
+        for f in dataclasses.fields(cls):
+            check = f.metadata.get("check")
+            if check is None or dataclasses.is_dataclass(_resolve(cls)[f.name]):
+                continue
+            problem = _check_value(prefix + f.name, getattr(obj, f.name), check)
+            if problem:
+                raise HescapeConfigError(problem)
+
+
+def describe_options() -> str:
+    """Every config key with its default and help (for ``--help``), read from the field declarations."""
     lines = []
-    for cls, prefix in ((TrainConfig, ""), (DataConfig, "data."), (ModelConfig, "model."), (OptimConfig, "optim.")):
-        src = inspect.getsource(cls).splitlines()
-        comments = {}
-        for ln in src:
-            s = ln.strip()
-            if ":" in s and "#" in s and not s.startswith(("#", "class", '"')):
-                comments[s.split(":")[0]] = s.split("#", 1)[1].strip()
+    for cls, prefix in _SECTIONS:
         defaults = cls()
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(_resolve(cls)[f.name]):
                 continue
             val = getattr(defaults, f.name)
             val = ",".join(map(str, val)) if isinstance(val, tuple) else val
-            lines.append(f"  {prefix + f.name:<22} {str(val):<20} {comments.get(f.name, '')}")
+            lines.append(f"  {prefix + f.name:<22} {str(val):<20} {f.metadata.get('help', '')}")
     return "\n".join(lines)
