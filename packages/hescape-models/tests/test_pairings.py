@@ -9,7 +9,14 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_model, list_gene_encoders, list_image_encoders
+from hescape.models import (
+    HescapeCLIP,
+    cfg_from_dict,
+    cfg_to_dict,
+    create_model,
+    list_gene_encoders,
+    list_image_encoders,
+)
 
 VOCAB = [f"ENSG{i:011d}" for i in range(40)]
 PANEL = [f"G{i}" for i in range(14)]
