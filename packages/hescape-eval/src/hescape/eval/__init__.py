@@ -6,7 +6,9 @@ present, else from a blockwise torch fallback; :func:`compute_ranks` reports whi
 :mod:`hescape.eval.baselines` has the colour-statistics probe to report beside a model (needs scikit-learn).
 Protocols (:mod:`hescape.eval.protocol`): the full gallery, or ranks within test batches as the HESCAPE paper
 did; :mod:`hescape.eval.io` saves and loads a run's embeddings; the ``hescape-eval`` command is
-:mod:`hescape.eval.cli`.
+:mod:`hescape.eval.cli`. :mod:`hescape.eval.expression` is the HEST expression probe (paper Table 6),
+:mod:`hescape.eval.batch_effects` silhouette-batch (section 8.3; ``pip install 'hescape-eval[batch]'``), and
+:mod:`hescape.eval.export` writes embeddings to AnnData (``[export]``).
 """
 
 from ._backend import (
@@ -18,7 +20,10 @@ from ._backend import (
     has_cpp_ext,
     has_cuda_ext,
 )
+from .batch_effects import batch_silhouette, plot_silhouette_vs_recall, silhouette_batch
 from .errors import HescapeEvalError, HescapeEvalWarning
+from .export import export_anndata, read_params
+from .expression import ExpressionProbeResult, expression_probe, select_variable_genes
 from .io import load_embeddings, save_embeddings
 from .protocol import PAPER_PROTOCOL, RetrievalProtocol
 from .retrieval import (
@@ -43,4 +48,7 @@ __all__ = [
     # protocols, both directions in one pass, saved embeddings
     "PAPER_PROTOCOL", "RetrievalProtocol", "RetrievalReport", "retrieval_reports", "compute_ranks_both",
     "load_embeddings", "save_embeddings",
+    # expression prediction (HEST protocol), batch effects, AnnData export
+    "expression_probe", "ExpressionProbeResult", "select_variable_genes",
+    "batch_silhouette", "silhouette_batch", "plot_silhouette_vs_recall", "export_anndata", "read_params",
 ]

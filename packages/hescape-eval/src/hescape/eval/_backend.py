@@ -516,11 +516,15 @@ def _batched_torch(qb: torch.Tensor, gb: torch.Tensor, lab: torch.Tensor | None)
     m, size, _ = qb.shape
     s = torch.bmm(qb, gb.transpose(1, 2))  # s[:, i, j] = image_i . gene_j
     dev = s.device
-    if lab is None:
-        pos = torch.eye(size, dtype=torch.bool, device=dev).expand(m, size, size)
-    else:
-        pos = lab.unsqueeze(2) == lab.unsqueeze(1)
     ar = torch.arange(size, device=dev)
+    if lab is None:  # the diagonal is every threshold; ties count below it (rows) or above it (columns)
+        t = s.diagonal(dim1=1, dim2=2)
+        below = (ar.view(1, -1) < ar.view(-1, 1)).unsqueeze(0)  # [i, j]: j < i
+        r_ig = ((s > t.unsqueeze(2)) | ((s == t.unsqueeze(2)) & below)).sum(2)
+        r_gi = ((s > t.unsqueeze(1)) | ((s == t.unsqueeze(1)) & below.transpose(1, 2))).sum(1)
+        ones = torch.ones_like(r_ig)
+        return r_ig, r_gi, ones, ones
+    pos = lab.unsqueeze(2) == lab.unsqueeze(1)
     neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=dev)
     masked = torch.where(pos, s, neg_inf)
     # image -> gene: along rows; best positive = highest score, then lowest column (argmax returns the first)

@@ -27,9 +27,11 @@ What the reference code does (checked 2026-11 against the public sources)
   with ``shuffle=False`` and no ``drop_last`` (default ``False``): batches follow dataset order and the last,
   partial batch is kept.
 * Batch size and devices: ``experiments/configs/datamodule/*.yaml`` set ``batch_size: 64`` (per device), the
-  ``holy_grail_*.yaml`` sweeps keep ``datamodule.batch_size: 64`` and run on ``devices:
-  ${devices_per_job}`` = 4 GPUs (``experiments/configs/launcher/juelich.yaml``: ``tasks_per_node: 4``) with
-  ``DDPStrategy``; the paper (Sec. 8.1) states "a batch size of 256 distributed across 4 GPUs". Under DDP,
+  ``holy_grail_*.yaml`` sweeps keep ``datamodule.batch_size: 64`` and set ``devices: ${devices_per_job}``
+  with ``DDPStrategy``; ``experiments/hescape_pretrain/holy_grail_*.bash`` launch them with
+  ``launcher=juelich``, whose ``experiments/configs/launcher/juelich.yaml`` makes that 4
+  (``tasks_per_node: 4``, ``gpus_per_node: 4``); the paper (Sec. 8.1) states "a batch size of 256
+  distributed across 4 GPUs". Under DDP,
   Lightning (``lightning/pytorch/trainer/connectors/data_connector.py``, ``_get_distributed_sampler``)
   replaces the sequential sampler by ``DistributedSampler(shuffle=False)``, which pads and interleaves as
   described for ``"batch:BxW"``; ``"batch:64x4"`` is therefore the exact Table 2 setting, ``"batch:64"`` the
