@@ -8,7 +8,8 @@ Protocols (:mod:`hescape.eval.protocol`): the full gallery, or ranks within test
 did; :mod:`hescape.eval.io` saves and loads a run's embeddings; the ``hescape-eval`` command is
 :mod:`hescape.eval.cli`. :mod:`hescape.eval.expression` is the HEST expression probe (paper Table 6),
 :mod:`hescape.eval.batch_effects` silhouette-batch (section 8.3; ``pip install 'hescape-eval[batch]'``), and
-:mod:`hescape.eval.export` writes embeddings to AnnData (``[export]``).
+:mod:`hescape.eval.export` writes embeddings to AnnData (``[export]``). :mod:`hescape.eval.report` aggregates runs
+over seeds into the paper's Table 2 layout (``hescape-eval report``).
 """
 
 from ._backend import (
@@ -26,6 +27,7 @@ from .export import export_anndata, read_params
 from .expression import ExpressionProbeResult, expression_probe, select_variable_genes
 from .io import load_embeddings, save_embeddings
 from .protocol import PAPER_PROTOCOL, RetrievalProtocol
+from .report import ReportTable, RunRecord, build_table, load_run, load_runs, plot_recall, write_report
 from .retrieval import (
     RetrievalReport,
     RetrievalResult,
@@ -51,4 +53,6 @@ __all__ = [
     # expression prediction (HEST protocol), batch effects, AnnData export
     "expression_probe", "ExpressionProbeResult", "select_variable_genes",
     "batch_silhouette", "silhouette_batch", "plot_silhouette_vs_recall", "export_anndata", "read_params",
+    # multi-run tables
+    "ReportTable", "RunRecord", "build_table", "load_run", "load_runs", "plot_recall", "write_report",
 ]

@@ -3,7 +3,8 @@
 ``hescape-eval retrieval RUN_DIR`` reads ``RUN_DIR/embeddings/test.npz`` (:mod:`hescape.eval.io`; an ``.npz``
 path works too), ranks both directions under each ``--protocol`` (default: ``full`` and ``batch:64``), prints
 one Markdown table per protocol with the protocol, pool size and chance in its header line, and with
-``--out FILE.json`` writes the same numbers as JSON. Bad input is one line on stderr,
+``--out FILE.json`` writes the same numbers as JSON. ``hescape-eval report RUN_DIR... --out DIR`` aggregates many
+runs over seeds into the paper's Table 2 layout (:mod:`hescape.eval.report`). Bad input is one line on stderr,
 ``hescape-eval: error: …``, and exit status 2.
 """
 
@@ -80,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--split", default="test", help="which embeddings file of RUN_DIR/embeddings/ (default test)")
     r.add_argument("--backend", default="auto", help="rank backend: auto, cpp, torch, ... (default auto)")
     r.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+
+    t = sub.add_parser(
+        "report", help="aggregate runs over seeds into the paper's Table 2 layout (Markdown, CSV, PNG)",
+        description=textwrap.dedent("""\
+            One row per model (<gene encoder>-<image encoder>), one column per (panel, direction), mean(std) of test
+            Recall@k over seeds (sample std), best in bold and second underlined, protocol, pool and chance stated.
+            Numbers come from each run's results.json (protocol full) or, with --protocol, are recomputed from
+            RUN_DIR/embeddings/test.npz. A column never mixes protocols or pool sizes."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              hescape-eval report runs/*/ --out reports/table2
+              hescape-eval report runs/*/ --out reports/table2_paper --protocol batch:64x4
+            """), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="hescape-train run directories")
+    t.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for report.md, report.csv, report_long.csv, recall_at_K.png")
+    t.add_argument("--k", type=int, default=5, help="the k of Recall@k (default 5, as in the paper's Table 2)")
+    t.add_argument("--protocol", metavar="P", help="recompute from saved embeddings: full, batch:B or batch:BxW")
+    t.add_argument("--backend", default="auto", help="rank backend when recomputing (default auto)")
+    t.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
+    t.add_argument("--title", help="heading of report.md")
     return p
 
 
@@ -120,12 +142,31 @@ def _retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.k < 1:
+        raise HescapeEvalError.build(what="--k", expected="a positive integer", found=str(args.k), fix="e.g. --k 5")
+    res = write_report(args.run_dirs, args.out, k=args.k, protocol=args.protocol, backend=args.backend,
+                       figures=not args.no_figures, title=args.title)
+    print(res["table"].to_markdown())
+    print()
+    for key in ("markdown", "csv", "long_csv"):
+        print(f"wrote {res[key]}")
+    if "figure" in res:
+        fig = res["figure"]
+        print(f"wrote {fig}" if isinstance(fig, Path) else fig)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hescape-eval`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "retrieval":
             return _retrieval(args)
+        if args.command == "report":
+            return _report(args)
     except HescapeEvalError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,537 @@
+"""Paper-style result tables over many runs: ``hescape-eval report RUN_DIR ... --out DIR``.
+
+Layout (HESCAPE paper, Table 2: "Complete Test Recall@5 Results for both Image-to-Gene (I2G) and Gene-to-Image
+(G2I) tasks across different tissue panels ... Best results are in **bold**, second-best are underlined"; the seed
+copy is ``shared/seed/hescape-paper.txt``): one row per model, named ``<gene encoder>-<image encoder>`` as the paper
+does (``DRV1-Gigapath``), one column per (panel, direction), each cell ``mean(std)`` over the runs' seeds.
+
+What a run directory holds (written by ``hescape-train``; ``hescape/train/trainer.py``, read only):
+
+``config.json``
+    The resolved :class:`TrainConfig`: ``seed``, ``model.name`` (preset), ``model.image`` / ``model.gene`` (encoder
+    names, ``null`` = the preset's), ``data.path`` (dataset directory holding ``manifest.json``, ``null`` = the
+    embedded synthetic default of ``data.panel``), ``format`` ``"hescape-train-config/1"``.
+``results.json``
+    Test retrieval of the best checkpoint: ``i2g_R@5``, ``i2g_R@5_chance``, ``i2g_protocol`` (``"full"``),
+    ``i2g_pool`` (gallery size), the same with ``g2i_``, and ``last`` (the last checkpoint's record).
+``embeddings/test.npz``
+    The best checkpoint's test embeddings (:mod:`hescape.eval.io`), from which any protocol can be recomputed.
+
+Aggregation rules (all stated in the table caption):
+
+* ``mean`` over seeds and the *sample* standard deviation (``ddof=1``); a cell of fewer than 3 seeds shows
+  ``n``, a single seed shows ``—`` for the std.
+* Best (higher mean) in **bold**, second-best ``<u>underlined</u>`` per column, comparing means rounded to the
+  printed precision, so equal printed values share a mark (the next distinct value is second).
+* A column never mixes retrieval protocols or pool sizes: a Recall@k of 0.3 in a gallery of 64 and in one of
+  5,000 are different quantities (chance 0.078 against 0.001); such a request fails with
+  :class:`~hescape.eval.errors.HescapeEvalError`, naming the runs.
+* Chance (``k / pool`` for one positive, :func:`hescape.eval.chance_recall`) is given in a row of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HescapeEvalError
+
+__all__ = ["ReportTable", "RunRecord", "build_table", "load_run", "load_runs", "plot_recall", "write_report"]
+
+DIRECTIONS = ("i2g", "g2i")
+_DIR_LABEL = {"i2g": "I2G", "g2i": "G2I"}
+#: Column names of the paper's Table 2 for the vendored panel names, in the paper's column order.
+PAPER_PANEL_NAMES = {
+    "human-5k-panel": "5K", "human-multi-tissue-panel": "Multi", "human-immuno-oncology-panel": "ImmOnc",
+    "human-colon-panel": "Colon", "human-breast-panel": "Breast", "human-lung-healthy-panel": "Lung",
+    "human-skin-panel": "Skin",
+}
+_DIGITS = 3
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run's test Recall@k in both directions, with what the table groups it by.
+
+    ``recall`` and ``chance`` map ``"i2g"`` / ``"g2i"`` to fractions in [0, 1]; ``pool`` is the gallery size (the
+    test set under ``"full"``, the batch size ``B`` under ``"batch:B"``); ``source`` is ``"results.json"`` or
+    ``"embeddings"`` (recomputed).
+    """
+
+    path: Path
+    image: str
+    gene: str
+    seed: int
+    panel: str
+    k: int
+    recall: dict[str, float]
+    chance: dict[str, float]
+    protocol: str
+    pool: int | None
+    source: str
+
+    @property
+    def model(self) -> str:
+        """Row label in the paper's style, ``<gene encoder>-<image encoder>``."""
+        return f"{self.gene}-{self.image}"
+
+
+def _fail(*, what: str, expected: str, found: str, fix: str) -> HescapeEvalError:
+    return HescapeEvalError.build(what=what, expected=expected, found=found, fix=fix)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _fail(what=what, expected=f"a readable JSON object in {path}", found=f"{type(exc).__name__}: {exc}",
+                    fix="rerun the training, or remove this run from the report") from None
+    if not isinstance(data, dict):
+        raise _fail(what=what, expected=f"a JSON object in {path}", found=type(data).__name__,
+                    fix="rerun the training, or remove this run from the report")
+    return data
+
+
+def _encoder_names(model: dict, run: Path) -> tuple[str, str]:
+    """``(image, gene)`` encoder names from ``config.json``'s ``model`` section, filling ``null`` from the preset.
+
+    The preset's towers come from ``hescape.models.get_model_cfg`` when that package is installed (lazy import);
+    without it the preset name stands in (``"<preset>:image"``) so the run still gets a distinct row.
+    """
+    image, gene = model.get("image"), model.get("gene")
+    if image and gene:
+        return str(image), str(gene)
+    preset = str(model.get("name") or "?")
+    try:
+        from hescape.models import get_model_cfg  # optional sibling package
+
+        cfg = get_model_cfg(preset)
+        image, gene = image or cfg.image.name, gene or cfg.gene.name
+    except Exception:  # noqa: BLE001 - absent package or unknown preset: fall back to a preset-based label
+        image, gene = image or f"{preset}:image", gene or f"{preset}:gene"
+    return str(image), str(gene)
+
+
+def _panel_of(cfg: dict, run: Path) -> str:
+    """Column group of a run: the gene panel recorded in the dataset manifest, else the dataset's directory name.
+
+    Looked up in ``manifest.json`` of ``data.path`` (or ``data_resolved``): ``panel``, ``ingest.panel``
+    (hescape-data ingest), ``generator.config.panel`` (the synthetic builder). With no dataset path (the embedded
+    synthetic default) it is ``data.panel``.
+    """
+    data = cfg.get("data") or {}
+    path = data.get("path") or cfg.get("data_resolved")
+    if not path:
+        return str(data.get("panel") or "unknown")
+    manifest = Path(path) / "manifest.json"
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            m = {}
+        for value in (m.get("panel"), (m.get("ingest") or {}).get("panel"),
+                      ((m.get("generator") or {}).get("config") or {}).get("panel")):
+            if isinstance(value, str) and value:
+                return value
+    if not data.get("path") and data.get("panel"):
+        return str(data["panel"])  # the embedded default, resolved into a cache folder
+    return Path(path).name
+
+
+def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = None, backend: str = "auto",
+             panel: str | None = None) -> RunRecord:
+    """Read one run directory into a :class:`RunRecord`.
+
+    Parameters
+    ----------
+    run_dir
+        A ``hescape-train`` run directory (``config.json`` plus ``results.json`` and/or ``embeddings/test.npz``).
+    k
+        The ``k`` of Recall@k (default 5, the paper's Table 2).
+    protocol
+        ``None``: take the numbers from ``results.json`` (protocol ``full``). A protocol spec (``"full"``,
+        ``"batch:64"``, ``"batch:64x4"``, :mod:`hescape.eval.protocol`): recompute from ``embeddings/test.npz``
+        with :func:`hescape.eval.retrieval_metrics` when the run has them, else fall back to ``results.json``
+        (whose protocol is then recorded, so :func:`build_table` refuses to mix it with the requested one).
+    backend
+        Rank backend for recomputation.
+    panel
+        Override of the column group (default: the dataset's panel, see :func:`_panel_of`).
+
+    Raises
+    ------
+    HescapeEvalError
+        Not a run directory (no ``config.json``), a run with neither results nor embeddings, no ``R@k`` for this
+        ``k`` in ``results.json``, an unreadable file.
+    """
+    run = Path(run_dir)
+    cfg_path = run / "config.json"
+    if not run.is_dir() or not cfg_path.is_file():
+        found = "no such directory" if not run.exists() else ("a file" if run.is_file() else "no config.json")
+        raise _fail(what=f"run directory {run}", expected="a hescape-train run directory holding config.json",
+                    found=found, fix="pass the directories hescape-train created (out_dir/run_name), e.g. runs/*/")
+    cfg = _read_json(cfg_path, f"config of run {run}")
+    image, gene = _encoder_names(cfg.get("model") or {}, run)
+    seed = cfg.get("seed")
+    if not isinstance(seed, int):
+        raise _fail(what=f"config of run {run}", expected="an integer 'seed'", found=repr(seed),
+                    fix="pass run directories written by hescape-train")
+    col = panel or _panel_of(cfg, run)
+    common = {"path": run, "image": image, "gene": gene, "seed": seed, "panel": col, "k": int(k)}
+
+    from .io import embeddings_path
+
+    emb_file = embeddings_path(run, "test")
+    if protocol is not None and emb_file.is_file():
+        from .io import load_embeddings
+        from .protocol import RetrievalProtocol
+        from .retrieval import retrieval_metrics
+
+        proto = RetrievalProtocol.parse(protocol)
+        emb = load_embeddings(emb_file)
+        rep = retrieval_metrics(emb.image, emb.gene, ks=[int(k)], protocol=proto, backend=backend)
+        return RunRecord(**common, recall={d: rep[d].recall[int(k)] for d in DIRECTIONS},
+                         chance={d: rep[d].chance[int(k)] for d in DIRECTIONS}, protocol=str(proto),
+                         pool=rep["i2g"].pool, source="embeddings")
+
+    res_path = run / "results.json"
+    if not res_path.is_file():
+        extra = "" if protocol is None else f" nor {emb_file.relative_to(run)}"
+        raise _fail(what=f"run {run}", expected="results.json (written when training finishes)",
+                    found=f"no results.json{extra}",
+                    fix="let the run finish (or resume it with hescape-train --resume), or leave it out")
+    res = _read_json(res_path, f"results of run {run}")
+    recall, chance = {}, {}
+    for d in DIRECTIONS:
+        key = f"{d}_R@{k}"
+        if not isinstance(res.get(key), int | float):
+            have = sorted({int(x.split("@")[1]) for x in res
+                           if x.startswith(f"{d}_R@") and x.split("@")[1].isdigit()})
+            raise _fail(what=f"results of run {run}", expected=f"a number under {key!r}",
+                        found=f"Recall@k for k in {have}",
+                        fix=f"choose --k among {have}, or retrain with recall_ks including {k}")
+        recall[d] = float(res[key])
+        c = res.get(f"{key}_chance")
+        pool = res.get(f"{d}_pool")
+        if not isinstance(c, int | float):
+            from .retrieval import chance_recall
+
+            c = chance_recall(int(pool), int(k)) if isinstance(pool, int) and pool > 0 else math.nan
+        chance[d] = float(c)
+    pool = res.get("i2g_pool")
+    return RunRecord(**common, recall=recall, chance=chance, protocol=str(res.get("i2g_protocol", "full")),
+                     pool=int(pool) if isinstance(pool, int) else None, source="results.json")
+
+
+def load_runs(run_dirs: Sequence[str | os.PathLike], **kwargs) -> list[RunRecord]:
+    """:func:`load_run` of every directory (same keyword arguments); an empty list is an error."""
+    if not run_dirs:
+        raise _fail(what="report", expected="at least one run directory", found="none", fix="pass RUN_DIR ...")
+    return [load_run(r, **kwargs) for r in run_dirs]
+
+
+@dataclass
+class Cell:
+    """Aggregate of one (model, panel, direction): ``mean`` and sample ``std`` (``ddof=1``; NaN for one seed)."""
+
+    values: list[float]
+    seeds: list[int]
+    chance: float
+    mean: float = field(init=False)
+    std: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.values, dtype=np.float64)
+        self.mean = float(a.mean())
+        self.std = float(a.std(ddof=1)) if a.size > 1 else math.nan
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class ReportTable:
+    """The aggregated table: ``cells[(model, (panel, direction))]``, column metadata and best/second marks.
+
+    ``columns`` are ``(panel, direction)`` pairs (paper panel order first, then by name; I2G before G2I);
+    ``rows`` are model labels (sorted by gene, then image encoder); ``protocol``/``pool``/``chance`` are per column;
+    ``marks[(model, column)]`` is ``"best"`` or ``"second"``.
+    """
+
+    rows: list[str]
+    columns: list[tuple[str, str]]
+    cells: dict[tuple[str, tuple[str, str]], Cell]
+    protocol: dict[tuple[str, str], str]
+    pool: dict[tuple[str, str], int | None]
+    chance: dict[tuple[str, str], float]
+    k: int
+    encoders: dict[str, tuple[str, str]]
+    marks: dict[tuple[str, tuple[str, str]], str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ labels
+    @staticmethod
+    def panel_label(panel: str) -> str:
+        return PAPER_PANEL_NAMES.get(panel, panel)
+
+    def column_label(self, col: tuple[str, str]) -> str:
+        return f"{self.panel_label(col[0])} {_DIR_LABEL[col[1]]}"
+
+    def cell_text(self, cell: Cell | None, mark: str | None = None, markdown: bool = True) -> str:
+        if cell is None:
+            return "—"
+        std = "—" if math.isnan(cell.std) else f"{cell.std:.{_DIGITS}f}"
+        text = f"{cell.mean:.{_DIGITS}f}({std}" + (f", n={cell.n})" if cell.n < 3 else ")")
+        if markdown and mark == "best":
+            return f"**{text}**"
+        if markdown and mark == "second":
+            return f"<u>{text}</u>"
+        return text
+
+    def caption(self) -> str:
+        """What the numbers are: metric, aggregation, protocol and pool (per column when they differ), marks."""
+        protos = sorted(set(self.protocol.values()))
+        from .protocol import RetrievalProtocol
+
+        def pools(cols) -> str:
+            per = {self.panel_label(c[0]): self.pool[c] for c in cols}
+            vals = set(per.values())
+            if len(vals) == 1:
+                return f"pool {next(iter(vals))}"
+            return "pool " + ", ".join(f"{p} {n}" for p, n in per.items())
+
+        if len(protos) == 1:
+            proto = RetrievalProtocol.parse(protos[0])
+            where = f"Protocol `{proto}`: {proto.describe()}; {pools(self.columns)}."
+        else:
+            parts = []
+            for p in protos:
+                cols = [c for c in self.columns if self.protocol[c] == p]
+                parts.append(f"`{p}` ({RetrievalProtocol.parse(p).describe()}; {pools(cols)}) for "
+                             + ", ".join(self.column_label(c) for c in cols))
+            where = "Protocols differ between columns: " + "; ".join(parts) + "."
+        return (f"Test Recall@{self.k} for image-to-gene (I2G) and gene-to-image (G2I) retrieval, mean(std) over "
+                f"seeds (sample std, ddof=1; n shown when fewer than 3 seeds; — for a single seed or a missing run). "
+                f"{where} Chance Recall@{self.k} is in the last row. Best results are in **bold**, second-best are "
+                f"<u>underlined</u> (per column, on the printed means).")
+
+    # ------------------------------------------------------------------ outputs
+    def to_markdown(self, title: str | None = None) -> str:
+        lines = [f"### {title}", ""] if title else []
+        lines += [self.caption(), ""]
+        lines.append("| Model | " + " | ".join(self.column_label(c) for c in self.columns) + " |")
+        lines.append("|---|" + "---:|" * len(self.columns))
+        for m in self.rows:
+            cells = [self.cell_text(self.cells.get((m, c)), self.marks.get((m, c))) for c in self.columns]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("| *chance* | " + " | ".join(_fmt(self.chance[c]) for c in self.columns) + " |")
+        return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        """Paper layout, machine-readable: one row per model, ``<panel> <dir> mean/std/n`` columns, a chance row."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        head = ["model", "image_encoder", "gene_encoder"]
+        for c in self.columns:
+            lab = self.column_label(c)
+            head += [f"{lab} mean", f"{lab} std", f"{lab} n", f"{lab} mark"]
+        w.writerow(head)
+        for m in self.rows:
+            row = [m, *self.encoders[m]]
+            for c in self.columns:
+                cell = self.cells.get((m, c))
+                row += ["", "", 0, ""] if cell is None else [_num(cell.mean), _num(cell.std), cell.n,
+                                                             self.marks.get((m, c), "")]
+            w.writerow(row)
+        row = ["chance", "", ""]
+        for c in self.columns:
+            row += [_num(self.chance[c]), "", "", ""]
+        w.writerow(row)
+        return buf.getvalue()
+
+    def to_long_csv(self) -> str:
+        """One line per (model, panel, direction): protocol, pool, k, mean, std, n, seeds, chance, mark."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["model", "image_encoder", "gene_encoder", "panel", "direction", "protocol", "pool", "k", "mean",
+                    "std", "n", "seeds", "chance", "mark"])
+        for m in self.rows:
+            for c in self.columns:
+                cell = self.cells.get((m, c))
+                if cell is None:
+                    continue
+                w.writerow([m, *self.encoders[m], c[0], c[1], self.protocol[c], self.pool[c], self.k,
+                            _num(cell.mean), _num(cell.std), cell.n, " ".join(map(str, cell.seeds)),
+                            _num(cell.chance), self.marks.get((m, c), "")])
+        return buf.getvalue()
+
+
+def _fmt(x: float) -> str:
+    return "—" if x is None or math.isnan(x) else f"{x:.{_DIGITS}f}"
+
+
+def _num(x: float) -> str:
+    return "" if x is None or math.isnan(x) else repr(float(x))
+
+
+def _column_order(panels: set[str]) -> list[str]:
+    order = list(PAPER_PANEL_NAMES)
+    return sorted(panels, key=lambda p: (order.index(p) if p in order else len(order), p))
+
+
+def build_table(records: Sequence[RunRecord]) -> ReportTable:
+    """Group runs into rows (gene, image encoder) and columns (panel, direction); aggregate seeds; mark best.
+
+    Raises
+    ------
+    HescapeEvalError
+        Two runs of the same model, panel and seed (a duplicate would count twice); a column mixing protocols,
+        pool sizes or ``k``.
+    """
+    if not records:
+        raise _fail(what="report", expected="at least one run", found="none", fix="pass RUN_DIR ...")
+    ks = sorted({r.k for r in records})
+    if len(ks) > 1:
+        raise _fail(what="report", expected="one k for every run", found=f"k in {ks}", fix="report one --k at a time")
+    seen: dict[tuple[str, str, int], Path] = {}
+    for r in records:
+        key = (r.model, r.panel, r.seed)
+        if key in seen:
+            raise _fail(what=f"runs {seen[key]} and {r.path}", expected="one run per (model, panel, seed)",
+                        found=f"both are {r.model} on {r.panel} with seed {r.seed}",
+                        fix="drop the duplicate (e.g. a copied or re-run directory) or give them different seeds")
+        seen[key] = r.path
+    for panel in {r.panel for r in records}:
+        group = [r for r in records if r.panel == panel]
+        kinds = {(r.protocol, r.pool) for r in group}
+        if len(kinds) > 1:
+            listing = "; ".join(f"{r.path} ({r.source}: protocol {r.protocol}, pool {r.pool})" for r in group)
+            raise _fail(what=f"column {panel}",
+                        expected="one retrieval protocol and pool size for every run in a column", found=listing,
+                        fix="Recall@k of different galleries are not comparable (chance is k/pool); save test "
+                            "embeddings for every run and pass --protocol to recompute them all the same way, or "
+                            "report the runs separately")
+    rows = sorted({r.model for r in records}, key=lambda m: (m.split("-", 1)[0].lower(), m.lower()))
+    encoders = {r.model: (r.image, r.gene) for r in records}
+    columns = [(p, d) for p in _column_order({r.panel for r in records}) for d in DIRECTIONS]
+    cells, protocol, pool, chance = {}, {}, {}, {}
+    for col in columns:
+        group = [r for r in records if r.panel == col[0]]
+        protocol[col], pool[col] = group[0].protocol, group[0].pool
+        chance[col] = float(np.mean([r.chance[col[1]] for r in group]))
+        for m in rows:
+            runs = sorted((r for r in group if r.model == m), key=lambda r: r.seed)
+            if runs:
+                cells[(m, col)] = Cell([r.recall[col[1]] for r in runs], [r.seed for r in runs],
+                                       float(np.mean([r.chance[col[1]] for r in runs])))
+    table = ReportTable(rows, columns, cells, protocol, pool, chance, ks[0], encoders)
+    for col in columns:
+        means = {m: round(cells[(m, col)].mean, _DIGITS) for m in rows if (m, col) in cells}
+        distinct = sorted(set(means.values()), reverse=True)
+        for m, v in means.items():
+            if v == distinct[0]:
+                table.marks[(m, col)] = "best"
+            elif len(distinct) > 1 and v == distinct[1]:
+                table.marks[(m, col)] = "second"
+    return table
+
+
+def plot_recall(table: ReportTable, path: str | os.PathLike) -> Path | None:
+    """Bar chart of Recall@k per model (one panel per subplot, I2G and G2I side by side), sample-std error bars
+    (none for a single seed) and a dashed chance line per direction. Returns the PNG path, or ``None`` when
+    matplotlib is not installed (``pip install 'hescape-eval[batch]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = list(dict.fromkeys(p for p, _ in table.columns))
+    n = len(table.rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.9 * n + 1.5) * len(panels), 4.2), squeeze=False,
+                             sharey=True)
+    width = 0.38
+    colours = {"i2g": "#3b6fb6", "g2i": "#e0873a"}
+    x = np.arange(n)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for j, d in enumerate(DIRECTIONS):
+            col = (panel, d)
+            cells = [table.cells.get((m, col)) for m in table.rows]
+            mean = [c.mean if c else np.nan for c in cells]
+            err = [0.0 if (c is None or math.isnan(c.std)) else c.std for c in cells]
+            ax.bar(x + (j - 0.5) * width, mean, width, yerr=err, capsize=3, color=colours[d], label=_DIR_LABEL[d])
+        chances = {d: table.chance[(panel, d)] for d in DIRECTIONS}
+        if math.isclose(chances["i2g"], chances["g2i"], rel_tol=1e-9):
+            ax.axhline(chances["i2g"], color="black", linestyle="--", linewidth=1, label="chance")
+            ax.annotate(f"chance {chances['i2g']:.3f}", (n - 0.45, chances["i2g"]), xytext=(0, 3),
+                        textcoords="offset points", ha="right", va="bottom", fontsize=8)
+        else:
+            for d in DIRECTIONS:
+                ax.axhline(chances[d], color=colours[d], linestyle="--", linewidth=1, label=f"chance {_DIR_LABEL[d]}")
+                ax.annotate(f"chance {_DIR_LABEL[d]} {chances[d]:.3f}", (n - 0.45, chances[d]), xytext=(0, 3),
+                            textcoords="offset points", ha="right", va="bottom", fontsize=8, color=colours[d])
+        few = [min((table.cells[(m, (panel, d))].n for d in DIRECTIONS if (m, (panel, d)) in table.cells),
+                   default=0) for m in table.rows]
+        ticks = [m if c >= 3 else f"{m} (n={c})" for m, c in zip(table.rows, few, strict=True)]
+        ax.set_xticks(x, ticks, rotation=30, ha="right")
+        ax.set_xlim(-0.6, n - 0.4)
+        col = (panel, "i2g")
+        ax.set_title(f"{table.panel_label(panel)} ({table.protocol[col]}, pool {table.pool[col]})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(f"test Recall@{table.k} (mean ± sd over seeds)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes[0][-1].legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from .io import _umask as umask
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o666 & ~umask())
+    os.replace(tmp, path)
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, k: int = 5,
+                 protocol: str | None = None, backend: str = "auto", figures: bool = True,
+                 title: str | None = None) -> dict[str, Path | str]:
+    """Load the runs, build the table and write ``report.md``, ``report.csv`` (paper layout), ``report_long.csv``
+    (one line per cell) and ``recall_at_k.png`` into ``out``.
+
+    Returns ``{"markdown": path, "csv": path, "long_csv": path, "figure": path or a note, "table": ReportTable}``.
+    Raises :class:`HescapeEvalError` as :func:`load_run` and :func:`build_table` do.
+    """
+    if protocol is not None:
+        from .protocol import RetrievalProtocol
+
+        protocol = str(RetrievalProtocol.parse(protocol))  # fail before reading any run
+    table = build_table(load_runs(run_dirs, k=k, protocol=protocol, backend=backend))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "report.md"
+    _atomic_text(md, table.to_markdown(title or f"Test Recall@{k}") + "\n")
+    wide, long = out / "report.csv", out / "report_long.csv"
+    _atomic_text(wide, table.to_csv())
+    _atomic_text(long, table.to_long_csv())
+    result: dict = {"markdown": md, "csv": wide, "long_csv": long, "table": table}
+    if figures:
+        fig = plot_recall(table, out / f"recall_at_{k}.png")
+        result["figure"] = fig if fig is not None else ("figures skipped: matplotlib is not installed "
+                                                        "(pip install 'hescape-eval[batch]')")
+    return result
