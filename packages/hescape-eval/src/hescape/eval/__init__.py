@@ -9,7 +9,8 @@ did; :mod:`hescape.eval.io` saves and loads a run's embeddings; the ``hescape-ev
 :mod:`hescape.eval.cli`. :mod:`hescape.eval.expression` is the HEST expression probe (paper Table 6),
 :mod:`hescape.eval.batch_effects` silhouette-batch (section 8.3; ``pip install 'hescape-eval[batch]'``), and
 :mod:`hescape.eval.export` writes embeddings to AnnData (``[export]``). :mod:`hescape.eval.report` aggregates runs
-over seeds into the paper's Table 2 layout (``hescape-eval report``).
+over seeds into the paper's Table 2 layout (``hescape-eval report``). :mod:`hescape.eval.wsi` tiles whole slides
+and :mod:`hescape.eval.mil` predicts slide-level mutations (paper Tables 3–5; ``[wsi]``).
 """
 
 from ._backend import (
@@ -26,6 +27,16 @@ from .errors import HescapeEvalError, HescapeEvalWarning
 from .export import export_anndata, read_params
 from .expression import ExpressionProbeResult, expression_probe, select_variable_genes
 from .io import load_embeddings, save_embeddings
+from .mil import (
+    MILFoldResult,
+    MILResult,
+    TransformerMIL,
+    check_folds,
+    cross_validate_mil,
+    load_bags_csv,
+    mil_from_csv,
+    site_folds,
+)
 from .protocol import PAPER_PROTOCOL, RetrievalProtocol
 from .report import ReportTable, RunRecord, build_table, load_run, load_runs, plot_recall, write_report
 from .retrieval import (
@@ -36,6 +47,19 @@ from .retrieval import (
     recall_at_k,
     retrieval_metrics,
     retrieval_reports,
+)
+from .wsi import (
+    TARGET_UM_PER_PX,
+    SlideInfo,
+    SlideTiles,
+    choose_level,
+    extract_features,
+    otsu_threshold,
+    plot_tiles,
+    read_slide_info,
+    slide_features,
+    tile_slide,
+    tissue_mask,
 )
 
 __version__ = "0.1.0"
@@ -55,4 +79,9 @@ __all__ = [
     "batch_silhouette", "silhouette_batch", "plot_silhouette_vs_recall", "export_anndata", "read_params",
     # multi-run tables
     "ReportTable", "RunRecord", "build_table", "load_run", "load_runs", "plot_recall", "write_report",
+    # slide-level mutation prediction: tiling, tile features, transformer MIL with site-preserving folds
+    "tile_slide", "SlideTiles", "SlideInfo", "read_slide_info", "choose_level", "otsu_threshold", "tissue_mask",
+    "plot_tiles", "slide_features", "extract_features", "TARGET_UM_PER_PX",
+    "TransformerMIL", "cross_validate_mil", "mil_from_csv", "load_bags_csv", "site_folds", "check_folds",
+    "MILResult", "MILFoldResult",
 ]

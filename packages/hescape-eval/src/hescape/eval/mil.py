@@ -95,7 +95,8 @@ class TransformerMIL(nn.Module):
                  mlp_dim: int = 512, pool: str = "cls", dropout: float = 0.0):
         super().__init__()
         if pool not in ("cls", "mean"):
-            raise HescapeEvalError.build("pool", expected="'cls' or 'mean'", found=repr(pool), fix="pick one")
+            msg = "pool"
+            raise HescapeEvalError.build(msg, expected="'cls' or 'mean'", found=repr(pool), fix="pick one")
         dim = heads * dim_head
         self.pool = pool
         self.projection = nn.Sequential(nn.Linear(input_dim, dim), nn.ReLU())
@@ -134,14 +135,16 @@ def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.nda
         cols = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in cols]
         if missing:
+            msg = f"slide table {str(csv_path)!r}"
             raise HescapeEvalError.build(
-                f"slide table {str(csv_path)!r}", expected=f"columns {list(REQUIRED_COLUMNS)}",
+                msg, expected=f"columns {list(REQUIRED_COLUMNS)}",
                 found=f"columns {cols} (missing {missing})", fix="add the missing columns to the CSV header")
         rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     bags, labels, sites, patients = [], [], [], []
     for i, r in enumerate(rows):
         if r["label"] not in ("0", "1", "0.0", "1.0", "True", "False", "true", "false"):
-            raise HescapeEvalError.build(f"slide table row {i + 2} label", expected="0 or 1",
+            msg = f"slide table row {i + 2} label"
+            raise HescapeEvalError.build(msg, expected="0 or 1",
                                          found=repr(r["label"]), fix="encode the target as 0/1 (1 = mutated)")
         p = Path(r["path"])
         p = p if p.is_absolute() else csv_path.parent / p
@@ -149,7 +152,8 @@ def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.nda
             with np.load(p, allow_pickle=False) as z:
                 bags.append(np.asarray(z["features"], dtype=np.float32))
         except Exception as exc:
-            raise HescapeEvalError.build(f"slide table row {i + 2} features", expected="an .npz with 'features'",
+            msg = f"slide table row {i + 2} features"
+            raise HescapeEvalError.build(msg, expected="an .npz with 'features'",
                                          found=f"{str(p)!r}: {type(exc).__name__}: {exc}",
                                          fix="run hescape.eval.wsi.extract_features first") from exc
         labels.append(int(r["label"] in ("1", "1.0", "True", "true")))
@@ -165,7 +169,8 @@ def site_folds(labels: Sequence[int], sites: Sequence, n_folds: int = 5, seed: i
     labels, sites = np.asarray(labels), np.asarray(sites)
     n_sites = len(np.unique(sites))
     if n_sites < n_folds:
-        raise HescapeEvalError.build("site-preserving folds", expected=f"at least {n_folds} sites",
+        msg = "site-preserving folds"
+        raise HescapeEvalError.build(msg, expected=f"at least {n_folds} sites",
                                      found=f"{n_sites} sites", fix="pass fewer n_folds or finer site labels")
     folds = np.empty(len(labels), dtype=np.int64)
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -186,20 +191,23 @@ def check_folds(folds: Sequence[int], labels: Sequence[int], sites: Sequence, pa
     for p in np.unique(patients):
         s = np.unique(sites[patients == p])
         if len(s) > 1:
-            raise HescapeEvalError.build(f"patient {p!r}", expected="all slides of a patient in one site",
-                                         found=f"sites {list(s)}", fix="correct the site column")
+            msg = f"patient {p.item()!r}"
+            raise HescapeEvalError.build(msg, expected="all slides of a patient in one site",
+                                         found=f"sites {s.tolist()}", fix="correct the site column")
     for s in np.unique(sites):
         f = np.unique(folds[sites == s])
         if len(f) > 1:
+            msg = f"site {s.item()!r}"
             raise HescapeEvalError.build(
-                f"site {s!r}", expected="all slides of a site in one fold (site-preserving cross-validation)",
-                found=f"folds {list(f)}", fix="let site_folds assign the folds, or move the site's slides into one fold")
+                msg, expected="all slides of a site in one fold (site-preserving cross-validation)",
+                found=f"folds {f.tolist()}", fix="let site_folds assign the folds, or move the site's slides into one fold")
     for k in np.unique(folds):
         c = np.unique(labels[folds == k])
         if len(c) < 2:
+            msg = f"fold {int(k)}"
             raise HescapeEvalError.build(
-                f"fold {k}", expected="both classes (AUROC and F1 need positives and negatives)",
-                found=f"only label {list(c)} in its {int((folds == k).sum())} slides",
+                msg, expected="both classes (AUROC and F1 need positives and negatives)",
+                found=f"only label {c.tolist()} in its {int((folds == k).sum())} slides",
                 fix="use fewer folds, another seed, or more slides of the rare class")
 
 
@@ -308,21 +316,25 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
     sites = np.asarray(sites)
     patients = np.arange(len(labels)).astype(str) if patients is None else np.asarray(patients)
     if not (len(bags) == len(labels) == len(sites) == len(patients)):
-        raise HescapeEvalError.build("MIL inputs", expected="as many bags, labels, sites and patients",
+        msg = "MIL inputs"
+        raise HescapeEvalError.build(msg, expected="as many bags, labels, sites and patients",
                                      found=f"{len(bags)}, {len(labels)}, {len(sites)}, {len(patients)}",
                                      fix="pass one entry per slide")
     if not set(np.unique(labels).tolist()) <= {0, 1}:
-        raise HescapeEvalError.build("labels", expected="0/1", found=f"values {np.unique(labels)[:5].tolist()}",
+        msg = "labels"
+        raise HescapeEvalError.build(msg, expected="0/1", found=f"values {np.unique(labels)[:5].tolist()}",
                                      fix="binarise the target (1 = mutated)")
     dims = {np.asarray(b).shape[1] if np.asarray(b).ndim == 2 else -1 for b in bags}
     if len(dims) != 1 or -1 in dims or any(len(b) == 0 for b in bags):
-        raise HescapeEvalError.build("bags", expected="non-empty (N_i, D) arrays of one width D",
+        msg = "bags"
+        raise HescapeEvalError.build(msg, expected="non-empty (N_i, D) arrays of one width D",
                                      found=f"widths {sorted(dims)}", fix="extract every slide with one encoder")
     folds = site_folds(labels, sites, n_folds, seed) if folds is None else np.asarray(folds)
     check_folds(folds, labels, sites, patients)
     k_all = np.unique(folds)
     if len(k_all) < 3:
-        raise HescapeEvalError.build("folds", expected="at least 3 (train, validation, test)",
+        msg = "folds"
+        raise HescapeEvalError.build(msg, expected="at least 3 (train, validation, test)",
                                      found=f"{len(k_all)}", fix="use n_folds >= 3")
     bags = [np.asarray(b, dtype=np.float32) for b in bags]
     results = []
@@ -338,9 +350,11 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
         gen = np.random.default_rng(seed + int(k))
         best, best_loss, best_step, step = copy.deepcopy(model.state_dict()), math.inf, 0, 0
 
-        def evaluate(step):
+        val_bags, val_labels = [bags[j] for j in va], labels[va]
+
+        def evaluate(step, model=model, val_bags=val_bags, val_labels=val_labels, crit=crit):
             nonlocal best, best_loss, best_step
-            loss, _ = _mean_loss(model, [bags[j] for j in va], labels[va], crit, device)
+            loss, _ = _mean_loss(model, val_bags, val_labels, crit, device)
             if loss < best_loss:
                 best, best_loss, best_step = copy.deepcopy(model.state_dict()), loss, step
 

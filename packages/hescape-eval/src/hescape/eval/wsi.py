@@ -64,8 +64,9 @@ def _tifffile():
     try:
         import tifffile
     except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = "whole-slide reading"
         raise HescapeEvalError.build(
-            "whole-slide reading", expected="the tifffile package", found="it is not installed",
+            msg, expected="the tifffile package", found="it is not installed",
             fix="pip install tifffile imagecodecs") from exc
     return tifffile
 
@@ -149,8 +150,9 @@ def read_slide_info(path: str | os.PathLike, *, um_per_px: float | None = None) 
     try:
         tif = tifffile.TiffFile(path)
     except Exception as exc:
+        msg = f"slide {path!r}"
         raise HescapeEvalError.build(
-            f"slide {path!r}", expected="a readable Aperio SVS or OME-TIFF file",
+            msg, expected="a readable Aperio SVS or OME-TIFF file",
             found=f"{type(exc).__name__}: {exc}", fix="check the path and that the file is a complete TIFF") from exc
     with tif:
         series = tif.series[0]
@@ -162,8 +164,9 @@ def read_slide_info(path: str | os.PathLike, *, um_per_px: float | None = None) 
             file_mpp = _ome_mpp(tif.ome_metadata or "")
         axes, _ = _series_axes(series)
         if axes not in ("YXS", "CYX"):
+            msg = f"slide {path!r}"
             raise HescapeEvalError.build(
-                f"slide {path!r}", expected="an RGB image (axes YXS or CYX)", found=f"axes {series.axes!r} "
+                msg, expected="an RGB image (axes YXS or CYX)", found=f"axes {series.axes!r} "
                 f"shape {series.shape}", fix="convert the slide to RGB OME-TIFF")
         shapes = []
         for lvl in series.levels:
@@ -171,14 +174,16 @@ def read_slide_info(path: str | os.PathLike, *, um_per_px: float | None = None) 
             shapes.append((shp[ax.index("Y")], shp[ax.index("X")]))
     if um_per_px is not None:
         if not (np.isfinite(um_per_px) and um_per_px > 0):
-            raise HescapeEvalError.build("um_per_px", expected="a positive number", found=repr(um_per_px),
+            msg = "um_per_px"
+            raise HescapeEvalError.build(msg, expected="a positive number", found=repr(um_per_px),
                                          fix="pass the level-0 µm/px, e.g. um_per_px=0.25")
         mpp, source = float(um_per_px), "argument"
     elif file_mpp is not None and file_mpp > 0:
         mpp, source = file_mpp, ("svs MPP" if fmt == "svs" else "ome PhysicalSizeX")
     else:
+        msg = f"slide {path!r}"
         raise HescapeEvalError.build(
-            f"slide {path!r}", expected="a µm/px in the file (SVS 'MPP = …' or OME PhysicalSizeX)",
+            msg, expected="a µm/px in the file (SVS 'MPP = …' or OME PhysicalSizeX)",
             found=f"none in this {fmt.upper()} file", fix="pass um_per_px=<level-0 µm per pixel> if you know it")
     w0 = shapes[0][1]
     level_mpp = tuple(mpp * w0 / w for _, w in shapes)
@@ -195,8 +200,9 @@ def choose_level(level_um_per_px: Sequence[float], target: float = TARGET_UM_PER
     """
     ok = [i for i, m in enumerate(level_um_per_px) if m <= target * (1 + rel_tol)]
     if not ok:
+        msg = "pyramid level"
         raise HescapeEvalError.build(
-            "pyramid level", expected=f"a level at or finer than {target} µm/px (20×)",
+            msg, expected=f"a level at or finer than {target} µm/px (20×)",
             found=f"levels at {[round(m, 4) for m in level_um_per_px]} µm/px",
             fix="use a slide scanned at 20× or 40×, or pass a larger target_um_per_px")
     return max(ok, key=lambda i: level_um_per_px[i])
@@ -382,8 +388,9 @@ def tile_slide(path: str | os.PathLike, *, um_per_px: float | None = None, tile_
         Unreadable slide, no µm/px, no level at 20× or finer, bad parameters.
     """
     if not (0.0 <= min_tissue <= 1.0) or tile_px <= 0 or target_um_per_px <= 0 or mask_um_per_px <= 0:
+        msg = "tiling parameters"
         raise HescapeEvalError.build(
-            "tiling parameters", expected="0 <= min_tissue <= 1 and positive tile_px, target_um_per_px, "
+            msg, expected="0 <= min_tissue <= 1 and positive tile_px, target_um_per_px, "
             "mask_um_per_px", found=f"min_tissue={min_tissue}, tile_px={tile_px}, "
             f"target_um_per_px={target_um_per_px}, mask_um_per_px={mask_um_per_px}", fix="pass valid values")
     info = read_slide_info(path, um_per_px=um_per_px)
@@ -392,8 +399,9 @@ def tile_slide(path: str | os.PathLike, *, um_per_px: float | None = None, tile_
     mlevel = max(finer, key=lambda i: info.level_um_per_px[i]) if finer else 0
     mh, mw = info.level_shapes[mlevel]
     if mh * mw > 2e8:
+        msg = f"slide {info.path!r}"
         raise HescapeEvalError.build(
-            f"slide {info.path!r}", expected="a pyramid level of at most 2e8 pixels for the tissue mask",
+            msg, expected="a pyramid level of at most 2e8 pixels for the tissue mask",
             found=f"coarsest usable level {mw}×{mh} px", fix="convert the slide to a pyramidal TIFF")
     tifffile = _tifffile()
     with tifffile.TiffFile(info.path) as tif:
@@ -492,11 +500,13 @@ def _load_cache(path: Path, encoder_name: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except Exception as exc:
-        raise HescapeEvalError.build(f"feature cache {str(path)!r}", expected="a readable .npz",
+        msg = f"feature cache {str(path)!r}"
+        raise HescapeEvalError.build(msg, expected="a readable .npz",
                                      found=f"{type(exc).__name__}: {exc}", fix="delete the file to recompute") from exc
     if str(data.get("encoder", "")) != encoder_name:
+        msg = f"feature cache {str(path)!r}"
         raise HescapeEvalError.build(
-            f"feature cache {str(path)!r}", expected=f"features of encoder {encoder_name!r}",
+            msg, expected=f"features of encoder {encoder_name!r}",
             found=f"encoder {str(data.get('encoder', ''))!r}", fix="use another cache_dir or delete the file")
     return data
 
@@ -534,8 +544,9 @@ def slide_features(tiles: SlideTiles, encoder: Callable, batch_size: int = 64,
         data = _load_cache(cache, name)
         if data["positions_um"].shape != tiles.positions_um.shape or not np.allclose(
                 data["positions_um"], tiles.positions_um):
+            msg = f"feature cache {str(cache)!r}"
             raise HescapeEvalError.build(
-                f"feature cache {str(cache)!r}", expected=f"{len(tiles)} tiles at the same positions",
+                msg, expected=f"{len(tiles)} tiles at the same positions",
                 found=f"{len(data['positions_um'])} tiles", fix="delete the file to recompute with this tiling")
         return data["features"]
     feats = []
@@ -546,7 +557,8 @@ def slide_features(tiles: SlideTiles, encoder: Callable, batch_size: int = 64,
             out = encoder(x)
             out = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
             if out.ndim != 2 or out.shape[0] != len(idx):
-                raise HescapeEvalError.build("encoder output", expected=f"shape ({len(idx)}, D)",
+                msg = "encoder output"
+                raise HescapeEvalError.build(msg, expected=f"shape ({len(idx)}, D)",
                                              found=f"shape {out.shape}", fix="return one embedding per tile")
             feats.append(out.astype(np.float32))
             if bar is not None:
