@@ -51,7 +51,7 @@ def test_gene_mlp_is_twice_the_panel_and_heads_are_capped():
     model = create_model("vit_mlp_nano", panel=[f"g{i}" for i in range(37)])
     assert model.gene_encoder.net[0].out_features == 74
     # On the 5K panel the gene tower is 10,000 wide; the reference's MLP head has hidden width 2·d, not 10,000.
-    big = create_model("paper", panel=[f"g{i}" for i in range(5000)], image="vit_nano")
+    big = create_model("paper", panel=[f"g{i}" for i in range(5000)], image=TowerCfg("vit_nano"))
     head = count_parameters(big.gene_proj)["total"]
     assert head == (10_000 * 256 + 256) + 2 * 256 + (256 * 128 + 128)  # fc1, LayerNorm, fc2
     assert count_parameters(big.gene_encoder)["total"] == (5000 * 10_000 + 10_000) + 2 * 10_000 + (10_000**2 + 10_000)
@@ -166,7 +166,7 @@ def test_config_round_trip_restores_contract():
 
 def test_paper_preset_on_meta_device():
     with torch.device("meta"):
-        model = create_model("paper", panel=[f"g{i}" for i in range(280)])
+        model = create_model("paper", panel=[f"g{i}" for i in range(280)], image={"allow_random_init": True})
     d = model.describe()["towers"]
     assert d["image"]["encoder"] == "uni" and d["image"]["finetune"] == "lora"
     assert d["image"]["params"]["total"] > 303_350_784  # the trunk plus the adapters

@@ -62,8 +62,10 @@ def _train_and_reload(image: str, gene: str):
     if "lora" in finetune.values():
         torch.manual_seed(0)
         model = create_model("vit_mlp_nano", panel=PANEL, gene_ids=IDS, embed_dim=8,
-                             image={"name": image, "options": TINY_IMAGE[image], "finetune": finetune["image"]},
-                             gene={"name": gene, "options": TINY_GENE[gene], "finetune": finetune["gene"]})
+                             image={"name": image, "options": TINY_IMAGE[image], "finetune": finetune["image"],
+                                    "allow_random_init": True},
+                             gene={"name": gene, "options": TINY_GENE[gene], "finetune": finetune["gene"],
+                                   "allow_random_init": True})
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=gen)
     counts = torch.poisson(torch.full((6, len(PANEL)), 2.0), generator=gen)

@@ -238,3 +238,93 @@ def test_training_checkpoint_with_numpy_values_loads_safely(tmp_path):
                 "epoch": np.int64(3)}, p)
     sd = read_state_dict(p)
     assert torch.equal(sd["state_dict"]["w"], torch.ones(2)) and float(sd["epoch"]) == 3.0
+
+
+def test_weights_directory_ambiguity_and_prefix_hint(tmp_path, nano_with_spec):
+    sd = _published(create_image_encoder("vit_nano"))
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match="several weights files.*pass the file you mean"):
+        create_image_encoder("vit_nano", weights=tmp_path)
+    wrapped = tmp_path / "wrapped.bin"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, wrapped)
+    with pytest.raises(WeightsError, match="extra 'module.'.*strip it"):
+        create_image_encoder("vit_nano", weights=wrapped)
+    inner = tmp_path / "inner.bin"
+    torch.save({"state_dict": sd}, inner)
+    with pytest.raises(WeightsError, match="wrapped in 'state_dict'"):
+        create_image_encoder("vit_nano", weights=inner)
+
+
+def test_every_pretrained_encoder_accepts_either_standard_file(tmp_path):
+    from hescape.models import get_encoder_entry
+    from hescape.models.weights import STANDARD_FILES, resolve_weights
+
+    spec = get_encoder_entry("uni", "image").weights
+    for name in STANDARD_FILES:
+        d = tmp_path / name.split(".")[0]
+        d.mkdir()
+        (d / name).write_bytes(b"x")
+        assert resolve_weights(d, spec, "uni") == d / name
+
+
+def test_inputs_prepared_for_another_encoder_are_refused():
+    uni = ImageContract(input_size=32, um_per_px=0.5)
+    x = torch.rand(2, 3, 40, 40)
+    uni(x)  # float in [0, 1] is raw
+    with pytest.raises(HescapeModelError, match=r"found float values in \[-"):
+        uni(ImageContract(input_size=40)(x))  # already normalised by another contract
+    with pytest.raises(HescapeModelError, match="uint8 0–255"):
+        uni(x * 255)
+    gene = create_gene_encoder("mlp", panel=["A", "B"])
+    gene(torch.tensor([[0.0, 3.0]]))
+    for bad in (torch.log1p(torch.tensor([[2.0, 3.0]])), torch.tensor([[-1.0, 2.0]]), torch.tensor([[float("nan"), 1]])):
+        with pytest.raises(HescapeModelError, match="raw counts"):
+            gene(bad)
+
+
+def test_pretrained_encoders_default_to_frozen_and_refuse_a_random_trunk():
+    from hescape.models import create_model, get_encoder_entry
+
+    assert get_encoder_entry("uni", "image").default_finetune == "frozen"
+    assert get_encoder_entry("drvi", "gene").default_finetune == "frozen"
+    assert get_encoder_entry("mlp", "gene").default_finetune == "full"
+    tiny = {"depth": 1, "embed_dim": 48, "num_heads": 4, "img_size": 32}
+    for finetune in (None, "lora"):
+        with pytest.raises(HescapeModelError, match="no weights were given"):
+            create_model("vit_mlp_nano", panel=["A", "B"], image={"name": "uni", "options": tiny, "finetune": finetune})
+    model = create_model("vit_mlp_nano", panel=["A", "B"], image={"name": "uni", "options": tiny, "finetune": "full"})
+    assert model.image_encoder.finetune_mode == "full"  # training the architecture from scratch is allowed
+
+
+def test_checkpoint_keeps_the_vocabulary_plan_and_technology_means(tmp_path):
+    """A Nicheformer checkpoint restores the mapping and means it trained with, even if the files changed since."""
+    from hescape.models import HescapeCLIP, cfg_from_dict, cfg_to_dict, create_model
+
+    vocab = [f"ENSG{i:011d}" for i in range(30)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    np.save(tmp_path / "mean.npy", np.linspace(0.5, 3.0, 30))
+    opts = {"vocabulary": str(tmp_path / "vocab.txt"), "technology_mean": str(tmp_path / "mean.npy"), "dim_model": 16,
+            "nheads": 2, "dim_feedforward": 16, "nlayers": 1, "context_length": 16}
+    panel, ids = [f"G{i}" for i in range(8)], [vocab[3 * i] for i in range(8)]
+    torch.manual_seed(0)
+    model = create_model("vit_mlp_nano", panel=panel, gene_ids=ids,
+                         gene={"name": "nicheformer", "options": opts, "finetune": "full"}).eval()
+    counts = torch.poisson(torch.full((4, 8), 3.0), generator=torch.Generator().manual_seed(1))
+    want = model.encode_gene(counts)
+    cfg, state = cfg_to_dict(model.recorded_cfg()), model.state_dict()
+    np.save(tmp_path / "mean.npy", np.linspace(5.0, 0.1, 30))  # the files change after training
+    (tmp_path / "vocab.txt").write_text("\n".join(reversed(vocab)) + "\n")
+    again = HescapeCLIP(cfg_from_dict(cfg), load_weights=False)
+    assert not torch.equal(again.gene_encoder.slot_mean, model.gene_encoder.slot_mean)  # rebuilt from the new files
+    again.load_state_dict(state)
+    assert torch.equal(again.eval().encode_gene(counts), want)
+
+
+def test_one_column_vocabulary_with_a_header(tmp_path):
+    vocab = [f"ENSG{i:011d}" for i in range(12)]
+    (tmp_path / "v.csv").write_text("gene_ids\n" + "\n".join(vocab) + "\n")
+    enc = create_gene_encoder("nicheformer", panel=["A", "B"], gene_ids=[vocab[0], vocab[5]],
+                              vocabulary=str(tmp_path / "v.csv"), dim_model=16, nheads=2, dim_feedforward=16,
+                              nlayers=1, context_length=8)
+    assert enc.vocab_ids.tolist() == [0, 5]

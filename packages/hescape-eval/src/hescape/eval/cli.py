@@ -102,7 +102,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto", help="rank backend when recomputing (default auto)")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
     t.add_argument("--title", help="heading of report.md")
+    _add_embed(sub)
     return p
+
+
+def _add_embed(sub) -> None:
+    e = sub.add_parser(
+        "embed", help="embed a dataset's split with a trained model (zero-shot transfer), for `retrieval`",
+        description=textwrap.dedent("""\
+            Load a trained model (a hescape-train run directory, a checkpoint directory or its model.safetensors),
+            embed one split of a HESCAPE dataset with the same gene panel, and write the embeddings as .npz
+            (hescape.eval.io) for `hescape-eval retrieval FILE.npz`."""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model", metavar="MODEL", help="run directory, checkpoint directory or model.safetensors")
+    e.add_argument("dataset", metavar="DATASET", help="dataset directory (manifest.json) built by hescape-data")
+    e.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the embeddings")
+    e.add_argument("--split", default="test", help="split to embed (default test)")
+    e.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of a run (default best)")
+    e.add_argument("--batch-size", type=int, default=256, help="spots per forward pass (default 256)")
+    e.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .embed import embed_split, load_trained_model
+    from .io import save_embeddings
+
+    if args.batch_size < 1:
+        msg = f"--batch-size: expected a positive integer, found {args.batch_size}"
+        raise HescapeEvalError(msg)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        msg = f"--out: expected a file name ending in .npz, found {args.out!r}"
+        raise HescapeEvalError(msg)
+    model, _, file = load_trained_model(args.model, args.which)
+    emb = embed_split(model, args.dataset, args.split, batch_size=args.batch_size, device=args.device)
+    save_embeddings(out, **emb)
+    print(f"embedded {len(emb['index'])} spots of split {args.split!r} of {args.dataset} with {file}; wrote {out}")
+    print(f"next: hescape-eval retrieval {out}")
+    return 0
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -165,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "retrieval":
             return _retrieval(args)
+        if args.command == "embed":
+            return _embed(args)
         if args.command == "report":
             return _report(args)
     except HescapeEvalError as exc:

@@ -57,9 +57,20 @@ class GeneEncoder(nn.Module):
         return len(self.panel)
 
     def check_counts(self, counts: torch.Tensor) -> None:
+        """Refuse anything but raw counts ``(B, G)``: non-negative integers (a log-normalised matrix is caught)."""
         if counts.ndim != 2 or counts.shape[1] != self.n_genes:
             msg = (f"expected gene expression of shape (B, {self.n_genes}), found {tuple(counts.shape)}; "
                    "the dataset's gene panel must match the model's")
+            raise HescapeModelError(msg)
+        if counts.is_floating_point() and counts.numel():
+            bad = ~torch.isfinite(counts) | (counts < 0) | (counts != torch.round(counts))
+            if bool(bad.any()):
+                v = float(counts[bad][0])
+                msg = (f"expected raw counts (non-negative integers), found {v:.4g}; give the dataset's raw counts: "
+                       "each gene encoder applies its own preprocessing (log1p, normalisation, tokens)")
+                raise HescapeModelError(msg)
+        elif not counts.is_floating_point() and counts.numel() and bool((counts < 0).any()):
+            msg = "expected raw counts (non-negative integers), found negative values; give the dataset's raw counts"
             raise HescapeModelError(msg)
 
     def preprocess(self, counts: torch.Tensor) -> Any:

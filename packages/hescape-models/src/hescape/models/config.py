@@ -16,7 +16,8 @@ class TowerCfg:
     name: str  # registered encoder (hescape.models.list_image_encoders() / list_gene_encoders())
     weights: str | None = None  # None = random init; a file/directory of the published weights; "hf" = download
     options: dict[str, Any] = field(default_factory=dict)  # builder options of the encoder (sizes, pooling, vocab)
-    finetune: str = "full"  # full | frozen (trunk fixed, in eval mode) | lora (peft adapters on lora_targets)
+    finetune: str | None = None  # full | frozen (trunk fixed, eval mode) | lora (peft); None = the encoder's default
+    allow_random_init: bool = False  # permit frozen/LoRA on a pretrained architecture without its weights (tests)
     lora_rank: int = 8  # LoRA rank r (the reference: 8)
     lora_alpha: float = 16.0  # LoRA alpha (the reference: 16)
     lora_dropout: float = 0.1  # dropout on the LoRA branch (the reference: 0.1)

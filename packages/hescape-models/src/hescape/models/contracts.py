@@ -75,7 +75,15 @@ class ImageContract:
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"expected images of shape (B, 3, H, W), found {tuple(images.shape)}"
             raise HescapeModelError(msg)
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if images.dtype == torch.uint8:
+            x = images.float().div_(255.0)
+        else:
+            x = images.float()
+            lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+            if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+                msg = (f"expected raw RGB patches (uint8 0–255, or float in [0, 1]), found float values in "
+                       f"[{lo:.3g}, {hi:.3g}]; pass the dataset's uint8 patches: each encoder normalises its own input")
+                raise HescapeModelError(msg)
         first = self.resize_size or self.input_size
         if x.shape[-2:] != (first, first):
             x = F.interpolate(x, size=(first, first), mode=self.interpolation, antialias=True, align_corners=False)

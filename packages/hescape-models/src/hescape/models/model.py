@@ -14,7 +14,7 @@ from .errors import HescapeModelError
 from .finetune import apply_finetune, count_parameters
 from .heads import ProjectionHead
 from .losses import create_loss
-from .zoo import create_gene_encoder, create_image_encoder
+from .zoo import create_gene_encoder, create_image_encoder, get_encoder_entry
 
 __all__ = ["HescapeCLIP", "cfg_to_dict", "cfg_from_dict", "MAX_LOGIT_SCALE"]
 
@@ -55,8 +55,17 @@ class HescapeCLIP(nn.Module):
                                          cfg.image.projection or cfg.projection, **head)
         self.gene_proj = ProjectionHead(self.gene_encoder.out_dim, cfg.embed_dim,
                                         cfg.gene.projection or cfg.projection, **head)
-        for enc, tower in ((self.image_encoder, cfg.image), (self.gene_encoder, cfg.gene)):
-            apply_finetune(enc, tower.finetune, rank=tower.lora_rank, alpha=tower.lora_alpha,
+        for key, enc, tower in (("image", self.image_encoder, cfg.image), ("gene", self.gene_encoder, cfg.gene)):
+            entry = get_encoder_entry(tower.name, key)
+            mode = tower.finetune or entry.default_finetune
+            if (load_weights and mode in ("frozen", "lora") and entry.pretrained and enc.weights_tag == "random-init"
+                    and not tower.allow_random_init):
+                msg = (f"{key} encoder {tower.name!r} is a pretrained encoder but no weights were given, and "
+                       f"finetune={mode!r} would train around a random trunk; give its weights "
+                       f"(model.{key}_weights=… or its options, see `hescape-models list`), or finetune='full' to "
+                       f"train the architecture from scratch")
+                raise HescapeModelError(msg)
+            apply_finetune(enc, mode, rank=tower.lora_rank, alpha=tower.lora_alpha,
                            dropout=tower.lora_dropout, targets=tower.lora_targets)
         if cfg.image.projection == "transformer" or (cfg.image.projection is None and cfg.projection == "transformer"):
             if not hasattr(self.image_encoder, "forward_tokens"):
@@ -135,8 +144,10 @@ class HescapeCLIP(nn.Module):
         exact preprocessing even if an encoder's default contract changes later."""
         return dataclasses.replace(
             self.cfg,
-            image=dataclasses.replace(self.cfg.image, contract=self.image_encoder.contract.to_dict()),
-            gene=dataclasses.replace(self.cfg.gene, contract=self.gene_encoder.contract.to_dict()))
+            image=dataclasses.replace(self.cfg.image, contract=self.image_encoder.contract.to_dict(),
+                                      finetune=self.image_encoder.finetune_mode),
+            gene=dataclasses.replace(self.cfg.gene, contract=self.gene_encoder.contract.to_dict(),
+                                     finetune=self.gene_encoder.finetune_mode))
 
 
 def cfg_to_dict(cfg: ModelCfg) -> dict:

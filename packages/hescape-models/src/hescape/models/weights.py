@@ -20,7 +20,10 @@ from torch import nn
 
 from .errors import HescapeModelError
 
-__all__ = ["WeightsSpec", "WeightsError", "read_state_dict", "resolve_weights", "load_weights", "file_digest"]
+#: File names accepted in a weights directory for every encoder (Hugging Face's two conventions).
+STANDARD_FILES = ("model.safetensors", "pytorch_model.bin")
+
+__all__ = ["STANDARD_FILES", "WeightsSpec", "WeightsError", "read_state_dict", "resolve_weights", "load_weights", "file_digest"]
 
 
 class WeightsError(HescapeModelError):
@@ -114,9 +117,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_numpy_plain_values()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean the same here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        msg = (f"weights file {path}: expected tensors saved with torch.save (loaded with weights_only=True, so "
-               f"no code runs), found a file that cannot be read that way ({first[:200]})")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+) was not", text)
+        if refused or "Weights only load failed" in text:
+            what = refused.group(1) if refused else "pickled objects that are not tensors or plain values"
+            msg = (f"weights file {path}: refused to unpickle {what} (loading it could run code; weights are loaded "
+                   f"with weights_only=True); in an environment you trust, re-save only the tensors, e.g. "
+                   f"torch.save(torch.load(f, weights_only=False)['state_dict'], 'clean.pt'), and pass that file")
+        else:
+            first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
+            msg = (f"weights file {path}: expected tensors saved with torch.save or a .safetensors file, found a file "
+                   f"that cannot be read ({first}); the file may be truncated or of another format")
         raise WeightsError(msg) from None
     if not isinstance(obj, Mapping):
         msg = f"weights file {path}: expected a dict of tensors, found {type(obj).__name__}"
@@ -148,9 +159,14 @@ def resolve_weights(source: str | os.PathLike, spec: WeightsSpec, name: str) -> 
         raise WeightsError(msg)
     path = Path(source).expanduser()
     if path.is_dir():
-        for fname in spec.files:
-            if (path / fname).is_file():
-                return path / fname
+        names = list(dict.fromkeys((*spec.files, *STANDARD_FILES)))
+        present = [path / f for f in names if (path / f).is_file()]
+        if len(present) > 1:
+            msg = (f"encoder {name!r}: {path} holds several weights files ({', '.join(p.name for p in present)}); "
+                   f"expected one — pass the file you mean, e.g. weights={present[0]}")
+            raise WeightsError(msg)
+        if present:
+            return present[0]
         found = sorted(p.name for p in path.iterdir())[:8]
         msg = (f"encoder {name!r}: expected one of {list(spec.files)} in {path}, found {found}; "
                f"{spec.how_to_get()}")
@@ -165,6 +181,14 @@ def _short(keys, n: int = 6) -> str:
     keys = sorted(keys)
     more = f" … (+{len(keys) - n})" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+def _layout_hint(unexpected: list[str], own: set[str]) -> str:
+    """A hint when the unexpected keys are ours with a common extra segment (``module.`` of DataParallel, …)."""
+    for extra in ("module.", "model.", "backbone.", "_orig_mod.", "encoder."):
+        if unexpected and all(extra in k and k.replace(extra, "", 1) in own for k in unexpected):
+            return f" (its keys carry an extra {extra!r}, which the published file does not: strip it)"
+    return ""
 
 
 def load_weights(module: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], spec: WeightsSpec,
@@ -202,7 +226,9 @@ def load_weights(module: nn.Module, source: str | os.PathLike | Mapping[str, tor
             raise WeightsError(msg) from None
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        msg = f"encoder {name!r}: {where} holds non-tensor entries ({_short(bad)}); expected a state dict"
+        hint = next((f" (the tensors are wrapped in {k.rsplit('.', 1)[-1]!r}: save that entry alone)" for k in bad
+                     if isinstance(sd[k], Mapping)), "")
+        msg = f"encoder {name!r}: {where} holds non-tensor entries ({_short(bad)}); expected a state dict{hint}"
         raise WeightsError(msg)
     own = module.state_dict()
     ignore = [re.compile(p) for p in spec.ignore]
@@ -211,6 +237,7 @@ def load_weights(module: nn.Module, source: str | os.PathLike | Mapping[str, tor
     shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})" for k in own
               if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
+        hint = _layout_hint(unexpected, set(own))
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} key(s): {_short(missing)}")
@@ -218,7 +245,7 @@ def load_weights(module: nn.Module, source: str | os.PathLike | Mapping[str, tor
             parts.append(f"unexpected {len(unexpected)} key(s): {_short(unexpected)}")
         if shapes:
             parts.append(f"mis-shaped: {_short(shapes, 3)}")
-        msg = (f"encoder {name!r}: {where} does not match the architecture ({'; '.join(parts)}); expected the "
+        msg = (f"encoder {name!r}: {where} does not match the architecture ({'; '.join(parts)}){hint}; expected the "
                f"published weights of {name}: {spec.how_to_get()}")
         raise WeightsError(msg)
     module.load_state_dict(sd, strict=False)

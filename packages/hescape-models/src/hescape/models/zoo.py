@@ -63,6 +63,10 @@ class EncoderEntry:
         Parameter count at the default options, from the facts sheet (checked by the tests on the meta device).
     description
         One line for ``list``: what it is and the source of its facts.
+    pretrained
+        Whether the encoder is meant to run with trained weights (default: it has a :class:`WeightsSpec`).
+    default_finetune
+        Fine-tuning mode when a configuration gives none: ``frozen`` for pretrained encoders, else ``full``.
     """
 
     name: str
@@ -75,8 +79,16 @@ class EncoderEntry:
     lora_targets: tuple[str, ...] = ()
     params: int | None = None
     description: str = ""
+    pretrained: bool | None = None
+    default_finetune: str | None = None
 
     def __post_init__(self):
+        # A pretrained encoder is one with published (or separately trained) weights; it defaults to a frozen trunk
+        # (the paper's benchmark setting) and refuses frozen/LoRA training on a random init.
+        if self.pretrained is None:
+            object.__setattr__(self, "pretrained", self.weights is not None)
+        if self.default_finetune is None:
+            object.__setattr__(self, "default_finetune", "frozen" if self.pretrained else "full")
         if self.modality not in ENTRY_POINT_GROUPS:
             msg = f"encoder {self.name!r}: modality must be 'image' or 'gene', found {self.modality!r}"
             raise HescapeModelError(msg)
@@ -88,9 +100,10 @@ class EncoderEntry:
         """Plain-value description (for ``list`` output and run records)."""
         return {"name": self.name, "modality": self.modality, "out_dim": self.out_dim, "pooling": self.pooling,
                 "params": self.params, "lora_targets": list(self.lora_targets), "contract": self.contract.to_dict(),
+                "pretrained": self.pretrained, "default_finetune": self.default_finetune,
                 "weights": None if self.weights is None else {
                     "hf_id": self.weights.hf_id, "files": list(self.weights.files), "licence": self.weights.licence,
-                    "gated": self.weights.gated},
+                    "gated": self.weights.gated, "url": self.weights.url},
                 "description": self.description}
 
 

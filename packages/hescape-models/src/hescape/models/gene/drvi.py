@@ -263,6 +263,7 @@ def build_drvi_encoder(panel: Sequence[str], gene_ids: Sequence[str] | None = No
 register_encoder(EncoderEntry(
     name="drvi", modality="gene", builder=build_drvi_encoder,
     contract=GeneContract(preprocessing="log1p", vocabulary="panel"), out_dim=128, pooling="none",
+    pretrained=True,  # trained by pretrain-drvi and given as model_dir; frozen by default, as the paper uses it
     description="DRVI encoder mean (drvi-py) on log1p counts, frozen; pretrain it per panel with "
                 "`hescape-models pretrain-drvi`, then pass model_dir=DIR (Moinfar & Theis 2024; theislab/DRVI)"))
 

@@ -216,7 +216,8 @@ class NicheformerEncoder(VocabGeneEncoder):
                           "released model was trained with them (data/model_means/<technology>_mean_script.npy)",
                           stacklevel=2)
         mean = technology_mean_tensor(technology_mean, mapping.n_vocab, round_half_up=round_technology_mean)
-        self._slot_mean = mean[self.vocab_ids]  # float64, moved to the counts' device per call (dtype-proof)
+        # float64 technology mean of each mapped slot; persistent, so a checkpoint keeps the values it trained with
+        self.register_buffer("slot_mean", mean[self.vocab_ids].clone())
         self.context_length, self.pooling = context_length, pooling
         self._settings.update({"context": [species.lower(), assay.lower(), modality.lower()],
                                "context_length": context_length,
@@ -238,7 +239,7 @@ class NicheformerEncoder(VocabGeneEncoder):
     def preprocess(self, counts: torch.Tensor) -> torch.Tensor:
         """Raw counts ``(B, G)`` → tokens ``(B, context_length)`` int64 (see :func:`nicheformer_tokenize`)."""
         x = self._compact(counts)
-        return _rank_tokens(x, self.vocab_ids + NICHEFORMER_AUX_TOKENS, self._slot_mean.to(x.device), self.prefix,
+        return _rank_tokens(x, self.vocab_ids + NICHEFORMER_AUX_TOKENS, self.slot_mean.to(x.device), self.prefix,
                             self.context_length, self.contract.target_sum)
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -278,7 +279,8 @@ register_encoder(EncoderEntry(
     contract=_CONTRACT, out_dim=512, pooling="mean over gene positions (padding included)",
     weights=WeightsSpec(files=("nicheformer.ckpt",), licence="code BSD-3-Clause; weights: see the Mendeley Data page",
                         url="https://github.com/theislab/nicheformer (README: pretraining weights on Mendeley Data)",
-                        convert=convert_nicheformer),
+                        convert=convert_nicheformer,
+                        ignore=(r"^vocab_(columns|slots|ids)$", r"^slot_mean$")),  # ours: the panel's mapping
     lora_targets=("self_attn.out_proj", "linear1", "linear2"),
     params=36_418_048,
     description="Nicheformer: 12-layer transformer (512-d) on rank tokens with [species, assay, modality] context "

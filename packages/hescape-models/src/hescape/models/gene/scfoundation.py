@@ -248,7 +248,8 @@ for _section in _SECTIONS:
         pooling="all: [S, T, max, mean] over genes (max: 768-d)",
         weights=WeightsSpec(files=("models.ckpt",), licence="scFoundation Model License (non-commercial research only)",
                             url="https://github.com/biomap-research/scFoundation (model/models/download.txt)",
-                            convert=_converter(_section)),
+                            convert=_converter(_section),
+                            ignore=(r"^vocab_(columns|slots|ids)$",)),  # ours: the panel's vocabulary mapping
         lora_targets=("self_attn.out_proj", "linear1", "linear2"),
         params=99_941_692,
         description=f"scFoundation MAE-autobin encoder, 12 layers × 768 (biomap-research/scFoundation); "

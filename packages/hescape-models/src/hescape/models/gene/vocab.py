@@ -220,6 +220,8 @@ def read_vocabulary(path: str | os.PathLike) -> tuple[list[str] | None, list[str
         msg = f"vocabulary file {path} is empty; expected one gene per line or a CSV/TSV with a header"
         raise HescapeModelError(msg)
     delim = "\t" if "\t" in lines[0] else "," if "," in lines[0] else None
+    if delim is None and len(lines) > 1 and lines[0].strip().lower() in _ID_COLUMNS + _SYMBOL_COLUMNS:
+        delim = ","  # a one-column CSV whose header names the column
     if delim is None:
         genes = [s.strip() for s in lines]
         return (genes, None) if _ENSEMBL.match(genes[0]) else (None, genes)
@@ -311,8 +313,9 @@ class VocabGeneEncoder(GeneEncoder):
     """A gene encoder over a pretrained gene vocabulary (Nicheformer, scFoundation).
 
     :meth:`_map_panel` places the panel in the vocabulary once (refusing a coverage of 0, warning under 50 %) and
-    keeps the compact plan of :meth:`VocabMapping.compact` as non-persistent buffers (``vocab_columns``,
-    ``vocab_slots``, ``vocab_ids``), so they follow the module to its device and never enter a state dict. The
+    keeps the compact plan of :meth:`VocabMapping.compact` as buffers (``vocab_columns``, ``vocab_slots``,
+    ``vocab_ids``), so they follow the module to its device and are saved in checkpoints (published weights lack
+    them: the weights specs list them in ``ignore``). The
     contract set on the encoder records the vocabulary and the encoder's own tokenisation settings
     (``_settings``), so a checkpoint's contract says how this encoder's inputs were made.
     """
@@ -326,9 +329,11 @@ class VocabGeneEncoder(GeneEncoder):
         check_coverage(mapping, name=name, vocab_label=label)
         self.vocab_mapping = mapping
         cols, slots, vocab_ids = mapping.compact()
-        self.register_buffer("vocab_columns", torch.from_numpy(cols), persistent=False)
-        self.register_buffer("vocab_slots", torch.from_numpy(slots), persistent=False)
-        self.register_buffer("vocab_ids", torch.from_numpy(vocab_ids), persistent=False)
+        # Persistent: a checkpoint holds the exact panel-to-vocabulary plan it was trained with, so reloading it
+        # restores that plan even if the vocabulary file on disk changed since (a changed size is refused).
+        self.register_buffer("vocab_columns", torch.from_numpy(cols))
+        self.register_buffer("vocab_slots", torch.from_numpy(slots))
+        self.register_buffer("vocab_ids", torch.from_numpy(vocab_ids))
         self._settings = {"vocabulary_source": label, "mapped_genes": f"{mapping.n_mapped}/{mapping.n_panel}"}
         return mapping
 
