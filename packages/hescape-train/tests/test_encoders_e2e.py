@@ -10,6 +10,7 @@ import torch
 from hescape.data import read_manifest
 from hescape.models import create_image_encoder
 from hescape.train import main
+from hescape.train.checkpoint import read_checkpoint
 
 UNI_TINY = {"depth": 2, "embed_dim": 48, "num_heads": 4, "img_size": 32}
 
@@ -33,12 +34,12 @@ def test_uni_lora_against_nicheformer(tiny_dataset, tmp_path, capsys):
     code = main([f"data.path={tiny_dataset}", f"out_dir={tmp_path}", "run_name=r", "epochs=1", "batch_size=16",
                  "progress=false", "recall_ks=1,5", "probe=false",
                  "model.image=uni", f"model.image_weights={weights}", f"model.image_options={json.dumps(UNI_TINY)}",
-                 "model.image_finetune=lora", "model.gene=nicheformer", f"model.gene_options={json.dumps(gene_options)}"])
+                 "model.image_finetune=lora", "model.gene=nicheformer", "model.gene_finetune=full", f"model.gene_options={json.dumps(gene_options)}"])
     out = capsys.readouterr()
     assert code == 0, out.err
     # 112 µm patches squeezed into 32 px reach UNI at 3.5 µm/px: the run warns that UNI expects 0.5 µm/px.
     assert "trained at 0.5 µm/px" in out.out + out.err
-    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    ckpt = read_checkpoint(tmp_path / "r")  # the best checkpoint: model.safetensors + state.pt
     towers = ckpt["encoders"]["towers"]
     assert towers["image"]["weights"].startswith("pytorch_model.bin sha256:")
     assert towers["image"]["contract"]["um_per_px"] == 0.5 and towers["image"]["finetune"] == "lora"

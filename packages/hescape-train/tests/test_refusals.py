@@ -33,7 +33,10 @@ def test_unsafe_or_corrupt_init_checkpoint_is_one_line(tiny_dataset, tmp_path, c
     bad.write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=2))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    for p in (bad, junk):
+    ckdir = tmp_path / "step-00000001"  # a checkpoint directory whose weights are not safetensors
+    ckdir.mkdir()
+    (ckdir / "model.safetensors").write_bytes(pickle.dumps({"w": Payload()}, protocol=2))
+    for p in (bad, junk, ckdir, ckdir / "model.safetensors"):
         assert main([f"data.path={tiny_dataset}", "epochs=1", f"model.init_checkpoint={p}",
                      f"out_dir={tmp_path / 'runs'}", "progress=false"]) == 2
         out = capsys.readouterr()

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from hescape.train import load_config, main
+from hescape.train.checkpoint import read_checkpoint
 from hescape.train.config import describe_options
 from hescape.train.errors import HescapeConfigError
 
@@ -26,10 +27,12 @@ def test_train_end_to_end(tiny_dataset, tmp_path, capsys):
     code, out, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path))
     assert code == 0, err
     run = tmp_path / "r"
-    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "results.md",
-                                               "results.json"}
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "metrics.csv", "steps.jsonl",
+                                               "steps.csv", "checkpoints", "results.md", "results.json",
+                                               "results.csv", "embeddings"}
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x.get("epoch") for x in lines[:2]] == [1, 2] and lines[-1]["split"] == "test"
+    assert [x.get("checkpoint") for x in lines[-2:]] == ["last", "best"]
     res = json.loads((run / "results.json").read_text())
     n = res["i2g_n"]
     assert res["i2g_R@5_chance"] == pytest.approx(5 / n) and 0 <= res["g2i_R@1"] <= 1
@@ -37,7 +40,7 @@ def test_train_end_to_end(tiny_dataset, tmp_path, capsys):
     # the colour-statistics probe on the same split, beside the model
     assert 0 <= res["i2g_R@5_probe"] <= 1 and 0 <= res["g2i_R@5_probe"] <= 1
     assert "image → gene: colour probe" in out and "× the colour probe" in out
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt = read_checkpoint(run)  # the best: model.safetensors + state.pt (loaded with weights_only=True)
     assert len(ckpt["genes"]) == 280 and ckpt["model_cfg"]["panel"] == ckpt["genes"]
     # every encoder's name, weights tag and contract are recorded, so a reload restores the preprocessing
     towers = ckpt["encoders"]["towers"]
@@ -58,9 +61,13 @@ def test_same_seed_same_result(tiny_dataset, tmp_path, capsys):
 def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
     code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "s", "model.loss=siglip"))
     assert code == 0, err
-    ckpt = tmp_path / "s" / "r" / "checkpoint.pt"
-    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "c", f"model.init_checkpoint={ckpt}", "epochs=1"))
-    assert code == 0, err
+    run = tmp_path / "s" / "r"
+    best = read_checkpoint(run)["dir"]
+    # a run directory, a checkpoint directory, or its model.safetensors
+    for i, ckpt in enumerate((run, best, best / "model.safetensors")):
+        code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / f"c{i}", f"model.init_checkpoint={ckpt}",
+                                                "epochs=1"))
+        assert code == 0, err
 
 
 def test_any_registered_towers_with_lora_and_frozen(tiny_dataset, tmp_path, capsys):
@@ -69,7 +76,7 @@ def test_any_registered_towers_with_lora_and_frozen(tiny_dataset, tmp_path, caps
             "model.projection=linear", "model.image_projection=transformer", 'model.image_options={"depth": 2}')
     code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "a", *args, "epochs=1"))
     assert code == 0, err
-    ckpt = torch.load(tmp_path / "a" / "r" / "checkpoint.pt", weights_only=True)
+    ckpt = read_checkpoint(tmp_path / "a" / "r")
     towers = ckpt["encoders"]["towers"]
     assert towers["image"]["finetune"] == "lora" and towers["gene"]["finetune"] == "frozen"
     assert towers["gene"]["params"]["trainable"] == 0 < towers["image"]["params"]["trainable"]
@@ -80,7 +87,7 @@ def test_any_registered_towers_with_lora_and_frozen(tiny_dataset, tmp_path, caps
 
     again = HescapeCLIP(cfg_from_dict(ckpt["model_cfg"]), load_weights=False)
     again.load_state_dict(ckpt["state_dict"])  # strict: same LoRA layout, heads and towers
-    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "b", f"model.init_checkpoint={tmp_path}/a/r/checkpoint.pt",
+    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "b", f"model.init_checkpoint={tmp_path}/a/r",
                                             "epochs=1"))
     assert code == 0, err
 

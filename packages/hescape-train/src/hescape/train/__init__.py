@@ -1,11 +1,16 @@
-"""hescape.train: the ``hescape-train`` command and its training loop."""
+"""hescape.train: the ``hescape-train`` command and its training loop.
 
-from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
-from .errors import HescapeConfigError
+Importing this package loads no torch: the training stack (:mod:`hescape.train.trainer`) is imported when a run
+starts.
+"""
+
+from .config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config, resume_config, validate_config
+from .errors import HescapeConfigError, TrainingDivergedError
 
 __version__ = "0.1.0"
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "HescapeConfigError", "main", "train"]
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "resume_config",
+           "validate_config", "HescapeConfigError", "TrainingDivergedError", "main", "train"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     return _main(argv)
 
 
-def train(cfg: TrainConfig):
-    """Train with a :class:`TrainConfig`; returns a ``RunResult``."""
+def train(cfg: TrainConfig, *, resume=None):
+    """Train with a :class:`TrainConfig` (``resume``: a run directory to continue); returns a ``RunResult``."""
     from .trainer import train as _train
 
-    return _train(cfg)
+    return _train(cfg, resume=resume)

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_json, fsync_dir
+from .atomic import _umask, atomic_write_json, fsync_dir
 from .errors import HescapeConfigError
 from .faults import fault_point
 
 __all__ = ["FORMAT", "Checkpointer", "save_weights", "load_weights", "read_weights_metadata", "resolve_checkpoint",
-           "load_model_checkpoint"]
+           "load_model_checkpoint", "read_checkpoint"]
 
 #: ``format`` of index.json, of the safetensors metadata and of state.pt.
 FORMAT = "hescape-train-checkpoint/1"
@@ -60,6 +60,7 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], m
         tensors[k] = t.clone().contiguous() if key in seen else t.contiguous()
         seen.add(key)
     save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
     _fsync_file(path)
 
 
@@ -140,6 +141,7 @@ class Checkpointer:
         name = self.name_for(state.step)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.dir))
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual permissions
             meta = {"format": FORMAT, "step": str(state.step), **weights_metadata}
             save_weights(tmp / WEIGHTS, state.model.state_dict(), meta)
             fault_point("checkpoint_partial")
@@ -263,3 +265,20 @@ def load_model_checkpoint(path: str | os.PathLike, what: str = "model.init_check
         raise HescapeConfigError(msg)
     return {"model_cfg": ckpt.get("model_cfg"), "genes": list(ckpt.get("genes", [])),
             "state_dict": ckpt.get("state_dict"), "source": src}
+
+
+def read_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
+    """Everything one checkpoint holds: its side file's entries (``step``, ``optimizer``, ``rng``, ``model_cfg``,
+    ``encoders``, ``genes``, ``train_config``, …) plus ``"state_dict"`` (the weights) and ``"dir"``.
+
+    ``path`` is a run directory (``which`` = ``"best"`` or ``"last"`` picks the checkpoint in ``index.json``) or a
+    checkpoint directory.
+    """
+    p = Path(path)
+    if (p / "checkpoints" / INDEX).is_file():
+        index = Checkpointer(p).read_index()
+        name = index.get(which) or index["last"]
+        p = p / "checkpoints" / name
+    weights, side = _read_pair(p, f"checkpoint {p}")
+    return {**side, "state_dict": weights, "dir": p}
+

@@ -1,4 +1,8 @@
-"""The ``hescape-train`` command."""
+"""The ``hescape-train`` command.
+
+Importing this module loads no torch, hescape.data, hescape.models or hescape.eval: ``--help``, ``--print-config``
+and configuration refusals answer at once; the training stack is imported only when a run starts.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,7 @@ import argparse
 import sys
 import textwrap
 
-from hescape.data.errors import HescapeDataError
-from hescape.eval.errors import HescapeEvalError
-from hescape.models.errors import HescapeModelError
-
-from .config import config_to_dict, describe_options, load_config
+from .config import config_to_dict, describe_options, load_config, resume_config
 from .errors import HescapeConfigError
 
 __all__ = ["main", "build_parser"]
@@ -24,7 +24,22 @@ examples:
   hescape-train epochs=3 model.loss=siglip         a short SigLIP run
   hescape-train --config my.yaml optim.lr=3e-4     a config file, then one override
   hescape-train data.path=/data/breast-spots       your own dataset (built by hescape-data)
+  hescape-train --resume runs/my-run              continue an interrupted run exactly where it stopped
 """
+
+#: Exception classes whose message is shown as one line (exit 2), by module; looked up only once the module is
+#: loaded, so that catching them imports nothing.
+_USER_ERRORS = (("hescape.data.errors", "HescapeDataError"), ("hescape.eval.errors", "HescapeEvalError"),
+                ("hescape.models.errors", "HescapeModelError"))
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types_ = [HescapeConfigError]
+    for module, name in _USER_ERRORS:
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, name):
+            types_.append(getattr(mod, name))
+    return tuple(types_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
             With no arguments: builds (or finds, cached) the embedded synthetic Xenium-like dataset,
             trains the small vit_mlp_nano model on the CPU, evaluates retrieval on held-out donors and
             prints a Recall@1/5/10 table with chance levels. Each run writes a directory under out_dir
-            with config.json, metrics.jsonl, checkpoint.pt, results.md and results.json."""),
+            with config.json, checkpoints/ (the best and the last: model.safetensors + state.pt),
+            metrics.jsonl/.csv, steps.jsonl/.csv, results.md/.json/.csv and embeddings/test.npz.
+            An interrupted run continues exactly with --resume RUN_DIR."""),
         epilog=_EPILOG.format(options=describe_options()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (nested or dotted keys)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint, with its own config.json "
+                        "(only progress= and data.num_workers= may be given)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. epochs=5 optim.lr=3e-4")
     return p
@@ -48,19 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume:
+            if args.config:
+                msg = "--resume uses the run's own config.json; drop --config (a resumed run cannot change its options)"
+                raise HescapeConfigError(msg)
+            cfg = resume_config(args.resume, args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.print_config:
             import yaml
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
             return 0
-        from .trainer import train  # heavy imports only when training
+        from .trainer import train  # the training stack loads only when a run starts
 
-        result = train(cfg)
+        result = train(cfg, resume=args.resume)
         if result is None:  # a non-zero rank of a distributed run: rank 0 prints
             return 0
-    except (HescapeConfigError, HescapeDataError, HescapeEvalError, HescapeModelError) as e:
-        print(f"hescape-train: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, _user_error_types()):
+            raise
+        print(f"hescape-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print((result.run_dir / "results.md").read_text().rstrip())
     print(f"\nrun directory: {result.run_dir}  (wall time {result.wall_s:.0f} s)")

@@ -26,7 +26,7 @@ from .errors import HescapeConfigError
 
 __all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "config_to_dict",
            "config_from_dict", "describe_options", "validate_config", "option", "LOSSES", "PROJECTIONS",
-           "FINETUNE_MODES", "RESUMABLE_KEYS"]
+           "FINETUNE_MODES", "RESUMABLE_KEYS", "resume_config", "apply_overrides"]
 
 #: Choices mirrored from hescape-models (``hescape.models.losses._fused._LOSSES``, ``hescape.models.config``);
 #: written out here so that validating a config imports no torch. A test checks they agree with hescape-models.
@@ -399,7 +399,8 @@ def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
         try:
             _set(cfg, k, v, k)
         except HescapeConfigError as e:
-            raise HescapeConfigError(f"{source}: {e}") from None
+            msg = f"{source}: {e}"
+            raise HescapeConfigError(msg) from None
     return cfg
 
 
@@ -437,3 +438,39 @@ def describe_options() -> str:
             val = ",".join(map(str, val)) if isinstance(val, tuple) else val
             lines.append(f"  {prefix + f.name:<22} {str(val):<20} {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def resume_config(run_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The configuration of the run in ``run_dir`` (its ``config.json``), with the few overrides a resume allows
+    (:data:`~hescape.train.config.RESUMABLE_KEYS`), validated.
+
+    Raises
+    ------
+    HescapeConfigError
+        No run there, a damaged ``config.json``, or an override that would change what the run computes.
+    """
+    p = Path(run_dir)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        msg = (f"--resume {run_dir}: expected a run directory holding config.json, found "
+               f"{'a directory without it' if p.is_dir() else 'nothing'}; give the run directory printed by the run")
+        raise HescapeConfigError(msg)
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        msg = f"--resume {run_dir}: {cfg_file} cannot be read ({e}); the run directory is damaged"
+        raise HescapeConfigError(msg) from None
+    if not isinstance(data, dict):
+        msg = f"--resume {run_dir}: {cfg_file} holds a {type(data).__name__}, expected a mapping"
+        raise HescapeConfigError(msg)
+    cfg = config_from_dict(data, source=str(cfg_file))
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RESUMABLE_KEYS:
+            msg = (f"--resume continues the run with its own config.json; {key!r} cannot change (only "
+                   f"{', '.join(RESUMABLE_KEYS)} can); start a new run (model.init_checkpoint={run_dir}) instead")
+            raise HescapeConfigError(msg)
+    apply_overrides(cfg, overrides)
+    cfg.out_dir, cfg.run_name = str(p.parent), p.name
+    validate_config(cfg)
+    return cfg

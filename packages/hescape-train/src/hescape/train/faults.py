@@ -14,6 +14,8 @@ at that point (``kill -9 <pid>``). Points:
     the ``n``-th checkpoint directory is complete and in place; ``index.json`` still names the previous one.
 ``checkpoint_after_index``
     ``index.json`` names the new checkpoint; the checkpoint it replaced is not yet deleted.
+``results``
+    after the test lines are appended to ``metrics.jsonl``, before the results files are written.
 
 Without the variable nothing happens (one dictionary lookup per call). Not for production use.
 """

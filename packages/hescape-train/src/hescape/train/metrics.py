@@ -9,7 +9,7 @@ files hold exactly the records of the steps before the checkpoint, whatever a ki
 
 from __future__ import annotations
 
-import csv
+import csv as csvlib
 import io
 import json
 import math
@@ -45,11 +45,14 @@ class MetricsLog:
             with open(self._csv.path, newline="") as f:
                 first = f.readline()
             if first.endswith("\n"):
-                self._fields = next(csv.reader([first]))
+                self._fields = next(csvlib.reader([first]))
 
-    def write(self, record: dict) -> None:
-        """Append ``record`` (a flat dict of numbers and strings) to both files."""
+    def write(self, record: dict, *, csv: bool = True) -> None:
+        """Append ``record`` (a flat dict of numbers and strings) to both files (``csv=False``: JSON Lines only,
+        for a record of another kind than the CSV's rows)."""
         self._jsonl.write_line(json.dumps({k: _json_value(v) for k, v in record.items()}))
+        if not csv:
+            return
         if self._fields is None:
             self._fields = list(record)
             self._csv.write_line(self._csv_line(self._fields))
@@ -58,7 +61,7 @@ class MetricsLog:
     @staticmethod
     def _csv_line(values: list) -> str:
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="").writerow(values)
+        csvlib.writer(buf, lineterminator="").writerow(values)
         return buf.getvalue()
 
     def sync(self) -> None:

@@ -1,4 +1,17 @@
-"""The training loop: data, model, AdamW + warm-up/cosine, validation, test retrieval, run directory."""
+"""The training run, in parts with one job each.
+
+* :func:`plan_run_dir` / :func:`resume_config` — where the run lives (refused before any heavy work);
+* :class:`Trainer` — set-up (data, model, optimiser, sampler), then :meth:`Trainer.step` (one optimiser step),
+  :meth:`Trainer.evaluate` (retrieval on a split), :meth:`Trainer.checkpoint` (the :class:`TrainState` to
+  disk), :meth:`Trainer.fit` (epochs of steps, validation, checkpoints) and :meth:`Trainer.test` (the test split
+  with the best and the last checkpoint, results files);
+* :class:`~hescape.train.state.TrainState` — exactly what a checkpoint saves; resuming is loading it.
+
+Random streams (each its own generator, so that none depends on another or on ``data.num_workers``): the global
+torch/NumPy/Python generators seeded with ``seed`` (model initialisation, dropout), the augmentation generator
+(``derive_seed(seed, "augment")``), the sampler's permutation of each epoch (``derive_seed(seed, "sampler",
+epoch)``) and the DataLoader's own generator (``derive_seed(seed, "loader", epoch)``; it only seeds workers).
+"""
 
 from __future__ import annotations
 
@@ -21,21 +34,33 @@ from hescape.eval.baselines import colour_statistics, ridge_probe
 from hescape.models import HescapeCLIP, TowerCfg, cfg_from_dict, cfg_to_dict, create_loss, create_model
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, config_to_dict
+from .atomic import atomic_write_json, atomic_write_text
+from .augment import augment as _augment
+from .checkpoint import Checkpointer, load_model_checkpoint
+from .config import TrainConfig, config_to_dict, resume_config, validate_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed
-from .errors import HescapeConfigError
+from .errors import HescapeConfigError, TrainingDivergedError
+from .faults import fault_point
+from .metrics import MetricsLog
+from .optim import build_optimizer, lr_at
 from .report import format_results_table
+from .sampler import EpochBatchSampler, derive_seed
+from .state import TrainState
 
-__all__ = ["RunResult", "train"]
+__all__ = ["RunResult", "Trainer", "train", "plan_run_dir", "resume_config", "embed", "seed_everything"]
+
+CONFIG_FORMAT = "hescape-train-config/1"
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    test: dict  # {"i2g": RetrievalResult, "g2i": RetrievalResult}
+    test: dict  # {"i2g": RetrievalResult, "g2i": RetrievalResult} of the best checkpoint
     best_epoch: int
     wall_s: float
     probe: dict | None = None  # the colour-statistics probe on the same split (same keys), if computed
+    last: dict | None = None  # the same for the last checkpoint
+    last_epoch: int | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -57,69 +82,17 @@ def _device(name: str) -> torch.device:
         raise HescapeConfigError(msg) from None
 
 
-# Haematoxylin, eosin and residual optical-density vectors (rows; Ruifrok & Johnston, Anal Quant Cytol Histol
-# 2001), the residual orthogonal to both: OD (RGB) = concentrations @ _HED_TO_OD.
-_H = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)
-_E = torch.tensor([0.07, 0.99, 0.11], dtype=torch.float64)
-_R = torch.linalg.cross(_H, _E)
-_HED_TO_OD = torch.stack([_H / _H.norm(), _E / _E.norm(), _R / _R.norm()])
-_OD_TO_HED = torch.linalg.inv(_HED_TO_OD)
-_HED_TO_OD, _OD_TO_HED = _HED_TO_OD.float(), _OD_TO_HED.float()
-
-
-def _augment(images: torch.Tensor, gen: torch.Generator, stain_jitter: float = 0.0,
-             hed_jitter: float = 0.0) -> torch.Tensor:
-    """Random flip and 90° rotation per patch (H&E has no preferred orientation), and optionally stain
-    augmentation in optical density (OD = -ln I):
-
-    * ``hed_jitter``: colour deconvolution of each patch into haematoxylin and eosin amounts (Ruifrok & Johnston
-      vectors), each scaled by ``exp(hed_jitter · N(0, 1))`` per patch, then recomposed (HED augmentation,
-      Tellez et al., IEEE TMI 2018);
-    * ``stain_jitter``: each patch's per-channel OD scaled by ``1 + stain_jitter · N(0, 1)``.
-
-    ``images``: ``(B, 3, H, W)`` uint8 or float in [0, 1]. Returns float images in [0, 1] when a stain
-    augmentation is on, else the input dtype.
-    """
-    if stain_jitter > 0 or hed_jitter > 0:
-        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-        od = -torch.log(x.clamp_min(1.0 / 255.0))
-        if hed_jitter > 0:
-            amount = torch.exp(hed_jitter * torch.randn(len(x), 3, 1, 1, generator=gen))
-            amount[:, 2] = 1.0  # the residual channel keeps its amount
-            conc = torch.einsum("bchw,cs->bshw", od, _OD_TO_HED) * amount
-            od = torch.einsum("bshw,sc->bchw", conc, _HED_TO_OD).clamp_min(0.0)
-        if stain_jitter > 0:
-            scale = 1.0 + stain_jitter * torch.randn(len(x), 3, 1, 1, generator=gen)
-            od = od * scale.clamp_min(0.5)
-        images = torch.exp(-od)
-    flip = torch.rand(len(images), generator=gen) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-    k = torch.randint(0, 4, (len(images),), generator=gen)
-    out = images.clone()
-    for r in range(1, 4):
-        sel = k == r
-        if sel.any():
-            out[sel] = torch.rot90(images[sel], r, dims=(-2, -1))
-    return out
-
-
 def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items])}
 
 
-def _lr_at(step: int, total: int, cfg) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 256, num_workers: int = 0):
-    """Image and gene embeddings of every row of ``ds`` (eval mode, deterministic)."""
+    """Image and gene embeddings ``(N, d)`` of every row of ``ds``, in dataset order (eval mode, deterministic;
+    the loader has its own generator, so embedding consumes no global random number)."""
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_collate)
+                                         collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     img, gex = [], []
     for b in loader:
         img.append(model.encode_image(b["image"].to(device)).float().cpu())
@@ -144,6 +117,51 @@ def colour_probe_baseline(train_ds: PairedSpotDataset, test_ds: PairedSpotDatase
                        test_ds.raw_counts(), ks=ks)
 
 
+# -- where the run lives -------------------------------------------------------------------------------------------
+
+def _exists_refusal(run_dir: Path) -> HescapeConfigError:
+    return HescapeConfigError(f"run directory {run_dir} already exists; choose another run_name, or continue that run "
+                              f"with hescape-train --resume {run_dir}")
+
+
+def plan_run_dir(cfg: TrainConfig) -> Path:
+    """``out_dir/run_name`` (or a timestamp, with ``-2``, ``-3``… if taken); an existing named directory is refused.
+    Nothing is created here (see :func:`create_run_dir`)."""
+    out = Path(cfg.out_dir)
+    if cfg.run_name:
+        run_dir = out / cfg.run_name
+        if run_dir.exists() or run_dir.is_symlink():
+            raise _exists_refusal(run_dir)
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, i = out / stamp, 1
+    while run_dir.exists() or run_dir.is_symlink():
+        i += 1
+        run_dir = out / f"{stamp}-{i}"
+    return run_dir
+
+
+def create_run_dir(run_dir: Path) -> None:
+    """Claim ``run_dir`` (exclusive ``mkdir``: a directory made by someone else meanwhile is refused)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise _exists_refusal(run_dir) from None
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """Model preset and encoder names against the registries (before the dataset is built)."""
+    from hescape.models import get_model_cfg
+    from hescape.models.zoo import get_encoder_entry
+
+    get_model_cfg(cfg.model.name)
+    for modality in ("image", "gene"):
+        name = getattr(cfg.model, modality)
+        if name:
+            get_encoder_entry(name, modality)
+
+
 def _resolve_dataset(cfg: TrainConfig) -> Path:
     if cfg.data.path:
         path = Path(cfg.data.path)
@@ -153,27 +171,6 @@ def _resolve_dataset(cfg: TrainConfig) -> Path:
             raise HescapeConfigError(msg)
         return path
     return default_dataset(SyntheticConfig(panel=cfg.data.panel), progress=cfg.progress)
-
-
-def _load_init_checkpoint(path: str, genes: list[str]) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        msg = f"model.init_checkpoint={path!r} does not exist; give the checkpoint.pt of an earlier run"
-        raise HescapeConfigError(msg)
-    try:  # weights_only: a checkpoint from elsewhere cannot run code when it is loaded
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad or unsafe file
-        msg = (f"model.init_checkpoint={path!r}: expected a hescape-train checkpoint.pt (tensors and plain values "
-               f"only), found a file torch cannot load safely ({type(e).__name__}); give the checkpoint.pt of a run")
-        raise HescapeConfigError(msg) from None
-    if not isinstance(ckpt, dict):
-        msg = f"model.init_checkpoint={path!r}: expected a hescape-train checkpoint (a dict), found {type(ckpt).__name__}"
-        raise HescapeConfigError(msg)
-    if list(ckpt.get("genes", [])) != list(genes):
-        msg = (f"checkpoint {p} was trained on a {len(ckpt.get('genes', []))}-gene panel but the dataset has "
-               f"{len(genes)} genes (or another order); train from scratch or use a dataset with the checkpoint's panel")
-        raise HescapeConfigError(msg)
-    return ckpt
 
 
 def _tower_overrides(cfg: TrainConfig, key: str) -> dict | None:
@@ -195,6 +192,16 @@ def _tower_overrides(cfg: TrainConfig, key: str) -> dict | None:
     return {f.name: getattr(tower, f.name) for f in dataclasses.fields(tower)}
 
 
+def _load_init_checkpoint(cfg: TrainConfig, genes: list[str]) -> dict:
+    path = cfg.model.init_checkpoint
+    ckpt = load_model_checkpoint(path)
+    if list(ckpt["genes"]) != list(genes):
+        msg = (f"checkpoint {ckpt['source']} was trained on a {len(ckpt['genes'])}-gene panel but the dataset has "
+               f"{len(genes)} genes (or another order); train from scratch or use a dataset with the checkpoint's panel")
+        raise HescapeConfigError(msg)
+    return ckpt
+
+
 def _build_model(cfg: TrainConfig, ckpt: dict | None, genes: list[str], gene_ids) -> HescapeCLIP:
     """The model of a new run, or of ``model.init_checkpoint`` (architecture, contracts and panel from it)."""
     if ckpt is not None:
@@ -202,12 +209,12 @@ def _build_model(cfg: TrainConfig, ckpt: dict | None, genes: list[str], gene_ids
             mcfg = cfg_from_dict(ckpt["model_cfg"])
         except (KeyError, TypeError) as e:
             msg = (f"model.init_checkpoint={cfg.model.init_checkpoint!r}: expected a hescape-train checkpoint with a "
-                   f"model_cfg, found one without ({e}); give the checkpoint.pt of a run of this version")
+                   f"model_cfg, found one without ({e}); give a checkpoint of a run of this version")
             raise HescapeConfigError(msg) from None
         model = HescapeCLIP(mcfg, load_weights=False)
         try:
             model.load_state_dict(ckpt["state_dict"])
-        except (KeyError, RuntimeError) as e:
+        except (KeyError, RuntimeError, TypeError, AttributeError) as e:
             first = str(e).strip().splitlines()[0][:300]
             msg = (f"model.init_checkpoint={cfg.model.init_checkpoint!r}: its weights do not fit its recorded "
                    f"architecture ({first}); the file is damaged or from another version")
@@ -229,170 +236,390 @@ def _warn_scale(model: HescapeCLIP, manifest: dict, info: DistInfo) -> None:
         tqdm.write(f"warning: image encoder {model.cfg.image.name!r}: {text}")
 
 
-def train(cfg: TrainConfig) -> RunResult | None:
-    """Train, validate each epoch, test the best epoch on held-out donors, write the run directory.
+def _plain(obj):
+    """``obj`` as JSON values (tuples → lists; anything else JSON cannot hold → its ``str``)."""
+    return json.loads(json.dumps(obj, default=str))
 
-    Under torchrun/srun every process trains on its shard of each epoch (DistributedSampler), the
-    contrastive loss gathers features from all ranks (gather with gradients), and rank 0 validates,
-    tests and writes the run directory; other ranks return None.
+
+def _num(x: float, fmt: str = ".3f") -> str:
+    """A number for the progress bar; NaN/inf are printed, never raised on."""
+    return format(x, fmt) if math.isfinite(x) else str(x)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: built by :meth:`setup`, driven by :meth:`fit` then :meth:`test`.
+
+    Parameters
+    ----------
+    cfg
+        A validated configuration.
+    device, info
+        The torch device and the distributed rank info (:func:`~hescape.train.distributed.init_distributed`).
+    run_dir
+        The run directory: to be created (new run, rank 0) or existing (``resume=True``). ``None`` on ranks > 0.
+    resume
+        Continue the run in ``run_dir`` from its last checkpoint (from scratch if it has none yet).
     """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, info: DistInfo, run_dir: Path | None, *,
+                 resume: bool = False):
+        self.cfg, self.device, self.info, self.run_dir, self.resume = cfg, device, info, run_dir, resume
+        self.t0 = time.time()
+        self.main = info.is_main
+        self.steps_log = self.metrics_log = self.checkpointer = None
+
+    # set-up ------------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Data, model, optimiser, sampler, run directory and logs; from the last checkpoint when resuming.
+        Every refusal happens before a new run directory is created."""
+        cfg, info = self.cfg, self.info
+        seed_everything(cfg.seed)
+        _check_names(cfg)
+        self._setup_data()
+        self._setup_model()
+        self._setup_loader()
+        # plain values only (JSON round trip), so that state.pt loads with weights_only=True whatever an encoder
+        # records; the model configuration must be JSON exactly (it rebuilds the model), the description may not be
+        model_cfg = json.dumps(cfg_to_dict(self.model.recorded_cfg()))
+        self.run_facts = {"model_cfg": json.loads(model_cfg),
+                          **_plain({"encoders": self.model.describe(), "genes": list(self.genes),
+                                    "train_config": config_to_dict(cfg), "world_size": info.world_size,
+                                    "n_train": len(self.train_ds), "total_steps": self.total_steps})}
+        self.weights_meta = {"model_cfg": model_cfg, "genes": json.dumps(self.genes)}
+        if self.main:
+            if not self.resume:
+                create_run_dir(self.run_dir)
+                resolved = dataclasses.replace(cfg, run_name=self.run_dir.name)
+                atomic_write_json(self.run_dir / "config.json",
+                                  {**config_to_dict(resolved), "format": CONFIG_FORMAT,
+                                   "data_resolved": str(self.data_path), "world_size": info.world_size})
+            self.steps_log = MetricsLog(self.run_dir, "steps")
+            self.metrics_log = MetricsLog(self.run_dir, "metrics")
+        if self.run_dir is not None:
+            self.checkpointer = Checkpointer(self.run_dir)
+        if self.resume:
+            self._load_last_checkpoint()
+
+    def _setup_data(self) -> None:
+        cfg, info = self.cfg, self.info
+        data_path = _resolve_dataset(cfg) if info.is_main else None
+        if info.enabled:  # rank 0 builds the default dataset (if needed) first; the others find it in the cache
+            torch.distributed.barrier()
+            if not info.is_main:
+                data_path = _resolve_dataset(cfg)
+        self.data_path = data_path
+        manifest = read_manifest(data_path)
+        self.manifest, self.genes = manifest, list(manifest["genes"])
+        if cfg.model.n_genes and cfg.model.n_genes != len(self.genes):
+            msg = (f"the model expects {cfg.model.n_genes} genes (model.n_genes) but dataset {data_path} has "
+                   f"{len(self.genes)}; set model.n_genes=0 to take the panel size from the dataset, or use a matching "
+                   "dataset")
+            raise HescapeConfigError(msg)
+        self.init_ckpt = _load_init_checkpoint(cfg, self.genes) if cfg.model.init_checkpoint else None
+        splits = {s["split"] for s in manifest["samples"]}
+        for needed in ("train", "test"):
+            if needed not in splits:
+                msg = f"dataset {data_path} has no {needed!r} split (found {sorted(splits)}); rebuild it with donor splits"
+                raise HescapeDataError(msg)
+        # Raw counts and raw patches: each encoder prepares its own input with its contract.
+        self.train_ds = PairedSpotDataset(data_path, "train")
+        self.val_ds = PairedSpotDataset(data_path, "val") if "val" in splits else None
+        self.test_ds = PairedSpotDataset(data_path, "test")
+        if max(cfg.recall_ks) > len(self.test_ds):
+            msg = (f"recall_ks={','.join(map(str, cfg.recall_ks))} asks for Recall@{max(cfg.recall_ks)} but the test "
+                   f"split has {len(self.test_ds)} spots; lower recall_ks or put more samples in the test split")
+            raise HescapeConfigError(msg)
+
+    def _setup_model(self) -> None:
+        cfg, info = self.cfg, self.info
+        model = _build_model(cfg, self.init_ckpt, self.genes, self.manifest.get("gene_ids"))
+        self.init_ckpt = None  # its weights are in the model now
+        _warn_scale(model, self.manifest, info)
+        model.to(self.device)
+        if info.enabled:
+            model.loss_fn = create_loss(cfg.model.loss, rank=info.rank, world_size=info.world_size,
+                                        gather_with_grad=True)
+            dev = [self.device] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=dev)
+        else:
+            self.ddp = model
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.state = TrainState(model=model, optimizer=build_optimizer(model, cfg.optim),
+                                generators={"augment": torch.Generator().manual_seed(derive_seed(cfg.seed, "augment"))})
+
+    def _setup_loader(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.sampler = EpochBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed, info.rank, info.world_size)
+        if len(self.sampler) == 0:
+            msg = (f"batch_size={cfg.batch_size} is larger than the training split ({len(self.train_ds)} spots"
+                   f"{f' over {info.world_size} processes' if info.enabled else ''}); lower it")
+            raise HescapeConfigError(msg)
+        self.loader_gen = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=self.sampler,
+                                                  num_workers=cfg.data.num_workers, collate_fn=_collate,
+                                                  generator=self.loader_gen)
+        self.total_steps = cfg.epochs * len(self.sampler)
+
+    def _load_last_checkpoint(self) -> None:
+        ckpt = Checkpointer(self.run_dir)
+        index = ckpt.read_index()
+        if index is None:  # killed before its first checkpoint: start again from step 0 in the same directory
+            sizes = {}
+        else:
+            weights, side = ckpt.load(index["last"])
+            for key, have in (("genes", self.genes), ("world_size", self.info.world_size),
+                              ("n_train", len(self.train_ds)), ("total_steps", self.total_steps)):
+                if side.get(key) != have:
+                    shown = (f"{len(side.get(key) or [])} genes", f"{len(have)} genes") if key == "genes" else (
+                        side.get(key), have)
+                    msg = (f"--resume {self.run_dir}: the checkpoint has {key} {shown[0]} but this run would have "
+                           f"{shown[1]}; resume with the same dataset and number of processes")
+                    raise HescapeConfigError(msg)
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+            self.state.load_side_state(side)
+            sizes = self.state.metrics_sizes
+        if self.main:
+            self.steps_log.truncate(sizes)
+            self.metrics_log.truncate(sizes)
+            ckpt.clean()
+
+    # one step --------------------------------------------------------------------------------------------------
+
+    def step(self, batch: dict) -> dict:
+        """One optimiser step on ``batch``; returns its log record. Stops the run (:class:`TrainingDivergedError`)
+        before the optimiser step when the loss or the gradient norm is NaN/inf."""
+        cfg, st = self.cfg, self.state
+        lr = lr_at(st.step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps)
+        for g in st.optimizer.param_groups:
+            g["lr"] = lr
+        images = batch["image"]
+        if cfg.data.augment:
+            images = _augment(images, st.generators["augment"], cfg.data.stain_jitter, cfg.data.hed_jitter)
+        out = self.ddp(images.to(self.device, non_blocking=True), batch["gexp"].to(self.device, non_blocking=True))
+        terms = self.model.loss(out)
+        loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        st.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf  # inf: measure, scale by 1.0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        loss_v, scale = float(loss.detach()), float(out["logit_scale"].detach())
+        record = {"step": st.step + 1, "epoch": st.epoch + 1, "lr": lr, "loss": loss_v,
+                  **{k: float(v.detach()) for k, v in terms.items()}, "logit_scale": scale, "grad_norm": grad_norm}
+        if self._any_rank(not (math.isfinite(loss_v) and math.isfinite(grad_norm))):
+            raise self._diverged(record)
+        st.optimizer.step()
+        self.model.clamp_logit_scale()  # after the step, as open_clip: the scale used is the scale stored
+        st.step += 1
+        st.batch += 1
+        st.epoch_losses.append(loss_v)
+        return record
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.info.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _diverged(self, record: dict, what: str = "the step was not taken") -> TrainingDivergedError:
+        terms = ", ".join(f"{k} {_num(v, '.4g')}" for k, v in record.items() if k.endswith("_loss"))
+        index = self.checkpointer.read_index() if self.checkpointer else None
+        kept = (f"the last good checkpoint {self.run_dir / 'checkpoints' / index['last']} (step {index['step']}) is "
+                "kept" if index else "no checkpoint had been written yet")
+        return TrainingDivergedError(
+            f"training diverged at step {record['step']} (epoch {record['epoch']}): loss {_num(record['loss'], '.4g')} "
+            f"({terms}), logit_scale {_num(record['logit_scale'], '.4g')}, grad norm "
+            f"{_num(record['grad_norm'], '.4g')}, lr {record['lr']:.3g}; {what} and {kept}; lower "
+            f"optim.lr (now {self.cfg.optim.lr:g}) or raise optim.warmup_steps, then start a new run")
+
+    # evaluation ------------------------------------------------------------------------------------------------
+
+    def evaluate(self, ds: PairedSpotDataset, ks) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Retrieval on every row of ``ds`` (full gallery) with the model as it is; also returns the embeddings."""
+        img, gex = embed(self.model, ds, self.device, num_workers=self.cfg.data.num_workers)
+        return retrieval_metrics(img, gex, ks=[k for k in ks if k <= len(ds)]), img, gex
+
+    # checkpoints ---------------------------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Write the :class:`TrainState` (rank 0): metrics files are synced first and their lengths recorded."""
+        if not self.main:
+            return
+        st = self.state
+        if not all(bool(torch.isfinite(p).all()) for p in self.trainable):
+            raise self._diverged({"step": st.step, "epoch": st.epoch + 1, "loss": math.nan, "logit_scale": math.nan,
+                                  "grad_norm": math.nan, "lr": st.optimizer.param_groups[0]["lr"]},
+                                 "the weights became non-finite, no checkpoint was written")
+        self.steps_log.sync()
+        self.metrics_log.sync()
+        st.metrics_sizes = {**self.steps_log.sizes(), **self.metrics_log.sizes()}
+        self.checkpointer.save(st, self.run_facts, self.weights_meta)
+
+    # the loop ----------------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Epochs of steps from the state's position, validation and a checkpoint at each epoch end, and a
+        checkpoint every ``checkpoint_every`` steps."""
+        cfg, st = self.cfg, self.state
+        n_batches = len(self.sampler)
+        while st.epoch < cfg.epochs:
+            self.model.train()
+            self.sampler.set_epoch(st.epoch, st.batch)
+            self.loader_gen.manual_seed(derive_seed(cfg.seed, "loader", st.epoch))
+            bar = tqdm(total=n_batches, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and self.main), leave=False)
+            try:
+                for batch in self.loader:
+                    rec = self.step(batch)
+                    fault_point("step", st.step)
+                    if self.main and st.step % cfg.log_every == 0:
+                        self.steps_log.write(rec)
+                    bar.update(1)
+                    scale = rec["logit_scale"]
+                    bar.set_postfix_str(f"loss={_num(rec['loss'])}, T={_num(1 / scale if scale else math.inf)}")
+                    if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.batch < n_batches:
+                        self.checkpoint()
+            finally:
+                bar.close()  # before any error message, which then starts on a clean line
+            self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """Close the epoch: its record (mean loss, validation Recall@k), best-score update, checkpoint."""
+        cfg, st = self.cfg, self.state
+        epoch = st.epoch + 1
+        rec = {"epoch": epoch, "step": st.step, "train_loss": float(np.mean(st.epoch_losses)),
+               "logit_scale": self.model.logit_scale.detach().exp().item(), "lr": st.optimizer.param_groups[0]["lr"]}
+        st.epoch, st.batch, st.epoch_losses = epoch, 0, []
+        if not self.main:
+            return
+        if self.val_ds is not None:
+            v, _, _ = self.evaluate(self.val_ds, cfg.recall_ks)
+            rec.update(v["i2g"].as_dict("val_i2g_"))
+            rec.update(v["g2i"].as_dict("val_g2i_"))
+            # lower mean rank is better: selection uses every query, not one k
+            score = -float(np.mean([v["i2g"].mean_rank, v["g2i"].mean_rank]))
+        else:
+            score = float(epoch)
+        self.metrics_log.write(rec)
+        if cfg.progress:
+            extra = ""
+            if self.val_ds is not None:
+                extra = (f"  val R@5 i2g {_num(rec.get('val_i2g_R@5', math.nan))} "
+                         f"g2i {_num(rec.get('val_g2i_R@5', math.nan))}")
+            tqdm.write(f"epoch {epoch:>3}/{cfg.epochs}  loss {_num(rec['train_loss'], '.4f')}{extra}")
+        if score > st.best_score:
+            st.best_score, st.best_epoch, st.best_dir = score, epoch, Checkpointer.name_for(st.step)
+        self.checkpoint()
+
+    # test ----------------------------------------------------------------------------------------------------------
+
+    def test(self) -> RunResult:
+        """Score the test split with the last and the best checkpoint; write results (atomically), the best
+        checkpoint's test embeddings, and the test lines of metrics.jsonl."""
+        cfg, st, ks = self.cfg, self.state, self.cfg.recall_ks
+        index = self.checkpointer.read_index()
+        last_name, best_name = index["last"], index["best"] or index["last"]
+        last, _, _ = self.evaluate(self.test_ds, ks)  # the model holds the last checkpoint's weights
+        if best_name != last_name:
+            weights, _ = self.checkpointer.load(best_name)
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        best, img, gex = self.evaluate(self.test_ds, ks)
+        probe = colour_probe_baseline(self.train_ds, self.test_ds, ks) if cfg.probe else None
+
+        def record(kind: str, name: str, res: dict, epoch: int) -> dict:
+            return {"split": "test", "checkpoint": kind, "epoch": epoch, "step": int(name.split("-")[1]),
+                    "path": f"checkpoints/{name}", **res["i2g"].as_dict("i2g_"), **res["g2i"].as_dict("g2i_")}
+
+        last_rec = record("last", last_name, last, st.epoch)
+        best_rec = {**record("best", best_name, best, st.best_epoch), "best_epoch": st.best_epoch}
+        if probe is not None:
+            for d in ("i2g", "g2i"):
+                best_rec.update({f"{d}_R@{k}_probe": v for k, v in probe[d].recall.items()})
+                best_rec[f"{d}_mean_rank_probe"] = probe[d].mean_rank
+        self.metrics_log.write(last_rec, csv=False)
+        self.metrics_log.write(best_rec, csv=False)
+        self.metrics_log.sync()
+        self.steps_log.sync()
+        fault_point("results")
+        from hescape.eval.io import embeddings_path, save_embeddings
+
+        save_embeddings(embeddings_path(self.run_dir, "test"), image=img, gene=gex,
+                        index=np.arange(len(self.test_ds)), sample=self.test_ds.samples, donor=self.test_ds.donors)
+        donors = sorted(set(self.test_ds.donors))
+        table = format_results_table(best, title=f"Test retrieval: full gallery of {len(self.test_ds)} spots from "
+                                                 f"held-out donor(s) {', '.join(donors)}; best epoch "
+                                                 f"{st.best_epoch}/{cfg.epochs}",
+                                     baseline=probe, baseline_name="colour probe")
+        r5 = 5 if 5 in ks else ks[0]
+        table += (f"\n\nlast checkpoint (epoch {st.epoch}, step {st.step}): image → gene R@{r5} "
+                  f"{last['i2g'].recall[r5]:.3f}, gene → image R@{r5} {last['g2i'].recall[r5]:.3f} (mean rank "
+                  f"{last['i2g'].mean_rank:.1f} / {last['g2i'].mean_rank:.1f})")
+        atomic_write_text(self.run_dir / "results.md", table + "\n")
+        atomic_write_json(self.run_dir / "results.json", {**best_rec, "last": last_rec})
+        cols = list(dict.fromkeys([*best_rec, *last_rec]))
+        rows = [",".join(cols)] + [",".join(_csv_cell(r.get(c)) for c in cols) for r in (best_rec, last_rec)]
+        atomic_write_text(self.run_dir / "results.csv", "\n".join(rows) + "\n")
+        return RunResult(run_dir=self.run_dir, test=best, best_epoch=st.best_epoch, wall_s=time.time() - self.t0,
+                         probe=probe, last=last, last_epoch=st.epoch)
+
+    def close(self) -> None:
+        for log in (self.steps_log, self.metrics_log):
+            if log is not None:
+                log.close()
+
+
+def _csv_cell(v) -> str:
+    if v is None:
+        return ""
+    s = str(v)
+    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunResult | None:
+    """Train, validate each epoch, test the best and the last checkpoint on held-out donors, write the run directory.
+
+    ``resume``: continue the run in that directory from its last checkpoint (``cfg`` from :func:`resume_config`);
+    the result equals an uninterrupted run's, bit for bit on the CPU.
+
+    Under torchrun/srun every process trains on its shard of each epoch, the contrastive loss gathers features
+    from all ranks (gather with gradients), and rank 0 validates, checkpoints, tests and writes the run directory;
+    other ranks return None.
+
+    Raises
+    ------
+    HescapeConfigError
+        A configuration refused before any heavy work (nothing is created), or a run that diverged
+        (:class:`TrainingDivergedError`, its last good checkpoint kept).
+    """
+    validate_config(cfg)
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            msg = f"--resume {resume}: expected a run directory holding config.json; give the run directory of a run"
+            raise HescapeConfigError(msg)
+    else:
+        run_dir = None
     device = _device(cfg.device)
     info, device = init_distributed(device)
     try:
-        result = _train(cfg, device, info)
+        if run_dir is None and info.is_main:
+            run_dir = plan_run_dir(cfg)
+        trainer = Trainer(cfg, device, info, run_dir, resume=resume is not None)
+        try:
+            trainer.setup()
+            trainer.fit()
+            result = trainer.test() if info.is_main else None
+        finally:
+            trainer.close()
         if info.enabled:
             torch.distributed.barrier()  # the other ranks wait while rank 0 tests and writes the results
         return result
     finally:
         cleanup_distributed(info)
-
-
-def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunResult | None:
-    t0 = time.time()
-    seed_everything(cfg.seed)
-    if info.is_main:
-        data_path = _resolve_dataset(cfg)
-    if info.enabled:
-        # Rank 0 builds the default dataset (if needed) first; the others then find it in the cache.
-        torch.distributed.barrier()
-        if not info.is_main:
-            data_path = _resolve_dataset(cfg)
-    manifest = read_manifest(data_path)
-    genes = manifest["genes"]
-    if cfg.model.n_genes and cfg.model.n_genes != len(genes):
-        msg = (f"the model expects {cfg.model.n_genes} genes (model.n_genes) but dataset {data_path} has "
-               f"{len(genes)}; set model.n_genes=0 to take the panel size from the dataset, or use a matching dataset")
-        raise HescapeConfigError(msg)
-    ckpt = _load_init_checkpoint(cfg.model.init_checkpoint, genes) if cfg.model.init_checkpoint else None
-
-    splits = {s["split"] for s in manifest["samples"]}
-    for needed in ("train", "test"):
-        if needed not in splits:
-            msg = f"dataset {data_path} has no {needed!r} split (found {sorted(splits)}); rebuild it with donor splits"
-            raise HescapeDataError(msg)
-    # Raw counts and raw patches: each encoder prepares its own input with its contract.
-    train_ds = PairedSpotDataset(data_path, "train")
-    val_ds = PairedSpotDataset(data_path, "val") if "val" in splits else None
-    test_ds = PairedSpotDataset(data_path, "test")
-    if not cfg.recall_ks or min(cfg.recall_ks) < 1:
-        msg = f"recall_ks must list positive k values (e.g. recall_ks=1,5,10), found {cfg.recall_ks!r}"
-        raise HescapeConfigError(msg)
-    if max(cfg.recall_ks) > len(test_ds):
-        msg = (f"recall_ks={','.join(map(str, cfg.recall_ks))} asks for Recall@{max(cfg.recall_ks)} but the test split "
-               f"has {len(test_ds)} spots; lower recall_ks or put more samples in the test split")
-        raise HescapeConfigError(msg)
-
-    model = _build_model(cfg, ckpt, genes, manifest.get("gene_ids"))
-    _warn_scale(model, manifest, info)
-    model.to(device)
-    if info.enabled:
-        model.loss_fn = create_loss(cfg.model.loss, rank=info.rank, world_size=info.world_size,
-                                    gather_with_grad=True)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    else:
-        ddp = model
-
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = (torch.utils.data.DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                                   shuffle=True, seed=cfg.seed, drop_last=True)
-               if info.enabled else None)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None,
-                                         sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
-                                         collate_fn=_collate, generator=gen)
-    if len(loader) == 0:
-        msg = f"batch_size={cfg.batch_size} is larger than the training split ({len(train_ds)} spots); lower it"
-        raise HescapeConfigError(msg)
-    total_steps = cfg.epochs * len(loader)
-
-    run_dir = Path(cfg.out_dir) / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {**config_to_dict(cfg), "data_resolved": str(data_path), "world_size": info.world_size}, indent=1))
-        metrics_f = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115
-    else:
-        metrics_f = open(os.devnull, "w")  # noqa: SIM115
-    ks = cfg.recall_ks
-    best, best_epoch, step = -math.inf, -1, 0
-    try:
-        for epoch in range(cfg.epochs):
-            model.train()
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and info.is_main),
-                       leave=False)
-            losses = []
-            for batch in bar:
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, total_steps, cfg.optim)
-                images = batch["image"]
-                if cfg.data.augment:
-                    images = _augment(images, gen, cfg.data.stain_jitter, cfg.data.hed_jitter)
-                out = ddp(images.to(device, non_blocking=True), batch["gexp"].to(device, non_blocking=True))
-                loss_terms = model.loss(out)
-                loss = sum(v for k, v in loss_terms.items() if k.endswith("_loss"))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                opt.step()
-                model.clamp_logit_scale()  # after the step, as open_clip: the scale used is the scale stored
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", T=f"{1 / float(out['logit_scale'].detach()):.3f}")
-                step += 1
-            rec = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                   "logit_scale": model.logit_scale.detach().exp().item(), "lr": opt.param_groups[0]["lr"]}
-            if not info.is_main:
-                continue
-            if val_ds is not None:
-                v = retrieval_metrics(*embed(model, val_ds, device), ks=[k for k in ks if k <= len(val_ds)])
-                rec.update(v["i2g"].as_dict("val_i2g_"))
-                rec.update(v["g2i"].as_dict("val_g2i_"))
-                score = float(np.mean([v["i2g"].mean_rank, v["g2i"].mean_rank]))
-                score = -score  # lower mean rank is better: selection uses every query, not one k
-            else:
-                score = float(epoch)
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-            if cfg.progress:
-                extra = ""
-                if val_ds is not None:
-                    extra = f"  val R@5 i2g {rec.get('val_i2g_R@5', float('nan')):.3f} g2i {rec.get('val_g2i_R@5', float('nan')):.3f}"
-                tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {rec['train_loss']:.4f}{extra}")
-            if score > best:
-                best, best_epoch = score, epoch + 1
-                torch.save({"state_dict": model.state_dict(), "model_cfg": cfg_to_dict(model.recorded_cfg()),
-                            "encoders": model.describe(), "genes": genes, "epoch": epoch + 1,
-                            "train_config": config_to_dict(cfg)}, run_dir / "checkpoint.pt")
-
-        if not info.is_main:
-            return None
-        best_state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(best_state["state_dict"])
-        test = retrieval_metrics(*embed(model, test_ds, device), ks=ks)
-        test_rec = {"split": "test", "best_epoch": best_epoch, **test["i2g"].as_dict("i2g_"),
-                    **test["g2i"].as_dict("g2i_")}
-        probe = colour_probe_baseline(train_ds, test_ds, ks) if cfg.probe else None
-        if probe is not None:
-            for d in ("i2g", "g2i"):
-                test_rec.update({f"{d}_R@{k}_probe": v for k, v in probe[d].recall.items()})
-                test_rec[f"{d}_mean_rank_probe"] = probe[d].mean_rank
-        metrics_f.write(json.dumps(test_rec) + "\n")
-    finally:
-        metrics_f.close()
-    donors = sorted(set(test_ds.donors))
-    table = format_results_table(test, title=f"Test retrieval: full gallery of {len(test_ds)} spots from held-out "
-                                             f"donor(s) {', '.join(donors)}; best epoch {best_epoch}/{cfg.epochs}",
-                                 baseline=probe, baseline_name="colour probe")
-    (run_dir / "results.md").write_text(table + "\n")
-    (run_dir / "results.json").write_text(json.dumps(test_rec, indent=1))
-    return RunResult(run_dir=run_dir, test=test, best_epoch=best_epoch, wall_s=time.time() - t0, probe=probe)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
