@@ -51,3 +51,27 @@ def test_uni_lora_against_nicheformer(tiny_dataset, tmp_path, capsys):
         if ours is None:
             ours = sd[f"image_encoder.{k.replace('.bias', '.base_layer.bias')}"]
         assert torch.equal(ours, v), k
+
+
+def test_drvi_pretrained_on_held_out_samples_is_refused(tiny_dataset, tmp_path, capsys):
+    """A frozen DRVI pretrained on the training split trains; one pretrained on the test split is refused."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("drvi") is None:
+        pytest.skip("drvi-py is not installed (pip install 'hescape-models[drvi]')")
+    from hescape.models.gene.drvi import pretrain_drvi
+
+    tiny = {"n_latent": 8, "layers": (16, 16), "max_epochs": 2, "progress": False, "seed": 0}
+    args = [f"data.path={tiny_dataset}", f"out_dir={tmp_path}", "epochs=1", "batch_size=16", "progress=false",
+            "recall_ks=1,5", "probe=false", "model.gene=drvi"]
+    for split, code_wanted in (("test", 2), ("train", 0)):
+        model_dir = pretrain_drvi(tiny_dataset, tmp_path / f"drvi-{split}", split=split, **tiny)
+        code = main([*args, f"run_name={split}", f'model.gene_options={json.dumps({"model_dir": str(model_dir)})}'])
+        err = capsys.readouterr().err
+        assert code == code_wanted, err
+        if code_wanted == 2:
+            assert "holds out for validation/test" in err and not (tmp_path / split).exists()
+    ckpt_towers = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert ckpt_towers["model"]["gene"] == "drvi"

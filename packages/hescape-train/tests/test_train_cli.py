@@ -68,6 +68,16 @@ def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
         code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / f"c{i}", f"model.init_checkpoint={ckpt}",
                                                 "epochs=1"))
         assert code == 0, err
+    # options the checkpoint fixes may repeat its values, never contradict them (they would be silently dropped)
+    code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "same", f"model.init_checkpoint={run}",
+                                            "model.loss=siglip", "model.embed_dim=128", "epochs=1"))
+    assert code == 0, err
+    for bad, named in (("model.embed_dim=64", "fixes embed_dim=128"), ("model.image=cnn_tiny", "fixes image='vit_nano'"),
+                       ("model.gene_finetune=frozen", "fixes gene_finetune='full'"),
+                       ("model.image_weights=/tmp", "holds every weight")):
+        code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "bad", f"model.init_checkpoint={run}", bad))
+        assert code == 2 and named in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad" / "r").exists()
 
 
 def test_any_registered_towers_with_lora_and_frozen(tiny_dataset, tmp_path, capsys):

@@ -179,8 +179,8 @@ class ModelConfig:
     gene: str | None = option(None, "gene encoder (hescape-models list); empty = the preset's")
     image_weights: str | None = option(None, "published image weights: a file or directory, or hf; empty = the "
                                              "preset's")
-    gene_weights: str | None = option(None, "published gene-encoder weights (file/directory; DRVI: its model "
-                                            "directory)")
+    gene_weights: str | None = option(None, "published gene-encoder weights (file/directory); DRVI instead takes "
+                                            "model.gene_options='{\"model_dir\": DIR}'")
     image_options: dict | None = option(None, 'image encoder builder options (JSON, e.g. {"pooling": "cls+mean"})')
     gene_options: dict | None = option(None, 'gene encoder builder options (e.g. {"vocabulary": "model.h5ad"})')
     image_finetune: str | None = option(None, "full | frozen | lora; empty = the preset's", choices=FINETUNE_MODES,

@@ -202,6 +202,34 @@ def _load_init_checkpoint(cfg: TrainConfig, genes: list[str]) -> dict:
     return ckpt
 
 
+def _check_init_overrides(cfg: TrainConfig, mcfg) -> None:
+    """Refuse model options that a ``model.init_checkpoint`` fixes but that the user set to something else: they
+    would be silently dropped while config.json records them. Options equal to the checkpoint's pass."""
+    from .config import ModelConfig
+
+    m, default = cfg.model, ModelConfig()
+    fixed = {
+        "image": mcfg.image.name, "gene": mcfg.gene.name,
+        "image_options": mcfg.image.options, "gene_options": mcfg.gene.options,
+        "image_finetune": mcfg.image.finetune, "gene_finetune": mcfg.gene.finetune,
+        "embed_dim": mcfg.embed_dim, "projection": mcfg.projection, "loss": mcfg.loss,
+        "image_projection": mcfg.image.projection or mcfg.projection,
+        "lora_rank": mcfg.image.lora_rank if mcfg.image.finetune == "lora" else mcfg.gene.lora_rank,
+        "lora_alpha": mcfg.image.lora_alpha if mcfg.image.finetune == "lora" else mcfg.gene.lora_alpha,
+    }
+    for key in ("name", "image_weights", "gene_weights"):  # the checkpoint holds the architecture and its weights
+        if getattr(m, key) != getattr(default, key):
+            msg = (f"model.{key}={getattr(m, key)!r} cannot apply with model.init_checkpoint, which fixes the "
+                   f"architecture and holds every weight; drop model.{key}")
+            raise HescapeConfigError(msg)
+    for key, theirs in fixed.items():
+        ours = getattr(m, key)
+        if ours != getattr(default, key) and ours != theirs:
+            msg = (f"model.{key}={ours!r} conflicts with model.init_checkpoint, which fixes {key}={theirs!r}; drop "
+                   f"model.{key} (or set it to the checkpoint's value), or train a new model without init_checkpoint")
+            raise HescapeConfigError(msg)
+
+
 def _build_model(cfg: TrainConfig, ckpt: dict | None, genes: list[str], gene_ids) -> HescapeCLIP:
     """The model of a new run, or of ``model.init_checkpoint`` (architecture, contracts and panel from it)."""
     if ckpt is not None:
@@ -211,6 +239,7 @@ def _build_model(cfg: TrainConfig, ckpt: dict | None, genes: list[str], gene_ids
             msg = (f"model.init_checkpoint={cfg.model.init_checkpoint!r}: expected a hescape-train checkpoint with a "
                    f"model_cfg, found one without ({e}); give a checkpoint of a run of this version")
             raise HescapeConfigError(msg) from None
+        _check_init_overrides(cfg, mcfg)
         model = HescapeCLIP(mcfg, load_weights=False)
         try:
             model.load_state_dict(ckpt["state_dict"])
@@ -224,6 +253,20 @@ def _build_model(cfg: TrainConfig, ckpt: dict | None, genes: list[str], gene_ids
     return create_model(cfg.model.name, panel=genes, gene_ids=ids, loss=cfg.model.loss,
                         embed_dim=cfg.model.embed_dim, projection=cfg.model.projection,
                         image=_tower_overrides(cfg, "image"), gene=_tower_overrides(cfg, "gene"))
+
+
+def _check_trunk_leakage(model: HescapeCLIP, val_ds, test_ds) -> None:
+    """Refuse a tower trained (before this run) on samples this run holds out: a DRVI pretrained on the test split
+    has seen the held-out donors' expression, and the test retrieval would no longer measure unseen donors."""
+    held = {s for ds in (val_ds, test_ds) if ds is not None for s in ds.samples}
+    for key, enc in (("image", model.image_encoder), ("gene", model.gene_encoder)):
+        seen = set(getattr(enc, "trained_on_samples", ()) or ())
+        both = sorted(seen & held)
+        if both:
+            msg = (f"{key} encoder {enc.encoder_name!r} was trained on {len(both)} sample(s) this run holds out for "
+                   f"validation/test ({', '.join(both[:5])}); pretrain it on the training split only "
+                   f"(hescape-models pretrain-drvi DATASET --split train)")
+            raise HescapeConfigError(msg)
 
 
 def _warn_scale(model: HescapeCLIP, manifest: dict, info: DistInfo) -> None:
@@ -338,6 +381,7 @@ class Trainer:
         model = _build_model(cfg, self.init_ckpt, self.genes, self.manifest.get("gene_ids"))
         self.init_ckpt = None  # its weights are in the model now
         _warn_scale(model, self.manifest, info)
+        _check_trunk_leakage(model, self.val_ds, self.test_ds)
         model.to(self.device)
         if info.enabled:
             model.loss_fn = create_loss(cfg.model.loss, rank=info.rank, world_size=info.world_size,

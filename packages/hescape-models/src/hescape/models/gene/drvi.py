@@ -127,6 +127,12 @@ class DRVIGeneEncoder(GeneEncoder):
         # a DRVI directory keeps that directory's tag
         self._weights_tag = value
 
+    @property
+    def trained_on_samples(self) -> tuple[str, ...]:
+        """Samples DRVI was pretrained on (``hescape_drvi.json``); training refuses a run that holds any of them out."""
+        dataset = (self.drvi_config or {}).get("dataset") or {}
+        return tuple(str(s) for s in dataset.get("samples") or ())
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         q_m, _q_v, _z = self.z_encoder(x, None)
         return q_m
