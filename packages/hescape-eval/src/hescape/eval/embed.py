@@ -101,7 +101,8 @@ def load_trained_model(path: str | os.PathLike, which: str = "best"):
                "written by hescape-train")
         raise HescapeEvalError(msg) from None
     except models.HescapeModelError as e:
-        raise HescapeEvalError(f"model {file}: {e}") from None
+        msg_0 = f"model {file}: {e}"
+        raise HescapeEvalError(msg_0) from None
     model = models.HescapeCLIP(cfg, load_weights=False)
     try:
         model.load_state_dict(state_dict)
@@ -127,7 +128,8 @@ def embed_split(model, dataset: str | os.PathLike, split: str = "test", *, batch
     try:
         ds = data.PairedSpotDataset(dataset, split, genes=list(model.panel))
     except data.HescapeDataError as e:
-        raise HescapeEvalError(f"dataset {dataset}: {e}") from None
+        msg = f"dataset {dataset}: {e}"
+        raise HescapeEvalError(msg) from None
     if len(ds) == 0:
         msg = f"dataset {dataset}: the split {split!r} has no spots; choose another with --split"
         raise HescapeEvalError(msg)
