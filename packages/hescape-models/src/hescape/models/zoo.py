@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from torch import nn
 from .base import GeneEncoder, ImageEncoder, as_panel
 from .contracts import GeneContract, ImageContract, contract_from_dict
 from .errors import HescapeModelError
-from .weights import WeightsSpec, load_weights
+from .weights import WeightsSpec, load_weights, resolve_weights
 
 __all__ = ["EncoderEntry", "register_encoder", "get_encoder_entry", "list_image_encoders", "list_gene_encoders",
            "create_image_encoder", "create_gene_encoder", "describe_encoders", "ENTRY_POINT_GROUPS"]
@@ -207,6 +208,15 @@ def _finish(enc: nn.Module, entry: EncoderEntry, contract, weights) -> nn.Module
     return enc
 
 
+def _check_weights_first(entry: EncoderEntry, weights) -> None:
+    """Find a weights file before building the architecture (a typo must not cost a 1-billion-parameter build)."""
+    if weights is None or entry.weights is None or isinstance(weights, dict) or not isinstance(weights, str | os.PathLike):
+        return
+    if str(weights) == "hf" or str(weights).startswith("hf:"):
+        return
+    resolve_weights(weights, entry.weights, entry.name)
+
+
 def _options(entry: EncoderEntry, options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
@@ -233,6 +243,7 @@ def create_image_encoder(name: str, weights=None, *, contract: ImageContract | d
         Unknown name or option; :class:`~hescape.models.weights.WeightsError` for weights that do not fit.
     """
     entry = get_encoder_entry(name, "image")
+    _check_weights_first(entry, weights)
     try:
         enc = entry.builder(**_options(entry, options))
     except TypeError as e:
@@ -255,6 +266,7 @@ def create_gene_encoder(name: str, weights=None, *, panel: Sequence[str] | None 
     then symbol) and report the coverage; the MLP takes the panel as its input layer.
     """
     entry = get_encoder_entry(name, "gene")
+    _check_weights_first(entry, weights)
     panel = as_panel(panel, name=name)
     try:
         ids = None if gene_ids is None else tuple(str(g) for g in gene_ids)
