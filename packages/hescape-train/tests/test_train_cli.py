@@ -83,10 +83,13 @@ def test_siglip_and_init_checkpoint(tiny_dataset, tmp_path, capsys):
 def test_any_registered_towers_with_lora_and_frozen(tiny_dataset, tmp_path, capsys):
     """Encoders are named in the config; LoRA/frozen towers train, the checkpoint restores them exactly."""
     args = ("model.image=vit_nano", "model.image_finetune=lora", "model.gene=mlp_small", "model.gene_finetune=frozen",
-            "model.projection=linear", "model.image_projection=transformer", 'model.image_options={"depth": 2}')
+            "model.projection=linear", "model.image_projection=transformer", 'model.image_options={"depth": 2}',
+            "model.image_lora_targets=attn.qkv")
     code, _, err = _run(capsys, *_tiny_args(tiny_dataset, tmp_path / "a", *args, "epochs=1"))
     assert code == 0, err
     ckpt = read_checkpoint(tmp_path / "a" / "r")
+    lora = {k.split(".lora_")[0] for k in ckpt["state_dict"] if ".lora_" in k}
+    assert lora == {f"image_encoder.backbone.blocks.{i}.attn.qkv" for i in range(2)}  # the CLI's targets, no proj
     towers = ckpt["encoders"]["towers"]
     assert towers["image"]["finetune"] == "lora" and towers["gene"]["finetune"] == "frozen"
     assert towers["gene"]["params"]["trainable"] == 0 < towers["image"]["params"]["trainable"]

@@ -50,7 +50,8 @@ def apply_finetune(encoder: nn.Module, mode: str, *, rank: int = 8, alpha: float
     targets = tuple(targets) or tuple(getattr(encoder, "lora_targets", ()))
     name = getattr(encoder, "encoder_name", type(encoder).__name__)
     if not targets:
-        msg = f"encoder {name!r} declares no LoRA target modules; give lora_targets=… or use finetune=full/frozen"
+        msg = (f"encoder {name!r} declares no LoRA target modules; give lora_targets=… (hescape-train: "
+               f"model.image_lora_targets=… / model.gene_lora_targets=…) or use finetune=full/frozen")
         raise HescapeModelError(msg)
     names = [n for n, _ in encoder.named_modules()]
     matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]

@@ -189,6 +189,10 @@ class ModelConfig:
                                        what="finetune mode")
     lora_rank: int = option(8, "LoRA rank of a lora tower (the reference: 8)", gt=0, example="model.lora_rank=8")
     lora_alpha: float = option(16.0, "LoRA alpha (the reference: 16)", gt=0, example="model.lora_alpha=16")
+    image_lora_targets: tuple[str, ...] = option((), "image modules LoRA adapts (name suffixes); empty = the encoder's "
+                                                     "(ViTs: attn.qkv,attn.proj)")
+    gene_lora_targets: tuple[str, ...] = option((), "gene modules LoRA adapts; empty = the encoder's (Nicheformer: "
+                                                    "self_attn.out_proj,linear1,linear2)")
     loss: str = option("clip", "contrastive loss: clip | siglip", choices=LOSSES, what="loss")
     embed_dim: int = option(128, "shared embedding size", gt=0, example="model.embed_dim=128")
     projection: str = option("mlp", "projection head of both towers: mlp | linear | transformer", choices=PROJECTIONS,

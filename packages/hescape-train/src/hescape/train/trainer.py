@@ -182,6 +182,8 @@ def _tower_overrides(cfg: TrainConfig, key: str) -> dict | None:
     out = {k: v for k, v in fields.items() if v is not None}
     if out.get("finetune") == "lora":
         out.update(lora_rank=m.lora_rank, lora_alpha=m.lora_alpha)
+    if getattr(m, f"{key}_lora_targets"):
+        out["lora_targets"] = tuple(getattr(m, f"{key}_lora_targets"))
     name = getattr(m, key)
     if name is None and not out:
         return None
@@ -216,6 +218,7 @@ def _check_init_overrides(cfg: TrainConfig, mcfg) -> None:
         "image_projection": mcfg.image.projection or mcfg.projection,
         "lora_rank": mcfg.image.lora_rank if mcfg.image.finetune == "lora" else mcfg.gene.lora_rank,
         "lora_alpha": mcfg.image.lora_alpha if mcfg.image.finetune == "lora" else mcfg.gene.lora_alpha,
+        "image_lora_targets": tuple(mcfg.image.lora_targets), "gene_lora_targets": tuple(mcfg.gene.lora_targets),
     }
     for key in ("name", "image_weights", "gene_weights"):  # the checkpoint holds the architecture and its weights
         if getattr(m, key) != getattr(default, key):
