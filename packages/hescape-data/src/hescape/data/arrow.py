@@ -42,6 +42,7 @@ from .outputs import (
     clean_stale_siblings,
     dir_mode,
     file_mode,
+    fsync_path,
     safe_filename,
     temp_sibling,
 )
@@ -305,7 +306,7 @@ class DatasetWriter:
             os.replace(self._tmp / old, self._tmp / new)
             with pa.memory_map(str(self._tmp / new)) as src:
                 rows = pa.ipc.open_stream(src).read_all().num_rows
-            _fsync(self._tmp / new)
+            fsync_path(self._tmp / new)
             shards.append({"file": new, "rows": rows, "sha256": _sha256(self._tmp / new)})
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -333,7 +334,7 @@ class DatasetWriter:
                 os.replace(old_aside, self.out_dir)
             raise
         self._tmp = None
-        _fsync(self.out_dir.parent)
+        fsync_path(self.out_dir.parent)
         if old_aside is not None:
             shutil.rmtree(old_aside, ignore_errors=True)
 
@@ -346,20 +347,6 @@ class DatasetWriter:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
                 self._remove_made_parents()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk (best effort: some file systems refuse it for directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _bad(mf: Path, what: str) -> DatasetFormatError:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import OutputLocationError
 
-__all__ = ["TEMP_KINDS", "MANIFEST", "dir_mode", "file_mode", "safe_filename", "temp_sibling", "clean_stale_siblings",
+__all__ = ["TEMP_KINDS", "MANIFEST", "fsync_path", "dir_mode", "file_mode", "safe_filename", "temp_sibling", "clean_stale_siblings",
            "check_output_location", "is_hescape_dataset",
            "foreign_files"]
 
@@ -46,6 +46,21 @@ def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file or directory so that its contents (or the renames in it) are durable; best effort: some
+    file systems refuse it for directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def dir_mode() -> int:

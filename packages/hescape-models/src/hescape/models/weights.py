@@ -122,8 +122,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if refused or "Weights only load failed" in text:
             what = refused.group(1) if refused else "pickled objects that are not tensors or plain values"
             msg = (f"weights file {path}: refused to unpickle {what} (loading it could run code; weights are loaded "
-                   f"with weights_only=True); in an environment you trust, re-save only the tensors, e.g. "
-                   f"torch.save(torch.load(f, weights_only=False)['state_dict'], 'clean.pt'), and pass that file")
+                   f"with weights_only=True); get the published tensors-only file (.safetensors or pytorch_model.bin) "
+                   f"from the encoder's authors, or have the file's producer re-save just its state dict")
         else:
             first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
             msg = (f"weights file {path}: expected tensors saved with torch.save or a .safetensors file, found a file "

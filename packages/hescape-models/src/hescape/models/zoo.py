@@ -217,6 +217,21 @@ def _check_weights_first(entry: EncoderEntry, weights) -> None:
     resolve_weights(weights, entry.weights, entry.name)
 
 
+def _create(entry: EncoderEntry, base: type, weights, contract, options: dict, inputs: dict) -> nn.Module:
+    """Find the weights, build ``entry`` with ``inputs`` and ``options``, check its type, attach contract + weights."""
+    _check_weights_first(entry, weights)
+    try:
+        enc = entry.builder(**inputs, **_options(entry, options))
+    except TypeError as e:
+        msg = f"{entry.modality} encoder {entry.name!r}: bad option(s) {sorted(options)}: {e}"
+        raise HescapeModelError(msg) from None
+    if not isinstance(enc, base):
+        msg = (f"{entry.modality} encoder {entry.name!r}: its builder returned {type(enc).__name__}, expected "
+               f"{base.__name__}")
+        raise HescapeModelError(msg)
+    return _finish(enc, entry, contract, weights)
+
+
 def _options(entry: EncoderEntry, options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
@@ -242,17 +257,7 @@ def create_image_encoder(name: str, weights=None, *, contract: ImageContract | d
     HescapeModelError
         Unknown name or option; :class:`~hescape.models.weights.WeightsError` for weights that do not fit.
     """
-    entry = get_encoder_entry(name, "image")
-    _check_weights_first(entry, weights)
-    try:
-        enc = entry.builder(**_options(entry, options))
-    except TypeError as e:
-        msg = f"image encoder {name!r}: bad option(s) {sorted(options)}: {e}"
-        raise HescapeModelError(msg) from None
-    if not isinstance(enc, ImageEncoder):
-        msg = f"image encoder {name!r}: its builder returned {type(enc).__name__}, expected an ImageEncoder"
-        raise HescapeModelError(msg)
-    return _finish(enc, entry, contract, weights)
+    return _create(get_encoder_entry(name, "image"), ImageEncoder, weights, contract, options, {})
 
 
 def create_gene_encoder(name: str, weights=None, *, panel: Sequence[str] | None = None,
@@ -266,21 +271,12 @@ def create_gene_encoder(name: str, weights=None, *, panel: Sequence[str] | None 
     then symbol) and report the coverage; the MLP takes the panel as its input layer.
     """
     entry = get_encoder_entry(name, "gene")
-    _check_weights_first(entry, weights)
     panel = as_panel(panel, name=name)
-    try:
-        ids = None if gene_ids is None else tuple(str(g) for g in gene_ids)
-        if ids is not None and len(ids) != len(panel):
-            msg = f"gene encoder {name!r}: {len(ids)} gene_ids for a panel of {len(panel)} genes"
-            raise HescapeModelError(msg)
-        enc = entry.builder(panel=panel, gene_ids=ids, **_options(entry, options))
-    except TypeError as e:
-        msg = f"gene encoder {name!r}: bad option(s) {sorted(options)}: {e}"
-        raise HescapeModelError(msg) from None
-    if not isinstance(enc, GeneEncoder):
-        msg = f"gene encoder {name!r}: its builder returned {type(enc).__name__}, expected a GeneEncoder"
+    ids = None if gene_ids is None else tuple(str(g) for g in gene_ids)
+    if ids is not None and len(ids) != len(panel):
+        msg = f"gene encoder {name!r}: {len(ids)} gene_ids for a panel of {len(panel)} genes"
         raise HescapeModelError(msg)
-    return _finish(enc, entry, contract, weights)
+    return _create(entry, GeneEncoder, weights, contract, options, {"panel": panel, "gene_ids": ids})
 
 
 def replace_contract(entry: EncoderEntry, **changes) -> EncoderEntry:

@@ -16,33 +16,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from hescape.data.outputs import file_mode, fsync_path
+
 __all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "AppendLog"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """``fsync`` a directory so that renames and new entries in it are durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask without changing it (``os.umask`` sets it, which races with other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
+    fsync_path(path)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -55,7 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

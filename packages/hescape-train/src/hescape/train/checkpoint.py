@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from hescape.data.outputs import dir_mode, file_mode
 
-from .atomic import _umask, atomic_write_json, fsync_dir
+from .atomic import atomic_write_json, fsync_dir
 from .errors import HescapeConfigError
 from .faults import fault_point
 
@@ -60,7 +61,7 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], m
         tensors[k] = t.clone().contiguous() if key in seen else t.contiguous()
         seen.add(key)
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, file_mode())
     _fsync_file(path)
 
 
@@ -141,7 +142,7 @@ class Checkpointer:
         name = self.name_for(state.step)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.dir))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual permissions
+            os.chmod(tmp, dir_mode())  # mkdtemp makes 0700; give the directory the usual permissions
             meta = {"format": FORMAT, "step": str(state.step), **weights_metadata}
             save_weights(tmp / WEIGHTS, state.model.state_dict(), meta)
             fault_point("checkpoint_partial")

@@ -332,16 +332,6 @@ def default_max_epochs(n_obs: int) -> int:
     return max(1, min(round(20000 / max(n_obs, 1) * 400), 400))
 
 
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _check_out(out: Path, dataset: Path, overwrite: bool) -> None:
     if out == dataset or out.is_relative_to(dataset) or dataset.is_relative_to(out):
         msg = f"pretrain-drvi: the output {out} is, contains or lies inside the dataset {dataset}; choose another --out"
@@ -439,6 +429,7 @@ def pretrain_drvi(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     adata = drvi_anndata(dataset, split=split, covariate=covariate)
     from hescape.data import read_manifest
+    from hescape.data.outputs import dir_mode, file_mode
 
     manifest = read_manifest(dataset)
     epochs = default_max_epochs(adata.n_obs) if max_epochs is None else max_epochs
@@ -453,7 +444,7 @@ def pretrain_drvi(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700
         model.train(max_epochs=epochs, accelerator=accelerator, devices=1, train_size=1.0, batch_size=batch_size,
                     early_stopping=False, plan_kwargs={"n_epochs_kl_warmup": warmup} if warmup else None,
                     enable_progress_bar=progress, default_root_dir=str(tmp / "_logs"),
@@ -490,12 +481,11 @@ def pretrain_drvi(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             json.dump(config, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        mask = _umask()
         for dirpath, dirnames, filenames in os.walk(tmp):  # the modes the umask gives (some writers make 0600)
             for n in dirnames:
-                os.chmod(Path(dirpath) / n, 0o777 & ~mask)
+                os.chmod(Path(dirpath) / n, dir_mode())
             for n in filenames:
-                os.chmod(Path(dirpath) / n, 0o666 & ~mask)
+                os.chmod(Path(dirpath) / n, file_mode())
         _check_out(out, dataset, overwrite)  # the location may have changed while training
         _move_into_place(tmp, out)
     finally:
