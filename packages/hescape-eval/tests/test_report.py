@@ -246,3 +246,26 @@ def test_preset_encoders_are_filled_from_hescape_models(tmp_path):
     # hescape-models registry.py: the "paper" preset is UNI (LoRA) + the MLP gene tower
     rec = load_run(run)
     assert (rec.image, rec.gene, rec.model) == ("uni", "mlp", "mlp-uni")
+
+
+def test_rows_come_from_the_checkpoint_the_run_trained(tmp_path):
+    """A run started from model.init_checkpoint leaves the model section of config.json at its defaults: its row is
+    named from the model its own checkpoint records (with the fine-tuning mode), never from config.json's defaults."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import numpy as np
+
+    base = _run(tmp_path, "base", image=None, gene=None, seed=0, i2g=0.2, g2i=0.2)
+    init = _run(tmp_path, "init", image=None, gene=None, seed=1, i2g=0.3, g2i=0.3)
+    cfg = json.loads((init / "config.json").read_text())
+    cfg["model"]["init_checkpoint"] = str(base)
+    (init / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HescapeEvalError, match="init_checkpoint"):  # no readable checkpoint: refuse, never guess
+        load_run(init)
+    ck = init / "checkpoints" / "step-00000010"
+    ck.mkdir(parents=True)
+    (init / "checkpoints" / "index.json").write_text(json.dumps({"best": ck.name, "last": ck.name}))
+    model_cfg = {"image": {"name": "cnn_tiny", "finetune": "lora"}, "gene": {"name": "mlp_small", "finetune": "full"}}
+    safetensors_numpy.save_file({"w": np.zeros(1, np.float32)}, str(ck / "model.safetensors"),
+                                metadata={"model_cfg": json.dumps(model_cfg)})
+    rec = load_run(init)
+    assert (rec.image, rec.gene) == ("cnn_tiny:lora", "mlp_small")

@@ -120,6 +120,25 @@ def _encoder_names(model: dict, run: Path) -> tuple[str, str]:
     return str(image), str(gene)
 
 
+def _recorded_model(run: Path) -> dict | None:
+    """The model configuration in the header of the run's best ``model.safetensors`` (None when absent/unreadable)."""
+    try:
+        from safetensors import safe_open
+
+        name = json.loads((run / "checkpoints" / "index.json").read_text()).get("best")
+        with safe_open(str(run / "checkpoints" / name / "model.safetensors"), framework="numpy") as f:
+            cfg = json.loads((f.metadata() or {})["model_cfg"])
+    except Exception:  # noqa: BLE001 - no checkpoint, no safetensors, a foreign file: fall back to config.json
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _tower_label(tower: dict) -> str:
+    """``name`` of a recorded tower, with its fine-tuning mode when that is not full training (``uni:lora``)."""
+    mode = tower.get("finetune")
+    return str(tower.get("name", "?")) + (f":{mode}" if mode not in (None, "full") else "")
+
+
 def _panel_of(cfg: dict, run: Path) -> str:
     """Column group of a run: the gene panel recorded in the dataset manifest, else the dataset's directory name.
 
@@ -179,7 +198,15 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
         raise _fail(what=f"run directory {run}", expected="a hescape-train run directory holding config.json",
                     found=found, fix="pass the directories hescape-train created (out_dir/run_name), e.g. runs/*/")
     cfg = _read_json(cfg_path, f"config of run {run}")
-    image, gene = _encoder_names(cfg.get("model") or {}, run)
+    recorded = _recorded_model(run)
+    if recorded is not None:  # the towers the run trained, as its own checkpoint records them
+        image, gene = (_tower_label(recorded.get(key) or {}) for key in ("image", "gene"))
+    elif (cfg.get("model") or {}).get("init_checkpoint"):
+        raise _fail(what=f"run {run}", expected="its checkpoint (checkpoints/index.json + model.safetensors) to name "
+                    "its encoders", found="none readable, and it started from model.init_checkpoint, so config.json "
+                    "does not name its model", fix="pass run directories with their checkpoints (pip install safetensors)")
+    else:
+        image, gene = _encoder_names(cfg.get("model") or {}, run)
     seed = cfg.get("seed")
     if not isinstance(seed, int):
         raise _fail(what=f"config of run {run}", expected="an integer 'seed'", found=repr(seed),
