@@ -71,6 +71,7 @@ class SpotRecords:
     coords_um: np.ndarray
     n_cells: np.ndarray
     meta: dict = field(default_factory=dict)  # extra keys of this sample's manifest entry (e.g. source_um_per_px)
+    spot_ids: list[str] | None = None  # each row's identity in the source (barcode, grid id, HEST spot, row index)
 
 
 #: Hugging Face ``datasets`` feature types of our columns (written as the ``huggingface`` schema metadata, so
@@ -85,6 +86,7 @@ HF_FEATURES = {
     "tissue": {"dtype": "string", "_type": "Value"},
     "donor": {"dtype": "string", "_type": "Value"},
     "n_cells": {"dtype": "int32", "_type": "Value"},
+    "spot_id": {"dtype": "string", "_type": "Value"},
 }
 
 
@@ -110,6 +112,7 @@ def _schema(genes: list[str], gene_ids: list[str]) -> pa.Schema:
             ("tissue", pa.string()),
             ("donor", pa.string()),
             ("n_cells", pa.int32()),
+            ("spot_id", pa.string()),
         ],
         metadata={
             "hescape.schema_version": SCHEMA_VERSION,
@@ -264,6 +267,11 @@ class DatasetWriter:
         if not (len(rec.images) == n == len(rec.coords_um) == len(rec.n_cells)):
             msg = f"sample {rec.name}: images, gexp, coords and n_cells must have one row per spot"
             raise DatasetFormatError(msg)
+        spot_ids = [str(i) for i in range(n)] if rec.spot_ids is None else [str(s) for s in rec.spot_ids]
+        if len(spot_ids) != n or len(set(spot_ids)) != n:
+            msg = (f"sample {rec.name}: expected one unique spot id per spot ({n}), found {len(spot_ids)} ids, "
+                   f"{len(set(spot_ids))} distinct; give each row its source identity (barcode, grid id, row index)")
+            raise DatasetFormatError(msg)
         gexp = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * g.shape[1], g.shape[1]), pa.int32()),
                                         pa.array(g.astype(np.float32).ravel()))
         coords = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rec.coords_um, np.float64).ravel()), 2)
@@ -272,7 +280,7 @@ class DatasetWriter:
             names=["bytes", "path"])
         batch = pa.RecordBatch.from_arrays(
             [pa.array([rec.name] * n), image, gexp, coords, pa.array([rec.source] * n), pa.array([rec.tissue] * n),
-             pa.array([rec.donor] * n), pa.array(np.asarray(rec.n_cells, np.int32))],
+             pa.array([rec.donor] * n), pa.array(np.asarray(rec.n_cells, np.int32)), pa.array(spot_ids, pa.string())],
             schema=self.schema)
         self._samples.append({**rec.meta, "name": rec.name, "donor": rec.donor, "tissue": rec.tissue,
                               "source": rec.source, "split": split, "n_spots": n})
