@@ -27,11 +27,20 @@ Shapes: ``disc`` (``diameter_um`` across), ``square`` (axis-aligned, side ``diam
 (pointy-top, vertex-to-vertex ``diameter_um``; with ``grid="hex"`` and ``pitch = diameter·√3/2`` they tile
 the plane). A point belongs to a spot when it lies inside the shape (boundary included), so spots that
 overlap share points.
+
+Lattice ids (:meth:`SpotGeometry.lattice`, :meth:`SpotGeometry.grid_ids`, :func:`parse_grid_id`): a pseudo-spot
+is named by its lattice position, ``<grid>_r<row>_c<col>`` (:data:`GRID_ID_FORMAT`; row and column zero-padded to
+at least 4 digits, e.g. ``hex_r0012_c0034``). ``row`` counts lattice rows from the lattice origin ``(x0, y0)``
+along +y, ``col`` counts spots within the row along +x, so the centre is
+``x = x0 + col · pitch (+ pitch/2 on odd rows of a hex grid)``, ``y = y0 + row · row_step``
+(:meth:`SpotGeometry.lattice_centres`). The id depends only on the geometry and the origin, never on which
+spots a filter keeps, so a dropped spot leaves a gap and every kept spot keeps its name.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -40,7 +49,7 @@ from scipy.spatial import cKDTree
 
 from .errors import HescapeDataError
 
-__all__ = ["SpotGeometry", "GEOMETRY_PRESETS", "get_geometry", "SHAPES", "GRIDS"]
+__all__ = ["SpotGeometry", "GEOMETRY_PRESETS", "get_geometry", "SHAPES", "GRIDS", "GRID_ID_FORMAT", "parse_grid_id"]
 
 SHAPES = ("disc", "square", "hexagon")
 #: Largest stored patch side (px): 1 mm at 0.5 µm/px; the paper's encoders take 224 px, HESCAPE stores >= 512 px.
@@ -50,6 +59,9 @@ MIN_PITCH_UM = 1.0
 #: Largest (spot diameter / pitch)²: how many spots one point may fall in (a Visium spot: 0.3; dense tiling: ~1.3).
 MAX_OVERLAP = 100.0
 GRIDS = ("hex", "square")
+#: Id of a pseudo-spot: its lattice position (see the module docstring), e.g. ``hex_r0012_c0034``.
+GRID_ID_FORMAT = "{grid}_r{row:04d}_c{col:04d}"
+_GRID_ID = re.compile(r"^(hex|square)_r(\d+)_c(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -136,30 +148,59 @@ class SpotGeometry:
         """Distance from a spot centre to the farthest point of its shape, in µm."""
         return self.diameter_um / 2 * (math.sqrt(2) if self.shape == "square" else 1.0)
 
+    @property
+    def row_step_um(self) -> float:
+        """Distance between neighbouring lattice rows, in µm: ``pitch · √3/2`` (hex) or ``pitch`` (square)."""
+        return self.pitch_um * math.sqrt(3) / 2 if self.grid == "hex" else self.pitch_um
+
     def centres(self, extent_um: tuple[float, float, float, float], *, margin_um: float = 0.0) -> np.ndarray:
         """Spot centres ``(n, 2)`` (x, y in µm) on this geometry's lattice over ``(x0, y0, x1, y1)``.
 
         The lattice starts at ``(x0 + margin, y0 + margin)``; centres closer than ``margin_um`` to the extent's
-        edge are left out.
+        edge are left out. Same centres, in the same order, as :meth:`lattice`.
+        """
+        return self.lattice(extent_um, margin_um=margin_um)[0]
+
+    def lattice(self, extent_um: tuple[float, float, float, float], *,
+                margin_um: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Spot centres ``(n, 2)`` µm with their lattice ``row`` and ``col`` ``(n,)`` int64 over ``(x0, y0, x1, y1)``.
+
+        Rows run along +y from the lattice origin ``(x0 + margin, y0 + margin)``, columns along +x within a row
+        (see the module docstring); centres come row by row, left to right. :meth:`grid_ids` names them.
         """
         x0, y0, x1, y1 = (float(v) for v in extent_um)
         x0, y0, x1, y1 = x0 + margin_um, y0 + margin_um, x1 - margin_um, y1 - margin_um
+        empty = (np.zeros((0, 2)), np.zeros(0, np.int64), np.zeros(0, np.int64))
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 < x0 or y1 < y0:
-            return np.zeros((0, 2))
+            return empty
         n_rows = (y1 - y0) / (self.pitch_um * (math.sqrt(3) / 2 if self.grid == "hex" else 1.0))
         n_cols = (x1 - x0) / self.pitch_um
         if (n_rows + 1) * (n_cols + 1) > 50_000_000:
             msg = (f"spot lattice: expected at most 50 million spots, found an extent of {x1 - x0:.0f} × "
                    f"{y1 - y0:.0f} µm at pitch {self.pitch_um} µm; check the coordinates' units (µm expected)")
             raise HescapeDataError(msg)
-        dy = self.pitch_um * math.sqrt(3) / 2 if self.grid == "hex" else self.pitch_um
-        ys = np.arange(y0, y1 + 1e-9, dy)
-        pts = []
+        ys = np.arange(y0, y1 + 1e-9, self.row_step_um)
+        pts, rows, cols = [], [], []
         for i, y in enumerate(ys):
             shift = self.pitch_um / 2 if (self.grid == "hex" and i % 2) else 0.0
             xs = np.arange(x0 + shift, x1 + 1e-9, self.pitch_um)
             pts.append(np.column_stack([xs, np.full_like(xs, y)]))
-        return np.concatenate(pts) if pts else np.zeros((0, 2))
+            rows.append(np.full(len(xs), i, np.int64))
+            cols.append(np.arange(len(xs), dtype=np.int64))
+        if not pts:
+            return empty
+        return np.concatenate(pts), np.concatenate(rows), np.concatenate(cols)
+
+    def grid_ids(self, rows, cols) -> list[str]:
+        """Lattice ids ``<grid>_r<row>_c<col>`` (:data:`GRID_ID_FORMAT`) of spots at ``rows``, ``cols`` (ints >= 0)."""
+        return [GRID_ID_FORMAT.format(grid=self.grid, row=int(r), col=int(c))
+                for r, c in zip(np.asarray(rows).tolist(), np.asarray(cols).tolist(), strict=True)]
+
+    def lattice_centres(self, rows, cols, origin_um) -> np.ndarray:
+        """Centres ``(n, 2)`` µm of lattice positions ``rows``, ``cols`` for a lattice that starts at ``origin_um``."""
+        r, c = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+        shift = (np.asarray(rows) % 2) * (self.pitch_um / 2) if self.grid == "hex" else 0.0
+        return np.column_stack([origin_um[0] + c * self.pitch_um + shift, origin_um[1] + r * self.row_step_um])
 
     def contains(self, offsets_um: np.ndarray) -> np.ndarray:
         """Boolean mask: which offsets ``(n, 2)`` from a spot centre (µm) lie inside the spot shape."""
@@ -247,6 +288,22 @@ GEOMETRY_PRESETS: dict[str, SpotGeometry] = {
     "hest": SpotGeometry(shape="square", diameter_um=100.0, pitch_um=100.0, grid="square", name="hest"),
     "visium": SpotGeometry(shape="disc", diameter_um=55.0, pitch_um=100.0, grid="hex", name="visium"),
 }
+
+
+def parse_grid_id(spot_id: str) -> tuple[str, int, int]:
+    """``(grid, row, col)`` of a lattice id such as ``hex_r0012_c0034`` (inverse of :meth:`SpotGeometry.grid_ids`).
+
+    Raises
+    ------
+    HescapeDataError
+        ``spot_id`` is not a lattice id (e.g. a Visium barcode).
+    """
+    m = _GRID_ID.match(str(spot_id))
+    if m is None:
+        msg = (f"spot id: expected a lattice id like 'hex_r0012_c0034' (<grid>_r<row>_c<col>), found {spot_id!r}; "
+               "only pseudo-spots have lattice ids (Visium spots keep their barcodes)")
+        raise HescapeDataError(msg)
+    return m.group(1), int(m.group(2)), int(m.group(3))
 
 
 def get_geometry(name: str | SpotGeometry) -> SpotGeometry:

@@ -3,7 +3,9 @@
 Layout (HESCAPE paper, Table 2: "Complete Test Recall@5 Results for both Image-to-Gene (I2G) and Gene-to-Image
 (G2I) tasks across different tissue panels ... Best results are in **bold**, second-best are underlined"; the seed
 copy is ``shared/seed/hescape-paper.txt``): one row per model, named ``<gene encoder>-<image encoder>`` as the paper
-does (``DRV1-Gigapath``), one column per (panel, direction), each cell ``mean(std)`` over the runs' seeds.
+does (``DRV1-Gigapath``), one column per (panel, direction), each cell ``mean(std)`` over the runs' seeds. Runs of
+the same encoders that differ in other settings (a sweep over the loss or the learning rate) are told apart by a
+``variant`` given with each run (:func:`load_run`), shown after the model name: ``mlp-uni [loss=siglip]``.
 
 What a run directory holds (written by ``hescape-train``; ``hescape/train/trainer.py``, read only):
 
@@ -77,11 +79,14 @@ class RunRecord:
     protocol: str
     pool: int | None
     source: str
+    variant: str = ""
 
     @property
     def model(self) -> str:
-        """Row label in the paper's style, ``<gene encoder>-<image encoder>``."""
-        return f"{self.gene}-{self.image}"
+        """Row label in the paper's style, ``<gene encoder>-<image encoder>``, then ``[variant]`` when the run has
+        one (runs of the same encoders that differ in other settings, e.g. ``mlp-uni [loss=siglip]``)."""
+        label = f"{self.gene}-{self.image}"
+        return f"{label} [{self.variant}]" if self.variant else label
 
 
 def _fail(*, what: str, expected: str, found: str, fix: str) -> HescapeEvalError:
@@ -166,7 +171,7 @@ def _panel_of(cfg: dict, run: Path) -> str:
 
 
 def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = None, backend: str = "auto",
-             panel: str | None = None) -> RunRecord:
+             panel: str | None = None, variant: str = "") -> RunRecord:
     """Read one run directory into a :class:`RunRecord`.
 
     Parameters
@@ -184,6 +189,10 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
         Rank backend for recomputation.
     panel
         Override of the column group (default: the dataset's panel, see :func:`_panel_of`).
+    variant
+        What else sets this run apart from runs of the same encoders, panel and seed (e.g. ``"loss=siglip"``, as
+        ``hescape-train sweep`` writes it); part of the row label, so runs are aggregated over seeds only within
+        one variant. Empty (the default): rows are the encoders alone.
 
     Raises
     ------
@@ -212,7 +221,8 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
         raise _fail(what=f"config of run {run}", expected="an integer 'seed'", found=repr(seed),
                     fix="pass run directories written by hescape-train")
     col = panel or _panel_of(cfg, run)
-    common = {"path": run, "image": image, "gene": gene, "seed": seed, "panel": col, "k": int(k)}
+    common = {"path": run, "image": image, "gene": gene, "seed": seed, "panel": col, "k": int(k),
+              "variant": str(variant)}
 
     from .io import embeddings_path
 
@@ -258,11 +268,18 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
                      pool=int(pool) if isinstance(pool, int) else None, source="results.json")
 
 
-def load_runs(run_dirs: Sequence[str | os.PathLike], **kwargs) -> list[RunRecord]:
-    """:func:`load_run` of every directory (same keyword arguments); an empty list is an error."""
+def load_runs(run_dirs: Sequence[str | os.PathLike], *, variants: Sequence[str] | None = None,
+              **kwargs) -> list[RunRecord]:
+    """:func:`load_run` of every directory (same keyword arguments; ``variants``: one ``variant`` per directory, in
+    the same order); an empty list is an error."""
     if not run_dirs:
         raise _fail(what="report", expected="at least one run directory", found="none", fix="pass RUN_DIR ...")
-    return [load_run(r, **kwargs) for r in run_dirs]
+    if variants is None:
+        variants = [""] * len(run_dirs)
+    if len(variants) != len(run_dirs):
+        raise _fail(what="report variants", expected=f"one per run directory ({len(run_dirs)})",
+                    found=f"{len(variants)}", fix="pass as many variants as run directories, in the same order")
+    return [load_run(r, variant=v, **kwargs) for r, v in zip(run_dirs, variants, strict=True)]
 
 
 @dataclass
@@ -537,9 +554,10 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, k: int = 5,
                  protocol: str | None = None, backend: str = "auto", figures: bool = True,
-                 title: str | None = None) -> dict[str, Path | str]:
+                 title: str | None = None, variants: Sequence[str] | None = None) -> dict[str, Path | str]:
     """Load the runs, build the table and write ``report.md``, ``report.csv`` (paper layout), ``report_long.csv``
-    (one line per cell) and ``recall_at_k.png`` into ``out``.
+    (one line per cell) and ``recall_at_k.png`` into ``out``. ``variants``: one per run directory, see
+    :func:`load_run` (rows are then one per encoders and variant).
 
     Returns ``{"markdown": path, "csv": path, "long_csv": path, "figure": path or a note, "table": ReportTable}``.
     Raises :class:`HescapeEvalError` as :func:`load_run` and :func:`build_table` do.
@@ -548,7 +566,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         from .protocol import RetrievalProtocol
 
         protocol = str(RetrievalProtocol.parse(protocol))  # fail before reading any run
-    table = build_table(load_runs(run_dirs, k=k, protocol=protocol, backend=backend))
+    table = build_table(load_runs(run_dirs, k=k, protocol=protocol, backend=backend, variants=variants))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"

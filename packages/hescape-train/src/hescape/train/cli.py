@@ -25,6 +25,7 @@ examples:
   hescape-train --config my.yaml optim.lr=3e-4     a config file, then one override
   hescape-train data.path=/data/breast-spots       your own dataset (built by hescape-data)
   hescape-train --resume runs/my-run              continue an interrupted run exactly where it stopped
+  hescape-train sweep grid.yaml                   one run per grid point, then a mean(std) table (sweep --help)
 """
 
 #: Exception classes whose message is shown as one line (exit 2), by module; looked up only once the module is
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:  # a subcommand beside the key=value options (hescape.train.sweep)
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.resume:

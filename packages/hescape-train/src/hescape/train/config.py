@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import HescapeConfigError
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "config_to_dict",
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "LogConfig", "TrainConfig", "PRESETS", "load_config", "config_to_dict",
            "config_from_dict", "describe_options", "validate_config", "option", "LOSSES", "PROJECTIONS",
            "FINETUNE_MODES", "RESUMABLE_KEYS", "resume_config", "apply_overrides"]
 
@@ -35,7 +35,26 @@ PROJECTIONS = ("linear", "mlp", "transformer")
 FINETUNE_MODES = ("full", "frozen", "lora")
 
 #: Keys a ``--resume`` may change: they do not change what is computed.
-RESUMABLE_KEYS = ("progress", "data.num_workers")
+RESUMABLE_KEYS = ("progress", "data.num_workers", "log.tensorboard", "log.wandb")
+
+#: Training presets (``preset=NAME``): values applied before a config file and the ``key=value`` overrides, so any
+#: of them can still be overridden. ``demo`` is the defaults of :class:`TrainConfig` (the small CPU model on the
+#: embedded synthetic dataset). ``paper`` is the protocol of the HESCAPE paper, section 8.1 ("Implementation
+#: details"): d = 128, a global batch of 256 (the paper: 4 GPUs × 64), 20,000 steps with 780 warm-up steps, AdamW
+#: β = (0.9, 0.95), learning rate 1e-5 with cosine decay, weight decay 0.01, gradient clipping 5.0, CLIP loss, MLP
+#: projection heads, the image encoder with LoRA on its attention and the gene encoder frozen (the MLP baseline
+#: trains from scratch) — the ``paper`` model preset of hescape-models (UNI + MLP; choose others with
+#: ``model.image=`` / ``model.gene=``). The paper does not state how often it validated; we validate and checkpoint
+#: every 1,000 steps (``eval_every``, ``checkpoint_every``).
+PRESETS: dict[str, dict[str, object]] = {
+    "demo": {},
+    "paper": {
+        "model.name": "paper", "model.embed_dim": 128, "model.projection": "mlp", "model.loss": "clip",
+        "global_batch_size": 256, "max_steps": 20_000, "eval_every": 1_000, "checkpoint_every": 1_000,
+        "optim.lr": 1e-5, "optim.warmup_steps": 780, "optim.beta1": 0.9, "optim.beta2": 0.95,
+        "optim.weight_decay": 0.01, "optim.grad_clip": 5.0,
+    },
+}
 
 
 # -- constraints -------------------------------------------------------------------------------------------------
@@ -170,6 +189,10 @@ class DataConfig:
                                example="data.hed_jitter=0.4")
     num_workers: int = option(0, "DataLoader worker processes (results do not depend on it)", ge=0,
                               example="data.num_workers=4")
+    feature_cache: str = option("auto", "cache the features of a frozen trunk whose input is deterministic (the "
+                                        "gene tower; the image tower when data.augment=false): auto | on (refuse "
+                                        "when no tower can be cached) | off", choices=("auto", "on", "off"),
+                                what="feature_cache setting")
 
 
 @dataclass
@@ -219,12 +242,33 @@ class OptimConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = option(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboard)")
+    wandb: bool = option(False, "also log to Weights & Biases (needs wandb; offline unless you are logged in)")
+    wandb_project: str = option("hescape", "Weights & Biases project")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = option(help="dataset options", factory=DataConfig)
     model: ModelConfig = option(help="model options", factory=ModelConfig)
     optim: OptimConfig = option(help="optimiser options", factory=OptimConfig)
-    epochs: int = option(16, "passes over the training split", gt=0, example="epochs=16")
-    batch_size: int = option(64, "spots per step (per process)", gt=0, example="batch_size=64")
+    log: LogConfig = option(help="experiment trackers", factory=LogConfig)
+    preset: str = option("demo", "training preset applied before all other options: demo | paper (section 8.1 of "
+                                 "the HESCAPE paper)", choices=tuple(PRESETS), what="preset")
+    epochs: int = option(16, "passes over the training split (ignored when max_steps > 0)", gt=0, example="epochs=16")
+    max_steps: int = option(0, "train for this many optimiser steps (the paper: 20000); 0 = epochs decide", ge=0,
+                            example="max_steps=20000")
+    eval_every: int = option(0, "validate (and checkpoint) every N steps; 0 = at each epoch end", ge=0,
+                             example="eval_every=1000")
+    batch_size: int = option(64, "spots per step per process (ignored when global_batch_size > 0)", gt=0,
+                             example="batch_size=64")
+    global_batch_size: int = option(0, "spots per step over all processes (split evenly; the paper: 256); 0 = "
+                                       "batch_size per process", ge=0, example="global_batch_size=256")
+    local_loss: bool = option(False, "distributed runs: each process scores its own rows against all columns "
+                                     "(open_clip's --local-loss; same loss, less work per process)")
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; the loss is always "
+                                    "computed in fp32", choices=("auto", "fp32", "bf16"), what="precision")
     seed: int = option(0, "seed of model init, sampling and augmentation", ge=0, example="seed=0")
     device: str = option("auto", "auto | cpu | cuda | cuda:N", fn=_check_device)
     out_dir: str = option("runs", "parent directory of run directories", fn=_check_out_dir)
@@ -237,7 +281,8 @@ class TrainConfig:
     progress: bool = option(True, "show progress bars")
 
 
-_SECTIONS = ((TrainConfig, ""), (DataConfig, "data."), (ModelConfig, "model."), (OptimConfig, "optim."))
+_SECTIONS = ((TrainConfig, ""), (DataConfig, "data."), (ModelConfig, "model."), (OptimConfig, "optim."),
+             (LogConfig, "log."))
 
 
 # -- reading and writing --------------------------------------------------------------------------------------------
@@ -364,28 +409,62 @@ def load_config(config_file: str | None = None, overrides: list[str] = (), *, va
     HescapeConfigError
         An unknown key, a value of the wrong type, a missing or malformed file, or a value out of its range.
     """
+    data = _read_config_file(config_file) if config_file else {}
     cfg = TrainConfig()
-    if config_file:
-        import yaml
-
-        p = Path(config_file)
-        if not p.is_file():
-            msg = f"config file {p} does not exist; pass an existing YAML or JSON file to --config"
-            raise HescapeConfigError(msg)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            msg = f"config file {p} is not valid YAML/JSON: {' '.join(str(e).split())}"
-            raise HescapeConfigError(msg) from None
-        if not isinstance(data, dict):
-            msg = f"config file {p}: expected a mapping of keys to values at the top level, found {type(data).__name__}"
-            raise HescapeConfigError(msg)
-        for k, v in data.items():
-            _set(cfg, k, v, k)
+    apply_preset(cfg, _preset_name(data, overrides))
+    for k, v in data.items():
+        _set(cfg, k, v, k)
     apply_overrides(cfg, overrides)
     if validate:
         validate_config(cfg)
     return cfg
+
+
+def _preset_name(data: dict, overrides) -> str:
+    """The preset a file and overrides ask for (the last override wins, as for any key)."""
+    name = data.get("preset", "demo")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "preset":
+            name = value.strip()
+    return name
+
+
+def apply_preset(cfg: TrainConfig, name) -> TrainConfig:
+    """Set the values of preset ``name`` (:data:`PRESETS`) on ``cfg``; returns it.
+
+    Raises
+    ------
+    HescapeConfigError
+        An unknown preset.
+    """
+    if not isinstance(name, str) or name not in PRESETS:
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = f"preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}{hint}"
+        raise HescapeConfigError(msg)
+    cfg.preset = name
+    for k, v in PRESETS[name].items():
+        _set(cfg, k, v, k)
+    return cfg
+
+
+def _read_config_file(config_file) -> dict:
+    import yaml
+
+    p = Path(config_file)
+    if not p.is_file():
+        msg = f"config file {p} does not exist; pass an existing YAML or JSON file to --config"
+        raise HescapeConfigError(msg)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        msg = f"config file {p} is not valid YAML/JSON: {' '.join(str(e).split())}"
+        raise HescapeConfigError(msg) from None
+    if not isinstance(data, dict):
+        msg = f"config file {p}: expected a mapping of keys to values at the top level, found {type(data).__name__}"
+        raise HescapeConfigError(msg)
+    return data
 
 
 def config_to_dict(cfg) -> dict:
@@ -397,6 +476,12 @@ def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
     """Inverse of :func:`config_to_dict` (a run's ``config.json``); keys outside :class:`TrainConfig` are refused,
     except the run facts hescape-train itself adds (``data_resolved``, ``world_size``, ``format``)."""
     cfg = TrainConfig()
+    if "preset" in d:
+        try:
+            apply_preset(cfg, d["preset"])
+        except HescapeConfigError as e:
+            msg = f"{source}: {e}"
+            raise HescapeConfigError(msg) from None
     for k, v in d.items():
         if k in ("data_resolved", "world_size", "format"):
             continue

@@ -46,6 +46,7 @@ from .optim import build_optimizer, lr_at
 from .report import format_results_table
 from .sampler import EpochBatchSampler, derive_seed
 from .state import TrainState
+from .trackers import Trackers, check_trackers
 
 __all__ = ["RunResult", "Trainer", "train", "plan_run_dir", "resume_config", "embed", "seed_everything"]
 
@@ -82,21 +83,48 @@ def _device(name: str) -> torch.device:
         raise HescapeConfigError(msg) from None
 
 
+def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Spots per step in each process: ``global_batch_size / world_size`` when a global batch is given (it must
+    divide evenly), else ``batch_size``."""
+    if cfg.global_batch_size <= 0:
+        return cfg.batch_size
+    if cfg.global_batch_size % world_size:
+        msg = (f"global_batch_size={cfg.global_batch_size} does not split evenly over {world_size} processes; use a "
+               f"multiple of {world_size} (e.g. {world_size * max(1, cfg.global_batch_size // world_size)})")
+        raise HescapeConfigError(msg)
+    return cfg.global_batch_size // world_size
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: ``auto`` is bf16 on CUDA (the paper trained in bf16) and
+    fp32 (no autocast) elsewhere; ``bf16`` forces it (CPU autocast included); ``fp32`` never autocasts."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items])}
 
 
 @torch.no_grad()
-def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 256, num_workers: int = 0):
-    """Image and gene embeddings ``(N, d)`` of every row of ``ds``, in dataset order (eval mode, deterministic;
-    the loader has its own generator, so embedding consumes no global random number)."""
+def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 256, num_workers: int = 0, *,
+          rows=None, amp_dtype: torch.dtype | None = None):
+    """Image and gene embeddings ``(N, d)`` of every row of ``ds`` (or of ``rows``), in that order (eval mode,
+    deterministic; the loader has its own generator, so embedding consumes no global random number)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    source = ds if rows is None else torch.utils.data.Subset(ds, list(rows))
+    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     img, gex = [], []
-    for b in loader:
-        img.append(model.encode_image(b["image"].to(device)).float().cpu())
-        gex.append(model.encode_gene(b["gexp"].to(device)).float().cpu())
+    device = torch.device(device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        for b in loader:
+            img.append(model.encode_image(b["image"].to(device)).float().cpu())
+            gex.append(model.encode_gene(b["gexp"].to(device)).float().cpu())
+    if not img:
+        d = model.cfg.embed_dim
+        return torch.empty(0, d), torch.empty(0, d)
     return torch.cat(img), torch.cat(gex)
 
 
@@ -315,6 +343,7 @@ class Trainer:
         self.t0 = time.time()
         self.main = info.is_main
         self.steps_log = self.metrics_log = self.checkpointer = None
+        self.trackers = Trackers()
 
     # set-up ------------------------------------------------------------------------------------------------------
 
@@ -344,6 +373,7 @@ class Trainer:
                                    "data_resolved": str(self.data_path), "world_size": info.world_size})
             self.steps_log = MetricsLog(self.run_dir, "steps")
             self.metrics_log = MetricsLog(self.run_dir, "metrics")
+            self.trackers = Trackers(cfg.log, self.run_dir, config_to_dict(cfg))
         if self.run_dir is not None:
             self.checkpointer = Checkpointer(self.run_dir)
         if self.resume:
@@ -388,7 +418,7 @@ class Trainer:
         model.to(self.device)
         if info.enabled:
             model.loss_fn = create_loss(cfg.model.loss, rank=info.rank, world_size=info.world_size,
-                                        gather_with_grad=True)
+                                        gather_with_grad=True, local_loss=cfg.local_loss)
             dev = [self.device] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=dev)
         else:
@@ -396,20 +426,29 @@ class Trainer:
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState(model=model, optimizer=build_optimizer(model, cfg.optim),
-                                generators={"augment": torch.Generator().manual_seed(derive_seed(cfg.seed, "augment"))})
+                                generators={"augment": torch.Generator().manual_seed(self._augment_seed())})
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+
+    def _augment_seed(self) -> int:
+        """Each process augments with its own stream (rank 0's is the single-process stream)."""
+        rank = self.info.rank
+        return derive_seed(self.cfg.seed, "augment") if rank == 0 else derive_seed(self.cfg.seed, "augment", rank)
 
     def _setup_loader(self) -> None:
         cfg, info = self.cfg, self.info
-        self.sampler = EpochBatchSampler(len(self.train_ds), cfg.batch_size, cfg.seed, info.rank, info.world_size)
+        self.batch_size = per_process_batch(cfg, info.world_size)
+        self.sampler = EpochBatchSampler(len(self.train_ds), self.batch_size, cfg.seed, info.rank, info.world_size)
         if len(self.sampler) == 0:
-            msg = (f"batch_size={cfg.batch_size} is larger than the training split ({len(self.train_ds)} spots"
-                   f"{f' over {info.world_size} processes' if info.enabled else ''}); lower it")
+            msg = (f"a batch of {self.batch_size} spots per process is larger than the training split "
+                   f"({len(self.train_ds)} spots{f' over {info.world_size} processes' if info.enabled else ''}); "
+                   "lower batch_size / global_batch_size")
             raise HescapeConfigError(msg)
         self.loader_gen = torch.Generator()
         self.loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=self.sampler,
                                                   num_workers=cfg.data.num_workers, collate_fn=_collate,
                                                   generator=self.loader_gen)
-        self.total_steps = cfg.epochs * len(self.sampler)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * len(self.sampler)
+        self.total_epochs = math.ceil(self.total_steps / len(self.sampler))
 
     def _load_last_checkpoint(self) -> None:
         ckpt = Checkpointer(self.run_dir)
@@ -446,7 +485,11 @@ class Trainer:
         images = batch["image"]
         if cfg.data.augment:
             images = _augment(images, st.generators["augment"], cfg.data.stain_jitter, cfg.data.hed_jitter)
-        out = self.ddp(images.to(self.device, non_blocking=True), batch["gexp"].to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.ddp(images.to(self.device, non_blocking=True),
+                           batch["gexp"].to(self.device, non_blocking=True))
+        # the loss in fp32 whatever the towers ran in (the paper: bf16 towers, fp32 loss accumulation)
+        out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
         terms = self.model.loss(out)
         loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
         st.optimizer.zero_grad(set_to_none=True)
@@ -485,10 +528,35 @@ class Trainer:
 
     # evaluation ------------------------------------------------------------------------------------------------
 
-    def evaluate(self, ds: PairedSpotDataset, ks) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Retrieval on every row of ``ds`` (full gallery) with the model as it is; also returns the embeddings."""
-        img, gex = embed(self.model, ds, self.device, num_workers=self.cfg.data.num_workers)
+    def evaluate(self, ds: PairedSpotDataset, ks) -> tuple[dict | None, torch.Tensor, torch.Tensor]:
+        """Retrieval on every row of ``ds`` (full gallery) with the model as it is; also returns the embeddings.
+
+        Under torch.distributed every process embeds its share of the rows (row ``i`` on rank ``i % world_size``)
+        and the embeddings are gathered in row order on every rank; rank 0 ranks them (the others get ``None``)."""
+        info = self.info
+        rows = range(info.rank, len(ds), info.world_size) if info.enabled else None
+        img, gex = embed(self.model, ds, self.device, num_workers=self.cfg.data.num_workers, rows=rows,
+                         amp_dtype=self.amp_dtype)
+        if info.enabled:
+            img, gex = self._gather_rows(img, len(ds)), self._gather_rows(gex, len(ds))
+        if not self.main:
+            return None, img, gex
         return retrieval_metrics(img, gex, ks=[k for k in ks if k <= len(ds)]), img, gex
+
+    def _gather_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``(n, d)`` from each rank's strided share ``x`` (rows ``rank, rank + W, …``), in row order."""
+        world, m = self.info.world_size, -(-n // self.info.world_size)
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL gathers CUDA tensors
+        padded = torch.zeros(m, x.shape[1], dtype=torch.float32, device=dev)
+        padded[: len(x)] = x.to(dev)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.stack(parts, 1).reshape(m * world, -1)[:n].cpu()
+
+    def _broadcast_weights(self) -> None:
+        """Every rank takes rank 0's weights (the test split is scored with the best checkpoint on all ranks)."""
+        for t in self.model.state_dict().values():
+            torch.distributed.broadcast(t, 0)
 
     # checkpoints ---------------------------------------------------------------------------------------------------
 
@@ -509,79 +577,117 @@ class Trainer:
     # the loop ----------------------------------------------------------------------------------------------------
 
     def fit(self) -> None:
-        """Epochs of steps from the state's position, validation and a checkpoint at each epoch end, and a
-        checkpoint every ``checkpoint_every`` steps."""
+        """Steps from the state's position until ``total_steps`` (``max_steps``, or ``epochs`` × batches per epoch).
+
+        An evaluation point — validation, the metrics line, the best-checkpoint update and a checkpoint — comes at
+        each epoch end (``eval_every=0``) or every ``eval_every`` steps and at the last step; a checkpoint also comes
+        every ``checkpoint_every`` steps."""
         cfg, st = self.cfg, self.state
         n_batches = len(self.sampler)
-        while st.epoch < cfg.epochs:
+        while st.step < self.total_steps:
+            if st.batch >= n_batches:  # a checkpoint taken on an epoch's last batch: the next epoch starts
+                st.epoch, st.batch = st.epoch + 1, 0
             self.model.train()
             self.sampler.set_epoch(st.epoch, st.batch)
             self.loader_gen.manual_seed(derive_seed(cfg.seed, "loader", st.epoch))
-            bar = tqdm(total=n_batches, initial=st.batch, desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
-                       disable=not (cfg.progress and self.main), leave=False)
+            left = min(n_batches, st.batch + self.total_steps - st.step)
+            bar = tqdm(total=left, initial=st.batch, desc=f"epoch {st.epoch + 1}/{self.total_epochs}",
+                       unit="step", disable=not (cfg.progress and self.main), leave=False)
+            t_last, n_since = time.perf_counter(), 0
             try:
                 for batch in self.loader:
                     rec = self.step(batch)
                     fault_point("step", st.step)
-                    if self.main and st.step % cfg.log_every == 0:
+                    last = st.step == self.total_steps
+                    if self.main and (st.step % cfg.log_every == 0 or last):
                         self.steps_log.write(rec)
+                        self.trackers.log(rec, st.step, "train/")
                     bar.update(1)
-                    scale = rec["logit_scale"]
-                    bar.set_postfix_str(f"loss={_num(rec['loss'])}, T={_num(1 / scale if scale else math.inf)}")
-                    if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.batch < n_batches:
+                    n_since += len(batch["gexp"])
+                    if bar.n % 10 == 0 or last:
+                        rate = n_since * self.info.world_size / max(time.perf_counter() - t_last, 1e-9)
+                        t_last, n_since = time.perf_counter(), 0
+                        scale = rec["logit_scale"]
+                        bar.set_postfix_str(f"loss={_num(rec['loss'])}, T={_num(1 / scale if scale else math.inf)}, "
+                                            f"{rate:.0f} spots/s")
+                    epoch_done = st.batch >= n_batches
+                    if epoch_done and not cfg.eval_every:
+                        break
+                    if cfg.eval_every and (st.step % cfg.eval_every == 0 or last):
+                        self.eval_point()
+                    elif cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                         self.checkpoint()
+                    if last:
+                        break
             finally:
                 bar.close()  # before any error message, which then starts on a clean line
-            self.end_epoch()
+            if not cfg.eval_every and (st.batch >= n_batches or st.step == self.total_steps):
+                if st.batch >= n_batches:
+                    st.epoch, st.batch = st.epoch + 1, 0
+                self.eval_point()
 
-    def end_epoch(self) -> None:
-        """Close the epoch: its record (mean loss, validation Recall@k), best-score update, checkpoint."""
+    def eval_point(self) -> None:
+        """Close a stretch of training: its record (mean loss since the last record, validation Recall@k), the
+        best-score update and a checkpoint."""
         cfg, st = self.cfg, self.state
-        epoch = st.epoch + 1
-        rec = {"epoch": epoch, "step": st.step, "train_loss": float(np.mean(st.epoch_losses)),
+        epoch = st.epoch + (1 if st.batch > 0 else 0)  # the epoch this point lies in (1-based)
+        rec = {"epoch": epoch, "step": st.step,
+               "train_loss": float(np.mean(st.epoch_losses)) if st.epoch_losses else math.nan,
                "logit_scale": self.model.logit_scale.detach().exp().item(), "lr": st.optimizer.param_groups[0]["lr"]}
-        st.epoch, st.batch, st.epoch_losses = epoch, 0, []
-        if not self.main:
-            return
+        st.epoch_losses = []
+        v = None
         if self.val_ds is not None:
             v, _, _ = self.evaluate(self.val_ds, cfg.recall_ks)
+        if not self.main:
+            return
+        if v is not None:
             rec.update(v["i2g"].as_dict("val_i2g_"))
             rec.update(v["g2i"].as_dict("val_g2i_"))
             # lower mean rank is better: selection uses every query, not one k
             score = -float(np.mean([v["i2g"].mean_rank, v["g2i"].mean_rank]))
         else:
-            score = float(epoch)
+            score = float(st.step)
         self.metrics_log.write(rec)
+        self.trackers.log({k: val for k, val in rec.items() if k not in ("epoch", "step")}, st.step, "val/")
         if cfg.progress:
             extra = ""
-            if self.val_ds is not None:
+            if v is not None:
                 extra = (f"  val R@5 i2g {_num(rec.get('val_i2g_R@5', math.nan))} "
                          f"g2i {_num(rec.get('val_g2i_R@5', math.nan))}")
-            tqdm.write(f"epoch {epoch:>3}/{cfg.epochs}  loss {_num(rec['train_loss'], '.4f')}{extra}")
+            where = (f"epoch {epoch:>3}/{self.total_epochs}" if not cfg.eval_every
+                     else f"step {st.step:>6}/{self.total_steps}")
+            tqdm.write(f"{where}  loss {_num(rec['train_loss'], '.4f')}{extra}")
         if score > st.best_score:
             st.best_score, st.best_epoch, st.best_dir = score, epoch, Checkpointer.name_for(st.step)
         self.checkpoint()
 
     # test ----------------------------------------------------------------------------------------------------------
 
-    def test(self) -> RunResult:
+    def test(self) -> RunResult | None:
         """Score the test split with the last and the best checkpoint; write results (atomically), the best
-        checkpoint's test embeddings, and the test lines of metrics.jsonl."""
+        checkpoint's test embeddings, and the test lines of metrics.jsonl. Every process embeds its share of the
+        test split; rank 0 scores and writes, and returns the result (other ranks return None)."""
         cfg, st, ks = self.cfg, self.state, self.cfg.recall_ks
-        index = self.checkpointer.read_index()
-        last_name, best_name = index["last"], index["best"] or index["last"]
         last, _, _ = self.evaluate(self.test_ds, ks)  # the model holds the last checkpoint's weights
-        if best_name != last_name:
-            weights, _ = self.checkpointer.load(best_name)
-            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        index = self.checkpointer.read_index() if self.main else None
+        last_name = best_name = None
+        if self.main:
+            last_name, best_name = index["last"], index["best"] or index["last"]
+            if best_name != last_name:
+                weights, _ = self.checkpointer.load(best_name)
+                self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        if self.info.enabled and self._any_rank(best_name != last_name):
+            self._broadcast_weights()
         best, img, gex = self.evaluate(self.test_ds, ks)
+        if not self.main:
+            return None
         probe = colour_probe_baseline(self.train_ds, self.test_ds, ks) if cfg.probe else None
 
         def record(kind: str, name: str, res: dict, epoch: int) -> dict:
             return {"split": "test", "checkpoint": kind, "epoch": epoch, "step": int(name.split("-")[1]),
                     "path": f"checkpoints/{name}", **res["i2g"].as_dict("i2g_"), **res["g2i"].as_dict("g2i_")}
 
-        last_rec = record("last", last_name, last, st.epoch)
+        last_rec = record("last", last_name, last, st.epoch + (1 if st.batch > 0 else 0))
         best_rec = {**record("best", best_name, best, st.best_epoch), "best_epoch": st.best_epoch}
         if probe is not None:
             for d in ("i2g", "g2i"):
@@ -597,12 +703,13 @@ class Trainer:
         save_embeddings(embeddings_path(self.run_dir, "test"), image=img, gene=gex,
                         index=np.arange(len(self.test_ds)), sample=self.test_ds.samples, donor=self.test_ds.donors)
         donors = sorted(set(self.test_ds.donors))
+        where = (f"best epoch {st.best_epoch}/{self.total_epochs}" if not cfg.eval_every
+                 else f"best step {int(best_name.split('-')[1])}/{self.total_steps}")
         table = format_results_table(best, title=f"Test retrieval: full gallery of {len(self.test_ds)} spots from "
-                                                 f"held-out donor(s) {', '.join(donors)}; best epoch "
-                                                 f"{st.best_epoch}/{cfg.epochs}",
+                                                 f"held-out donor(s) {', '.join(donors)}; {where}",
                                      baseline=probe, baseline_name="colour probe")
         r5 = 5 if 5 in ks else ks[0]
-        table += (f"\n\nlast checkpoint (epoch {st.epoch}, step {st.step}): image → gene R@{r5} "
+        table += (f"\n\nlast checkpoint (epoch {last_rec['epoch']}, step {st.step}): image → gene R@{r5} "
                   f"{last['i2g'].recall[r5]:.3f}, gene → image R@{r5} {last['g2i'].recall[r5]:.3f} (mean rank "
                   f"{last['i2g'].mean_rank:.1f} / {last['g2i'].mean_rank:.1f})")
         atomic_write_text(self.run_dir / "results.md", table + "\n")
@@ -614,6 +721,7 @@ class Trainer:
                          probe=probe, last=last, last_epoch=st.epoch)
 
     def close(self) -> None:
+        self.trackers.close()
         for log in (self.steps_log, self.metrics_log):
             if log is not None:
                 log.close()
@@ -643,6 +751,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunRe
         (:class:`TrainingDivergedError`, its last good checkpoint kept).
     """
     validate_config(cfg)
+    check_trackers(cfg.log)
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
@@ -659,11 +768,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> RunRe
         try:
             trainer.setup()
             trainer.fit()
-            result = trainer.test() if info.is_main else None
+            result = trainer.test()
         finally:
             trainer.close()
         if info.enabled:
-            torch.distributed.barrier()  # the other ranks wait while rank 0 tests and writes the results
+            torch.distributed.barrier()  # the other ranks wait while rank 0 writes the results
         return result
     finally:
         cleanup_distributed(info)

@@ -10,18 +10,90 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputFormatError
 
-__all__ = ["SlideImage", "ArrayImage", "TiffImage", "open_image", "check_not_blank", "MAX_ARRAY_IMAGE_PIXELS"]
+__all__ = ["SlideImage", "ArrayImage", "TiffImage", "TileCache", "open_image", "check_not_blank",
+           "MAX_ARRAY_IMAGE_PIXELS", "TILE_CACHE_BYTES"]
 
 #: Largest PNG/JPEG (or other non-TIFF) image read into memory, in pixels: 1 gigapixel (3 GB as RGB), larger than
 #: any Visium full-resolution scan saved as PNG/JPEG. PIL's decompression-bomb check stays on; images above this
 #: are refused with a message (convert them to a tiled TIFF, which is read lazily tile by tile and has no limit).
 MAX_ARRAY_IMAGE_PIXELS = 1_000_000_000
+
+#: Default ceiling of a :class:`TileCache`, in bytes of decoded pixels (1 GiB). Patch extraction in spatial order
+#: (:func:`hescape.data.patches.iter_patches`) keeps about one band of tiles as wide as the image and as high as a
+#: block of patches: ~0.3 GB for a 56,000 px wide Xenium H&E at level 0. Only wider images reach the ceiling; the
+#: least recently used tiles are then dropped and decoded again when needed (same pixels, more time).
+TILE_CACHE_BYTES = 1 << 30
+
+
+class TileCache:
+    """Decoded tiles (or strips) of a TIFF kept for reuse, so each is decoded once while it is kept; thread-safe.
+
+    Keys are ``(level, page, segment index)``. Two threads asking for the same tile at once decode it once (the
+    second waits for the first). Tiles are dropped by :meth:`release` (tiles above a row of a level, which the
+    caller will not read again) or, least recently used first, when the decoded bytes exceed ``max_bytes``.
+    ``decoded`` counts decodes, ``hits`` reuses and ``redecoded`` decodes of a tile decoded before (after it
+    was dropped).
+    """
+
+    def __init__(self, max_bytes: int = TILE_CACHE_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.decoded = self.hits = self.redecoded = 0
+        self._lock = threading.Lock()
+        self._tiles: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (value, bottom row, nbytes)
+        self._pending: dict[tuple, threading.Event] = {}
+        self._seen: set[tuple] = set()
+
+    def get(self, key: tuple, load: Callable[[], tuple | None]) -> tuple | None:
+        """The cached value of ``key``, or ``load()`` (called once, outside the lock) stored under it.
+
+        ``load`` returns ``(array, y, x)`` (the decoded segment and its top-left level pixel) or None.
+        """
+        while True:
+            with self._lock:
+                hit = self._tiles.get(key)
+                if hit is not None:
+                    self._tiles.move_to_end(key)
+                    self.hits += 1
+                    return hit[0]
+                event = self._pending.get(key)
+                if event is None:
+                    event = self._pending[key] = threading.Event()
+                    break
+            event.wait()  # another thread is decoding this tile; then look again
+        try:
+            value = load()
+        finally:
+            with self._lock:
+                self._pending.pop(key)
+                event.set()
+        with self._lock:
+            self.decoded += 1
+            self.redecoded += key in self._seen
+            self._seen.add(key)
+            if value is not None:
+                arr, y, _x = value
+                self._tiles[key] = (value, y + arr.shape[0], arr.nbytes)
+                self.nbytes += arr.nbytes
+                while self.nbytes > self.max_bytes and len(self._tiles) > 1:
+                    _, (_v, _b, nb) = self._tiles.popitem(last=False)
+                    self.nbytes -= nb
+        return value
+
+    def release(self, level: int, row: int) -> None:
+        """Drop the tiles of ``level`` that end at or above ``row`` (level pixels): no later read needs them."""
+        with self._lock:
+            for key in [k for k, (_v, bottom, _nb) in self._tiles.items() if k[0] == level and bottom <= row]:
+                self.nbytes -= self._tiles.pop(key)[2]
 
 
 class SlideImage:
@@ -67,6 +139,11 @@ class SlideImage:
         arr = self._read(level, 0, h, 0, w)[::step, ::step]
         fx, fy = self.downsample(level)
         return arr, (fx * step, fy * step)
+
+    @contextlib.contextmanager
+    def tile_cache(self, max_bytes: int = TILE_CACHE_BYTES) -> Iterator[TileCache | None]:
+        """Within the ``with`` block, decoded tiles are kept in a :class:`TileCache` (None: nothing to decode)."""
+        yield None
 
     def close(self) -> None:
         pass
@@ -165,6 +242,7 @@ class TiffImage(SlideImage):
         import tifffile
 
         self.name = str(path)
+        self._cache: TileCache | None = None
         path = Path(path)
         if not path.is_file():
             msg = f"expected a TIFF image at {path}, found no such file"
@@ -226,8 +304,21 @@ class TiffImage(SlideImage):
     def close(self) -> None:
         self._tif.close()
 
-    def _page_region(self, page, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """Region of one page as ``(S_planar, r1-r0, c1-c0, S_contig)`` from the segments it touches."""
+    @contextlib.contextmanager
+    def tile_cache(self, max_bytes: int = TILE_CACHE_BYTES) -> Iterator[TileCache]:
+        """Keep decoded tiles in a :class:`TileCache` within the ``with`` block (reads give the same pixels)."""
+        outer = self._cache
+        self._cache = cache = TileCache(max_bytes)
+        try:
+            yield cache
+        finally:
+            self._cache = outer
+
+    def _page_region(self, page, r0: int, r1: int, c0: int, c1: int, level: int = 0) -> np.ndarray:
+        """Region of one page as ``(S_planar, r1-r0, c1-c0, S_contig)`` from the segments it touches.
+
+        Inside :meth:`tile_cache`, every segment comes from the cache (decoded at most once while kept).
+        """
         kf = page.keyframe
         sep, depth, length, width, contig = kf.shaped
         fh = self._tif.filehandle
@@ -250,22 +341,30 @@ class TiffImage(SlideImage):
         kwargs = {"_fullsize": kf.is_tiled}
         if kf.compression in {6, 7, 34892, 33007}:
             kwargs.update(jpegtables=page.jpegtables, jpegheader=kf.jpegheader)
-        for s, idx in segs:
+
+        def load(idx: int):
             offset, count = page.dataoffsets[idx], page.databytecounts[idx]
             if not count:
-                continue
+                return None
             with fh.lock:
                 fh.seek(offset)
                 data = fh.read(count)
             try:
                 seg, (_s, _d, y, x, _c), shape = decode(data, idx, **kwargs)
                 if seg is None:
-                    continue
-                seg = np.asarray(seg).reshape(shape)[0]  # (rows, cols, contig)
+                    return None
+                return np.asarray(seg).reshape(shape)[0], y, x  # (rows, cols, contig)
             except Exception as e:  # noqa: BLE001 - codecs raise many types; each becomes one clear line
                 msg = (f"{self.name}: expected decodable image tiles, found tile {idx} of a {length}×{width} level "
                        f"damaged ({type(e).__name__}: {str(e)[:80]}); the file is corrupt: copy or export it again")
                 raise InputFormatError(msg) from None
+
+        cache = self._cache
+        for s, idx in segs:
+            got = load(idx) if cache is None else cache.get((level, page.offset, idx), lambda idx=idx: load(idx))
+            if got is None:
+                continue
+            seg, y, x = got
             ys, ye = max(y, r0), min(y + seg.shape[0], r1)
             xs, xe = max(x, c0), min(x + seg.shape[1], c1)
             if ye > ys and xe > xs:
@@ -275,11 +374,11 @@ class TiffImage(SlideImage):
     def _read(self, level, r0, r1, c0, c1):
         pages = self._levels[level]
         if not self._planar:
-            reg = self._page_region(pages[0], r0, r1, c0, c1)[0]
+            reg = self._page_region(pages[0], r0, r1, c0, c1, level)[0]
         elif len(pages) == 1:
-            reg = np.moveaxis(self._page_region(pages[0], r0, r1, c0, c1)[..., 0], 0, -1)
+            reg = np.moveaxis(self._page_region(pages[0], r0, r1, c0, c1, level)[..., 0], 0, -1)
         else:
-            reg = np.stack([self._page_region(p, r0, r1, c0, c1)[0, ..., 0] for p in pages[:3]], axis=-1)
+            reg = np.stack([self._page_region(p, r0, r1, c0, c1, level)[0, ..., 0] for p in pages[:3]], axis=-1)
         return reg[..., :3]
 
 
