@@ -3,6 +3,12 @@
     hescape-data build xenium BUNDLE --out DIR [--he-image FILE --alignment CSV] [options]
     hescape-data build visium OUTS --image FILE|hires|lowres --out DIR [options]
     hescape-data build visium-hd OUTS --image FILE|hires|lowres [--bin-size 8] --out DIR [options]
+    hescape-data build spatialdata STORE.zarr --table T --image I [--shapes S] [--um-per-unit X] --out DIR
+    hescape-data build anndata X.h5ad --image HE.tif [--image-um-per-px U] [--level auto|spots|cells] --out DIR
+    hescape-data build hest HEST_DIR --ids TENX95,NCBI783|all [--pixel-size metadata|lattice] --out DIR
+    hescape-data import hescape DIR --panel PANEL --out OUT   # the official HESCAPE parquet/Arrow shards
+    hescape-data build --samplesheet samples.csv --out DIR [--jobs N] [--options 'min_counts=5;...']  # many samples
+    hescape-data merge A B ... --out DIR [--overwrite]  # datasets built separately (same panel and geometry)
     hescape-data info DIR [--verify]
     hescape-data split DIR --preset PANEL [--match name|donor]   # the reference split of a HESCAPE panel
     hescape-data split DIR --by donor --val 1 --test 1 --seed 0  # whole donors at random
@@ -76,8 +82,10 @@ def _add_geometry(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="hescape-data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    build = sub.add_parser("build", help="build a dataset from one Xenium bundle or Space Ranger outs/")
-    bsub = build.add_subparsers(dest="kind", required=True)
+    build = sub.add_parser("build", help="build a dataset from one Xenium bundle or Space Ranger outs/, or from a "
+                                         "samplesheet of many (--samplesheet, no kind)")
+    _add_samplesheet(build)
+    bsub = build.add_subparsers(dest="kind", required=False)
     x = bsub.add_parser("xenium", help="Xenium Onboard Analysis bundle + post-Xenium H&E")
     x.add_argument("bundle", type=Path)
     x.add_argument("--he-image", type=Path, help="H&E OME-TIFF (default: <bundle>/*he_image.ome.tif)")
@@ -103,6 +111,79 @@ def _parser() -> argparse.ArgumentParser:
     _add_geometry(hd)
     hd.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer bins (default 1)")
     _add_common(hd)
+    sdp = bsub.add_parser("spatialdata", help="a SpatialData store (.zarr): a table of raw counts, the shapes it "
+                                              "annotates and an H&E image (needs hescape-data[spatialdata])")
+    sdp.add_argument("store", type=Path, help="the .zarr directory")
+    sdp.add_argument("--table", required=True, help="table element (raw counts; its obs index becomes spot_id)")
+    sdp.add_argument("--image", required=True, help="H&E image element")
+    sdp.add_argument("--shapes", help="shapes element (default: the table's region)")
+    sdp.add_argument("--coordinate-system", help="coordinate system joining shapes and image (default: global)")
+    sdp.add_argument("--um-per-unit", type=float,
+                     help="µm per unit of that coordinate system (needed unless a spatialdata-io Xenium/Visium store)")
+    sdp.add_argument("--observations", choices=["auto", "spots", "cells"], default="auto",
+                     help="rows are spots kept as they are, or cells pooled into pseudo-spots (default auto: "
+                          "polygons and circles under 30 µm are cells)")
+    sdp.add_argument("--layer", help="take counts from table.layers[LAYER] instead of X")
+    _add_geometry(sdp)
+    sdp.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer cells (default 1)")
+    _add_common(sdp)
+    ad = bsub.add_parser("anndata", help="an AnnData .h5ad (obsm['spatial'] in pixels of --image) + its H&E image "
+                                         "(needs hescape-data[anndata])",
+                         description="--geometry defaults to visium for spots (kept as they are) and hescape for "
+                                     "cells (pooled)")
+    ad.add_argument("h5ad", type=Path)
+    ad.add_argument("--image", required=True,
+                    help="the H&E image whose pixels obsm['spatial'] is in, or 'hires' / 'lowres' (uns['spatial'])")
+    ad.add_argument("--image-um-per-px", type=float,
+                    help="µm per pixel of obsm['spatial'] (full resolution); default: measured from the Visium spot "
+                         "lattice (100 µm pitch) or uns['spatial'] scale factors, else refused")
+    ad.add_argument("--level", choices=["auto", "spots", "cells"], default="auto",
+                    help="obs are Visium spots (kept as 55 µm discs) or cells/bins (pooled into pseudo-spots); "
+                         "default auto: spots when obs has array_row/array_col or spot_diameter_fullres is set")
+    ad.add_argument("--layer", help="count layer: X or a layers key (default: layers['counts'] if present, else X)")
+    ad.add_argument("--library-id", help="the uns['spatial'] library, when there are several")
+    _add_geometry(ad)
+    ad.set_defaults(geometry=None)
+    ad.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer cells (default 1)")
+    _add_common(ad)
+    hs = bsub.add_parser("hest", help="samples of a HEST-1k download (st/, wsis/, metadata/, transcripts/) into one "
+                                      "dataset (needs hescape-data[anndata])",
+                         description="--geometry defaults to visium when a Visium sample is included, else hescape")
+    hs.add_argument("hest_dir", type=Path)
+    hs.add_argument("--ids", required=True, help="comma-separated sample ids (e.g. TENX95,NCBI783), or 'all'")
+    hs.add_argument("--pixel-size", choices=["metadata", "lattice"], default="metadata",
+                    help="µm/px of each WSI: HEST's pixel_size_um_estimated (default) or measured (Visium spot "
+                         "lattice; Xenium transcripts' µm coordinates); a disagreement above 2%% is warned about")
+    hs.add_argument("--counts-from", dest="hest_counts_from", choices=["auto", "spots", "transcripts", "cells"],
+                    default="auto", help="Xenium samples: HEST's 100 µm pseudo-spots (auto with --geometry hest), "
+                                         "transcripts (auto otherwise) or cells (transcripts grouped by cell_id)")
+    hs.add_argument("--min-qv", type=float, default=20.0, help="transcript QV threshold (default 20, as XOA)")
+    _add_geometry(hs)
+    hs.set_defaults(geometry=None)
+    hs.add_argument("--min-cells", type=int, default=1, help="drop pseudo-spots with fewer cells (default 1)")
+    _add_common(hs)
+    imp = sub.add_parser("import", help="import a published dataset into a HESCAPE dataset")
+    isub = imp.add_subparsers(dest="kind", required=True)
+    ih = isub.add_parser("hescape", help="the official HESCAPE dataset: a folder of one config's parquet (Hub) or "
+                                         "Arrow (save_to_disk) shards")
+    ih.add_argument("src", type=Path, help="folder of the shards (searched recursively)")
+    ih.add_argument("--panel", required=True, help="the config's panel, e.g. human-breast-panel (genes, splits, donors)")
+    ih.add_argument("--out", required=True, type=Path, help="output dataset directory (never inside the input)")
+    ih.add_argument("--overwrite", action="store_true", help="replace an existing HESCAPE dataset at --out")
+    ih.add_argument("--um-per-px", type=float,
+                    help="patch µm/px of every sample (default: the preset's pixel_size_um_estimated)")
+    ih.add_argument("--unlisted", choices=["drop", "error"], default="drop",
+                    help="samples in no split of the preset: leave them out (default, as the authors) or refuse")
+    ih.add_argument("--conflict", choices=["train", "val", "test"],
+                    help="the split of a sample the preset lists in two splits (human-skin-panel)")
+    ih.add_argument("--check-images", choices=["some", "all"], default="some",
+                    help="decode the first and last image of every batch (default) or every image")
+    ih.add_argument("--rows-per-shard", type=int, default=1024, help="rows per output shard (default 1024)")
+    ih.add_argument("--quiet", action="store_true", help="no progress bar")
+    mrg = sub.add_parser("merge", help="merge datasets built separately (same genes and spot geometry) into one")
+    mrg.add_argument("datasets", nargs="+", type=Path, help="dataset directories, in the order of the result")
+    mrg.add_argument("--out", required=True, type=Path, help="output dataset directory (never an input)")
+    mrg.add_argument("--overwrite", action="store_true", help="replace an existing HESCAPE dataset at --out")
     info = sub.add_parser("info", help="summarise a dataset directory")
     info.add_argument("path", type=Path)
     info.add_argument("--verify", action="store_true", help="also check every shard's SHA-256")
@@ -145,6 +226,12 @@ def _inputs(a) -> list[Path]:
     """The files and folders a build reads (the output may not be, contain or lie inside any of them)."""
     if a.kind == "xenium":
         return [p for p in (a.bundle, a.he_image, a.alignment) if p is not None]
+    if a.kind == "spatialdata":
+        return [a.store]
+    if a.kind == "anndata":
+        return [a.h5ad] + ([] if a.image in ("hires", "lowres") else [Path(a.image)])
+    if a.kind == "hest":
+        return [a.hest_dir]
     return [a.outs] + ([] if a.image is None or a.image in ("hires", "lowres") else [Path(a.image)])
 
 
@@ -161,7 +248,8 @@ def _validate(a):
     geometry = _geometry(a)
     patch = PatchOptions(min_tissue_fraction=a.min_tissue_fraction, outside_spots=a.outside_spots,
                          max_upsample=a.max_upsample)
-    spots = SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells) if a.kind in ("xenium", "visium-hd") else None
+    pooled = ("xenium", "visium-hd", "spatialdata", "anndata", "hest")
+    spots = SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells) if a.kind in pooled else None
     check_build_options(split=a.split, rows_per_shard=a.rows_per_shard, patch=patch, spots=spots,
                         min_counts=a.min_counts, duplicate_genes=a.duplicate_genes, missing_genes=a.missing_genes,
                         max_missing=a.max_missing, counts_from=getattr(a, "counts_from", "cells"),
@@ -178,6 +266,9 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def _build(a) -> int:
     import warnings
 
+    if a.samplesheet is not None or a.kind is None:
+        return _build_samplesheet(a)
+
     from .ingest import SpotOptions, build_visium_dataset, build_visium_hd_dataset, build_xenium_dataset
 
     warnings.showwarning = _print_warning
@@ -191,6 +282,17 @@ def _build(a) -> int:
         out = build_xenium_dataset(a.bundle, a.out, he_image=a.he_image, alignment=a.alignment, tissue=a.tissue,
                                    counts_from=a.counts_from, min_qv=a.min_qv,
                                    source=a.source or "xenium", spots=spots, **common)
+    elif a.kind == "spatialdata":
+        from .ingest_spatialdata import build_spatialdata_dataset
+
+        out = build_spatialdata_dataset(
+            a.store, a.out, table=a.table, image=a.image, shapes=a.shapes, coordinate_system=a.coordinate_system,
+            um_per_unit=a.um_per_unit, observations=a.observations, layer=a.layer, tissue=a.tissue or "unknown",
+            source=a.source or "spatialdata", spots=spots, **common)
+    elif a.kind in ("anndata", "hest"):
+        from .ingest_more import cli_build
+
+        out = cli_build(a, patch)
     elif a.kind == "visium-hd":
         out = build_visium_hd_dataset(a.outs, a.out, image=a.image, bin_size_um=a.bin_size, matrix=a.matrix,
                                       tissue=a.tissue or "unknown", source=a.source or "visium-hd",
@@ -252,6 +354,70 @@ def _split(a) -> int:
     return _info(a.path, verify=False)
 
 
+def _import(a) -> int:
+    from .import_hescape import import_hescape
+
+    out = import_hescape(a.src, a.out, panel=a.panel, um_per_px=a.um_per_px, unlisted=a.unlisted,
+                         conflict=a.conflict, check_images=a.check_images, rows_per_shard=a.rows_per_shard,
+                         overwrite=a.overwrite, progress=not a.quiet)
+    return _info(out, verify=False)
+
+
+def _add_samplesheet(p: argparse.ArgumentParser) -> None:
+    """``build --samplesheet``: options given before any kind (``build --samplesheet s.csv --out DIR``)."""
+    p.add_argument("--samplesheet", type=Path,
+                   help="CSV, one row per sample (technology,path,sample,donor,tissue,panel,split[,he_image,"
+                        "alignment,options]): build them all into one dataset; give no kind")
+    p.add_argument("--out", type=Path, help="with --samplesheet: output dataset directory")
+    p.add_argument("--jobs", type=int, default=1, help="with --samplesheet: samples built at once, each in its own "
+                                                       "worker process (default 1: in this process)")
+    p.add_argument("--options", help="with --samplesheet: build options for every row, key=value;... or JSON "
+                                     "(e.g. 'min_counts=5;geometry=hest'); a row's options column overrides them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --samplesheet: replace an existing dataset at --out (finished samples are reused)")
+    p.add_argument("--rows-per-shard", type=int, default=2048, help="with --samplesheet: rows per shard (default 2048)")
+    p.add_argument("--no-qc", action="store_true", help="with --samplesheet: skip the QC figures")
+    p.add_argument("--quiet", action="store_true", help="with --samplesheet: no progress output")
+
+
+def _build_samplesheet(a) -> int:
+    """``build --samplesheet``: exit code 0 when every sample is in the dataset, 2 when any failed (the dataset
+    then holds the others) or nothing could be built."""
+    from .samplesheet import build_from_samplesheet
+
+    if a.kind is not None:
+        msg = (f"build --samplesheet: expected no kind (each row names its technology), found {a.kind!r}; "
+               "drop it, or drop --samplesheet to build one sample")
+        raise HescapeDataError(msg)
+    if a.samplesheet is None:
+        msg = ("build: expected a kind (xenium, visium, visium-hd, ...) or --samplesheet FILE, found neither; "
+               "see hescape-data build --help")
+        raise HescapeDataError(msg)
+    if a.out is None:
+        msg = "build --samplesheet: expected --out DIR (the dataset to write), found none; add it"
+        raise HescapeDataError(msg)
+    res = build_from_samplesheet(a.samplesheet, a.out, jobs=a.jobs, options=a.options, overwrite=a.overwrite,
+                                 rows_per_shard=a.rows_per_shard, qc=not a.no_qc, progress=not a.quiet)
+    print(res.table())
+    if res.out is not None:
+        _info(res.out, verify=False)
+    failed = res.failed
+    if failed:
+        where = (f"the dataset {res.out} holds the other {len(res.samples) - len(failed)}" if res.out is not None
+                 else "nothing was written")
+        print(f"hescape-data: error: {len(failed)} of {len(res.samples)} samples failed "
+              f"({', '.join(s.sample for s in failed)}; errors above); {where}; fix them and re-run the same "
+              "command: finished samples are not built again", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _merge(a) -> int:
+    from .merge import merge_datasets
+
+    return _info(merge_datasets(a.datasets, a.out, overwrite=a.overwrite), verify=False)
+
+
 def _synth(a) -> int:
     from .xenium_bundle import XeniumBundleOptions, small_bundle_config, write_xenium_bundle
 
@@ -289,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             return _build(a)
         if a.cmd == "info":
             return _info(a.path, a.verify)
+        if a.cmd == "merge":
+            return _merge(a)
+        if a.cmd == "import":
+            return _import(a)
         if a.cmd == "split":
             return _split(a)
         return _synth(a)

@@ -104,12 +104,12 @@ class HescapeCLIP(nn.Module):
         return self.gene_encoder.forward_features(self.gene_encoder.preprocess(counts))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw ``(B, 3, H, W)`` patches → ``(B, embed_dim)`` unit vectors."""
-        return F.normalize(self.image_proj(self.image_features(images)), dim=-1)
+        """Raw ``(B, 3, H, W)`` patches → ``(B, embed_dim)`` unit vectors (float32, also under bf16 autocast)."""
+        return F.normalize(self.image_proj(self.image_features(images)).float(), dim=-1)
 
     def encode_gene(self, counts: torch.Tensor) -> torch.Tensor:
-        """Raw counts ``(B, G)`` over the model's panel → ``(B, embed_dim)`` unit vectors."""
-        return F.normalize(self.gene_proj(self.gene_features(counts)), dim=-1)
+        """Raw counts ``(B, G)`` over the model's panel → ``(B, embed_dim)`` unit vectors (float32)."""
+        return F.normalize(self.gene_proj(self.gene_features(counts)).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor | None]:
         return {
