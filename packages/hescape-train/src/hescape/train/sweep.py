@@ -60,8 +60,8 @@ from pathlib import Path
 from .config import RESUMABLE_KEYS, TrainConfig, config_from_dict, config_to_dict, load_config, resume_config
 from .errors import HescapeConfigError
 
-__all__ = ["Sweep", "SweepRun", "load_sweep", "run_status", "sweep_statuses", "run_sweep", "write_sweep_index",
-           "write_sweep_report", "main", "STATUSES", "SWEEP_FORMAT"]
+__all__ = ["Sweep", "SweepRun", "load_sweep", "check_encoder_names", "run_status", "sweep_statuses", "train_run",
+           "run_sweep", "write_sweep_index", "write_sweep_report", "build_parser", "main", "STATUSES", "SWEEP_FORMAT"]
 
 SWEEP_FORMAT = "hescape-train-sweep/1"
 #: Every status a run of a sweep can have (see the module docstring); ``running`` only in ``sweep.json``, for the
@@ -483,7 +483,8 @@ def train_run(sweep: Sweep, run: SweepRun) -> tuple[str, str | None]:
     return "finished", None
 
 
-def run_sweep(sweep: Sweep, indices: list[int] | None = None, *, k: int = 5, log=print) -> dict[int, tuple[str, str | None]]:
+def run_sweep(sweep: Sweep, indices: list[int] | None = None, *, k: int = 5,
+              log=print) -> dict[int, tuple[str, str | None]]:
     """Train the runs of ``sweep`` (all, or ``indices``) one after the other in this process.
 
     Finished runs are skipped, interrupted ones resumed, failed and pending ones trained; a run that fails with a

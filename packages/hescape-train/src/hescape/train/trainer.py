@@ -496,9 +496,14 @@ class Trainer:
         loss.backward()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf  # inf: measure, scale by 1.0
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-        loss_v, scale = float(loss.detach()), float(out["logit_scale"].detach())
+        logged = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).float()
+        if self.info.enabled and self.cfg.local_loss:  # each process holds its part: log the global loss
+            torch.distributed.all_reduce(logged)
+            logged /= self.info.world_size
+        loss_v, scale = float(logged[0]), float(out["logit_scale"].detach())
         record = {"step": st.step + 1, "epoch": st.epoch + 1, "lr": lr, "loss": loss_v,
-                  **{k: float(v.detach()) for k, v in terms.items()}, "logit_scale": scale, "grad_norm": grad_norm}
+                  **{k: float(v) for k, v in zip(terms, logged[1:], strict=True)}, "logit_scale": scale,
+                  "grad_norm": grad_norm}
         if self._any_rank(not (math.isfinite(loss_v) and math.isfinite(grad_norm))):
             raise self._diverged(record)
         st.optimizer.step()
