@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -48,7 +49,12 @@ class PairedSpotDataset(torch.utils.data.Dataset):
     A dataset in which one donor has samples in two splits is refused (:class:`SplitLeakageError`), whatever
     split is asked for: training on it would leak the held-out donor's tissue into training.
 
-    Items are dicts with ``image``, ``gexp``, ``index`` (row in this dataset), ``sample`` and ``donor``.
+    Items are dicts with ``image``, ``gexp``, ``index`` (row in this dataset), ``sample``, ``donor`` and
+    ``spot_id``. :attr:`samples`, :attr:`donors` and :attr:`spot_ids` list them for every row, in dataset order:
+    ``(sample, spot_id)`` names a row uniquely and joins it back to the source (a Visium barcode, a pseudo-spot's
+    lattice id; see :mod:`hescape.data.ingest`). Datasets written before the ``spot_id`` column existed (and the
+    official HESCAPE shards) have none: their spot ids are the row's index within its sample, ``"0"``, ``"1"``, …
+    in dataset order, which is what the writer stores when no ids are given.
     """
 
     def __init__(self, path: str | os.PathLike, split: str | Sequence[str] | None = None, *,
@@ -72,6 +78,8 @@ class PairedSpotDataset(torch.utils.data.Dataset):
         shard_ids: list[np.ndarray] = []
         self._samples: list[str] = []
         self._donors: list[str] = []
+        self._spot_ids: list[str] = []
+        seen: Counter = Counter()  # rows of each sample so far: the spot ids of shards without the column
         for i, s in enumerate(self.manifest["shards"]):
             t = open_shard(self.path / s["file"], s["rows"])
             col_names = string_column(t, "name")
@@ -80,6 +88,12 @@ class PairedSpotDataset(torch.utils.data.Dataset):
             shard_ids.append(np.full(len(keep), i))
             self._samples.extend(col_names[keep].tolist())
             self._donors.extend(donor_of[n] for n in col_names[keep])
+            if "spot_id" in t.column_names:
+                self._spot_ids.extend(str(v) for v in string_column(t, "spot_id")[keep].tolist())
+            else:
+                for n in col_names[keep].tolist():
+                    self._spot_ids.append(str(seen[n]))
+                    seen[n] += 1
         self._row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         self._shard = np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int64)
         if len(self._row) == 0:
@@ -101,6 +115,12 @@ class PairedSpotDataset(torch.utils.data.Dataset):
     @property
     def samples(self) -> list[str]:
         return self._samples
+
+    @property
+    def spot_ids(self) -> list[str]:
+        """Each row's identity within its sample (barcode, lattice id, or row index within the sample), in
+        dataset order; see the class docstring."""
+        return self._spot_ids
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -124,6 +144,31 @@ class PairedSpotDataset(torch.utils.data.Dataset):
             out[sel] = gexp_matrix(self._table(int(shard)).column("gexp"), self.n_genes)[self._row[sel]]
         return out
 
+    def counts(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Raw count vectors of the rows ``indices`` (positions in this dataset, any order), ``(len(indices),
+        n_genes)`` float32, read shard by shard with one Arrow ``take`` each (a whole batch without a Python loop
+        over rows).
+
+        Raises
+        ------
+        IndexError
+            An index outside ``[0, len(self))``.
+        """
+        import pyarrow as pa
+
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            bad = int(idx[(idx < 0) | (idx >= len(self))][0])
+            msg = f"index {bad} out of range for a dataset of {len(self)} rows"
+            raise IndexError(msg)
+        out = np.empty((len(idx), self.n_genes), dtype=np.float32)
+        shards = self._shard[idx]
+        for shard in np.unique(shards):
+            sel = np.flatnonzero(shards == shard)
+            col = self._table(int(shard)).column("gexp").take(pa.array(self._row[idx[sel]]))
+            out[sel] = gexp_matrix(col, self.n_genes)
+        return out
+
     def __getitem__(self, idx: int) -> dict:
         if idx < 0 or idx >= len(self):
             msg = f"index {idx} out of range for a dataset of {len(self)} rows"
@@ -136,4 +181,5 @@ class PairedSpotDataset(torch.utils.data.Dataset):
             image = self.image_transform(image)
         if self.gene_transform is not None:
             gexp = self.gene_transform(gexp)
-        return {"image": image, "gexp": gexp, "index": idx, "sample": self._samples[idx], "donor": self._donors[idx]}
+        return {"image": image, "gexp": gexp, "index": idx, "sample": self._samples[idx], "donor": self._donors[idx],
+                "spot_id": self._spot_ids[idx]}

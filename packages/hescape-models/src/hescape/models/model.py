@@ -103,18 +103,30 @@ class HescapeCLIP(nn.Module):
         self.gene_encoder.check_counts(counts)
         return self.gene_encoder.forward_features(self.gene_encoder.preprocess(counts))
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw ``(B, 3, H, W)`` patches → ``(B, embed_dim)`` unit vectors (float32, also under bf16 autocast)."""
-        return F.normalize(self.image_proj(self.image_features(images)).float(), dim=-1)
+    def encode_image(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Raw ``(B, 3, H, W)`` patches → ``(B, embed_dim)`` unit vectors (float32, also under bf16 autocast).
 
-    def encode_gene(self, counts: torch.Tensor) -> torch.Tensor:
-        """Raw counts ``(B, G)`` over the model's panel → ``(B, embed_dim)`` unit vectors (float32)."""
-        return F.normalize(self.gene_proj(self.gene_features(counts)).float(), dim=-1)
+        ``features``: the trunk's output for those patches (:meth:`image_features`, e.g. from a feature cache of a
+        frozen trunk) instead of the patches; only the projection head runs."""
+        feats = self.image_features(images) if features is None else features
+        return F.normalize(self.image_proj(feats).float(), dim=-1)
 
-    def forward(self, images: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def encode_gene(self, counts: torch.Tensor | None = None, *, features: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Raw counts ``(B, G)`` over the model's panel → ``(B, embed_dim)`` unit vectors (float32); or the gene
+        trunk's ``features`` (:meth:`gene_features`) instead of the counts."""
+        feats = self.gene_features(counts) if features is None else features
+        return F.normalize(self.gene_proj(feats).float(), dim=-1)
+
+    def forward(self, images: torch.Tensor | None, counts: torch.Tensor | None, *,
+                image_features: torch.Tensor | None = None, gene_features: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor | None]:
+        """Embeddings of a batch; a tower given its trunk features (``image_features``/``gene_features``) skips its
+        trunk (its input may then be None)."""
         return {
-            "image_features": self.encode_image(images),
-            "gene_features": self.encode_gene(counts),
+            "image_features": self.encode_image(images, features=image_features),
+            "gene_features": self.encode_gene(counts, features=gene_features),
             "logit_scale": self.logit_scale.exp(),
             "logit_bias": self.logit_bias,
         }

@@ -41,6 +41,7 @@ from .config import TrainConfig, config_to_dict, resume_config, validate_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .errors import HescapeConfigError, TrainingDivergedError
 from .faults import fault_point
+from .feature_cache import FeatureSource, cached_features, plan_cache
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .report import format_results_table
@@ -103,15 +104,31 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _collate(items: list[dict]) -> dict:
+def _collate(items: list[dict] | dict) -> dict:
+    if isinstance(items, dict):  # a batch source that gathers whole batches (FeatureSource.__getitems__)
+        return items
     return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items])}
+
+
+def _batch_len(batch: dict) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _embed_batch(model: HescapeCLIP, b: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of one batch of patches/counts or of cached trunk features (``image_feat``/``gene_feat``)."""
+    def dev(key):
+        return None if b.get(key) is None else b[key].to(device, non_blocking=True)
+
+    return (model.encode_image(dev("image"), features=dev("image_feat")),
+            model.encode_gene(dev("gexp"), features=dev("gene_feat")))
 
 
 @torch.no_grad()
 def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 256, num_workers: int = 0, *,
           rows=None, amp_dtype: torch.dtype | None = None):
     """Image and gene embeddings ``(N, d)`` of every row of ``ds`` (or of ``rows``), in that order (eval mode,
-    deterministic; the loader has its own generator, so embedding consumes no global random number)."""
+    deterministic; the loader has its own generator, so embedding consumes no global random number). ``ds`` may be a
+    :class:`~hescape.train.feature_cache.FeatureSource` (cached trunk features)."""
     model.eval()
     source = ds if rows is None else torch.utils.data.Subset(ds, list(rows))
     loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -120,8 +137,9 @@ def embed(model: HescapeCLIP, ds: PairedSpotDataset, device, batch_size: int = 2
     device = torch.device(device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         for b in loader:
-            img.append(model.encode_image(b["image"].to(device)).float().cpu())
-            gex.append(model.encode_gene(b["gexp"].to(device)).float().cpu())
+            i, g = _embed_batch(model, b, device)
+            img.append(i.float().cpu())
+            gex.append(g.float().cpu())
     if not img:
         d = model.cfg.embed_dim
         return torch.empty(0, d), torch.empty(0, d)
@@ -428,6 +446,7 @@ class Trainer:
         self.state = TrainState(model=model, optimizer=build_optimizer(model, cfg.optim),
                                 generators={"augment": torch.Generator().manual_seed(self._augment_seed())})
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.cached_towers = plan_cache(model, cfg)
 
     def _augment_seed(self) -> int:
         """Each process augments with its own stream (rank 0's is the single-process stream)."""
@@ -443,12 +462,41 @@ class Trainer:
                    f"({len(self.train_ds)} spots{f' over {info.world_size} processes' if info.enabled else ''}); "
                    "lower batch_size / global_batch_size")
             raise HescapeConfigError(msg)
+        self.sources = self._feature_sources() if self.cached_towers else {}
         self.loader_gen = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=self.sampler,
+        self.loader = torch.utils.data.DataLoader(self._source(self.train_ds), batch_sampler=self.sampler,
                                                   num_workers=cfg.data.num_workers, collate_fn=_collate,
                                                   generator=self.loader_gen)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * len(self.sampler)
         self.total_epochs = math.ceil(self.total_steps / len(self.sampler))
+
+    def _feature_sources(self) -> dict[int, FeatureSource]:
+        """Cached trunk features of every split for the cached towers (rank 0 computes missing caches first; the
+        other ranks then find them, or compute their own where the cache folder is not shared)."""
+        info, out = self.info, {}
+        for turn in ((0, 1) if info.enabled else (0,)):
+            if info.enabled and (turn == 0) != info.is_main:
+                torch.distributed.barrier()
+                continue
+            for ds in (self.train_ds, self.val_ds, self.test_ds):
+                if ds is None:
+                    continue
+                feats = {}
+                for tower in self.cached_towers:
+                    arr, folder, made = cached_features(self.model, tower, ds, self.device, self.amp_dtype,
+                                                        progress=self.cfg.progress and info.is_main)
+                    feats[tower] = arr
+                    if info.is_main and self.cfg.progress:
+                        tqdm.write(f"feature cache: {tower} trunk, {len(ds)} rows "
+                                   f"{'computed into' if made else 'read from'} {folder}")
+                out[id(ds)] = FeatureSource(ds, feats.get("image"), feats.get("gene"))
+            if info.enabled:
+                torch.distributed.barrier()
+        return out
+
+    def _source(self, ds):
+        """The batch source of ``ds``: its cached features when a tower is cached, else the dataset itself."""
+        return self.sources.get(id(ds), ds)
 
     def _load_last_checkpoint(self) -> None:
         ckpt = Checkpointer(self.run_dir)
@@ -482,12 +530,16 @@ class Trainer:
         lr = lr_at(st.step, self.total_steps, cfg.optim.lr, cfg.optim.warmup_steps)
         for g in st.optimizer.param_groups:
             g["lr"] = lr
-        images = batch["image"]
-        if cfg.data.augment:
+        images = batch.get("image")
+        if cfg.data.augment and images is not None:
             images = _augment(images, st.generators["augment"], cfg.data.stain_jitter, cfg.data.hed_jitter)
+
+        def dev(x):
+            return None if x is None else x.to(self.device, non_blocking=True)
+
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = self.ddp(images.to(self.device, non_blocking=True),
-                           batch["gexp"].to(self.device, non_blocking=True))
+            out = self.ddp(dev(images), dev(batch.get("gexp")), image_features=dev(batch.get("image_feat")),
+                           gene_features=dev(batch.get("gene_feat")))
         # the loss in fp32 whatever the towers ran in (the paper: bf16 towers, fp32 loss accumulation)
         out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
         terms = self.model.loss(out)
@@ -540,7 +592,7 @@ class Trainer:
         and the embeddings are gathered in row order on every rank; rank 0 ranks them (the others get ``None``)."""
         info = self.info
         rows = range(info.rank, len(ds), info.world_size) if info.enabled else None
-        img, gex = embed(self.model, ds, self.device, num_workers=self.cfg.data.num_workers, rows=rows,
+        img, gex = embed(self.model, self._source(ds), self.device, num_workers=self.cfg.data.num_workers, rows=rows,
                          amp_dtype=self.amp_dtype)
         if info.enabled:
             img, gex = self._gather_rows(img, len(ds)), self._gather_rows(gex, len(ds))
@@ -608,7 +660,7 @@ class Trainer:
                         self.steps_log.write(rec)
                         self.trackers.log(rec, st.step, "train/")
                     bar.update(1)
-                    n_since += len(batch["gexp"])
+                    n_since += _batch_len(batch)
                     if bar.n % 10 == 0 or last:
                         rate = n_since * self.info.world_size / max(time.perf_counter() - t_last, 1e-9)
                         t_last, n_since = time.perf_counter(), 0
