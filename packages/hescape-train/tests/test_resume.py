@@ -163,3 +163,26 @@ def test_resume_refusals(server, tiny_dataset, tmp_path):
     rc, log = server.run(_args(tiny_dataset, out, "whole"))
     assert rc == 0, log
     _assert_same_run(out / "whole", out / "early")
+
+
+def test_step_based_run_resumes_exactly_and_a_finished_run_is_left_alone(server, tiny_dataset, tmp_path):
+    """max_steps / eval_every runs (evaluation points inside epochs, a last partial epoch) resume exactly too; a
+    --resume of a finished run prints its results and changes nothing."""
+    out = tmp_path / "runs"
+    args = [f"data.path={tiny_dataset}", f"out_dir={out}", "max_steps=10", "eval_every=3", "checkpoint_every=2",
+            "batch_size=8", "log_every=1", "recall_ks=1,5", "probe=false", "progress=false"]
+    rc, log = server.run([*args, "run_name=ref"])
+    assert rc == 0, log
+    rng = random.Random(20261129)
+    first, second = rng.randint(1, 4), rng.randint(5, 9)
+    rc, log = server.run([*args, "run_name=int"], HESCAPE_TRAIN_FAULT=f"step:{first}")
+    assert rc == -signal.SIGKILL, log
+    rc, log = server.run(["--resume", str(out / "int"), "progress=false"], HESCAPE_TRAIN_FAULT=f"step:{second}")
+    assert rc == -signal.SIGKILL, log
+    rc, log = server.run(["--resume", str(out / "int"), "progress=false"])
+    assert rc == 0, log
+    _assert_same_run(out / "ref", out / "int")
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in (out / "int").rglob("*"))
+    rc, log = server.run(["--resume", str(out / "int")])
+    assert rc == 0 and "| image → gene |" in log and "nothing to resume" in log, log
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in (out / "int").rglob("*")) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 
 from .config import config_to_dict, describe_options, load_config, resume_config
 from .errors import HescapeConfigError
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 msg = "--resume uses the run's own config.json; drop --config (a resumed run cannot change its options)"
                 raise HescapeConfigError(msg)
             cfg = resume_config(args.resume, args.overrides)
+            done = Path(args.resume) / "results.md"
+            if (Path(args.resume) / "results.json").is_file() and done.is_file() and not args.print_config:
+                # a finished run is not trained or tested again: its results stand as they were written
+                print(done.read_text().rstrip())
+                print(f"\nrun directory: {args.resume}  (finished earlier: nothing to resume)")
+                return 0
         else:
             cfg = load_config(args.config, args.overrides)
         if args.print_config:

@@ -695,6 +695,7 @@ class Trainer:
         v = None
         if self.val_ds is not None:
             v, _, _ = self.evaluate(self.val_ds, cfg.recall_ks)
+            self.model.train()  # an evaluation inside an epoch: training goes on in train mode (dropout)
         if not self.main:
             return
         if v is not None:
