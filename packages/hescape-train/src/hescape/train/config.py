@@ -35,7 +35,7 @@ PROJECTIONS = ("linear", "mlp", "transformer")
 FINETUNE_MODES = ("full", "frozen", "lora")
 
 #: Keys a ``--resume`` may change: they do not change what is computed.
-RESUMABLE_KEYS = ("progress", "data.num_workers", "log.tensorboard", "log.wandb")
+RESUMABLE_KEYS = ("progress", "data.num_workers", "data.feature_cache_dir", "log.tensorboard", "log.wandb")
 
 #: Training presets (``preset=NAME``): values applied before a config file and the ``key=value`` overrides, so any
 #: of them can still be overridden. ``demo`` is the defaults of :class:`TrainConfig` (the small CPU model on the
@@ -193,6 +193,8 @@ class DataConfig:
                                         "gene tower; the image tower when data.augment=false): auto | on (refuse "
                                         "when no tower can be cached) | off", choices=("auto", "on", "off"),
                                 what="feature_cache setting")
+    feature_cache_dir: str | None = option(None, "where feature caches live; empty = $HESCAPE_CACHE_DIR/features "
+                                                 "(else ~/.cache/hescape/features)")
 
 
 @dataclass

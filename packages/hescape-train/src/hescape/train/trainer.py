@@ -484,6 +484,7 @@ class Trainer:
                 feats = {}
                 for tower in self.cached_towers:
                     arr, folder, made = cached_features(self.model, tower, ds, self.device, self.amp_dtype,
+                                                        root=self.cfg.data.feature_cache_dir,
                                                         progress=self.cfg.progress and info.is_main)
                     feats[tower] = arr
                     if info.is_main and self.cfg.progress:
