@@ -14,6 +14,13 @@ Run: ``uv run pytest benchmarks/bench_data.py --benchmark-enable`` (not collecte
 * **read**: one epoch over 2,048 rows (224-px PNG, 5,001 genes, 4 shards), ``DataLoader(batch_size=64,
   num_workers=2)``, best of two epochs, of :class:`PairedSpotDataset` vs ``datasets.Dataset.from_file`` on the
   same shards (``with_format("torch")``), in samples/s.
+* **samplesheet_jobs**: ``build_from_samplesheet`` over 4 synthetic Xenium bundles (``SS_SIZE_UM`` square sections at
+  0.5 µm/px, >= 50,000 cells each, H&E as a JPEG-tiled (256 px) pyramidal OME-TIFF at 0.3638 µm/px rotated 23°,
+  written in real file formats by :func:`write_xenium_bundle`), the ``hescape`` geometry (224 px patches), QC figures
+  on: ``--jobs 1`` (in this process) then ``--jobs 2`` (two spawned workers), each into its own ``--out`` (no part
+  reused). Reports the speed-up (time 1 / time 2), patches/s end to end (spots written / wall time, samplesheet
+  read to manifest written), the CPU model and the load average at the start. Skipped unless
+  ``--benchmark-enable`` (about 5 minutes on 2 cores: the bundles take about 1 minute to write).
 
 The ratios are printed in the "hescape benchmark summary" section (shared ``conftest.SUMMARY``).
 """
@@ -21,6 +28,7 @@ The ratios are printed in the "hescape benchmark summary" section (shared ``conf
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -267,6 +275,76 @@ def test_read(benchmark, shards, reader):
     _RES[f"read_{reader}_per_s"] = n / min(times)
 
 
+# ----------------------------------------------------------------------------------------------- samplesheet
+
+SS_SAMPLES, SS_SIZE_UM, SS_MIN_CELLS = 4, 2150.0, 50_000
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+@pytest.fixture
+def _enabled(benchmark):
+    if benchmark.disabled:
+        pytest.skip("heavy benchmark: run with --benchmark-enable")
+
+
+@pytest.fixture(scope="module")
+def ss_bundles(request, tmp_path_factory):
+    """4 synthetic Xenium bundles (distinct donors), written two at a time in spawned processes.
+
+    A module fixture is set up before the test's ``_enabled`` check: it skips by itself without --benchmark-enable.
+    """
+    if request.config.getoption("benchmark_disable") and not request.config.getoption("benchmark_enable"):
+        pytest.skip("heavy benchmark: run with --benchmark-enable")
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow.parquet as pq
+    from hescape.data.xenium_bundle import XeniumBundleOptions, small_bundle_config, write_xenium_bundle
+
+    root = tmp_path_factory.mktemp("samplesheet")
+    cfg = small_bundle_config(SS_SIZE_UM, pixel_size_um=0.5)
+    opts = XeniumBundleOptions(he_compression="jpeg", he_tile=256)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
+        futs = [ex.submit(write_xenium_bundle, root / f"bundle{d}", cfg, opts, donor=d) for d in range(SS_SAMPLES)]
+        bundles = [f.result() for f in futs]
+    _RES["ss_write_s"] = time.perf_counter() - t0
+    cells = [pq.read_metadata(b / "cells.parquet").num_rows for b in bundles]
+    assert min(cells) >= SS_MIN_CELLS, cells
+    _RES["ss_cells"] = cells
+    sheet = root / "samples.csv"
+    sheet.write_text("technology,path,sample,donor,tissue,panel,split\n" + "".join(
+        f"xenium,{b},S{d},D{d},breast,human-breast-panel,{'train' if d < 2 else 'val' if d == 2 else 'test'}\n"
+        for d, b in enumerate(bundles)))
+    return sheet
+
+
+@pytest.mark.usefixtures("_enabled")
+def test_samplesheet_jobs(benchmark, ss_bundles):
+    from hescape.data import build_from_samplesheet, read_manifest
+
+    sheet = ss_bundles
+    _RES["ss_load"] = os.getloadavg()[0]
+    times, outs = {}, {}
+    for jobs in (1, 2):
+        t0 = time.perf_counter()
+        res = build_from_samplesheet(sheet, sheet.parent / f"ds_jobs{jobs}", jobs=jobs, progress=False)
+        times[jobs] = time.perf_counter() - t0
+        assert not res.failed and [s.status for s in res.samples] == ["built"] * SS_SAMPLES
+        outs[jobs] = read_manifest(res.out)
+    assert [s["sha256"] for s in outs[1]["shards"]] == [s["sha256"] for s in outs[2]["shards"]]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the table lists the case; times are above
+    n = outs[1]["n_rows"]
+    _RES.update(ss_spots=n, ss_t1=times[1], ss_t2=times[2])
+    benchmark.extra_info.update(spots=n, jobs1_s=times[1], jobs2_s=times[2], speedup=times[1] / times[2])
+
+
 # ----------------------------------------------------------------------------------------------- summary
 
 
@@ -285,6 +363,13 @@ def _summary():
     if "patches_per_s" in r:
         SUMMARY.append(f"bench_data patches: {r['patches_per_s']:.1f} patches/s (224 px from a {SLIDE_PX:,}^2 px "
                        f"JPEG-tiled OME-TIFF, written in {r.get('slide_write_s', float('nan')):.1f} s)")
+    if "ss_t2" in r:
+        SUMMARY.append(
+            f"bench_data samplesheet: {SS_SAMPLES} Xenium samples ({min(r['ss_cells']):,}-{max(r['ss_cells']):,} cells, "
+            f"JPEG-tiled H&E), {r['ss_spots']:,} patches: --jobs 1 {r['ss_t1']:.1f} s ({r['ss_spots'] / r['ss_t1']:.1f} "
+            f"patches/s), --jobs 2 {r['ss_t2']:.1f} s ({r['ss_spots'] / r['ss_t2']:.1f} patches/s); speed-up "
+            f"{r['ss_t1'] / r['ss_t2']:.2f}x (target >= 1.7x); {_cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, "
+            f"load average {r['ss_load']:.1f} at start (bundles written in {r['ss_write_s']:.0f} s)")
     if "read_hescape_per_s" in r:
         line = f"bench_data read (DataLoader, 2 workers): PairedSpotDataset {r['read_hescape_per_s']:.0f} samples/s"
         if "read_hf_datasets_per_s" in r:

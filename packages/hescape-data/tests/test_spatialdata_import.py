@@ -26,7 +26,7 @@ import pytest
 from hescape.data import PairedSpotDataset, PanelMismatchError, SpotOptions, load_panel, verify_dataset
 from hescape.data.arrow import open_shard, read_manifest, string_column
 from hescape.data.cli import main
-from hescape.data.errors import InputFormatError
+from hescape.data.errors import HescapeDataError, InputFormatError
 from hescape.data.import_hescape import import_hescape
 from PIL import Image
 
@@ -62,26 +62,42 @@ def _nested(values: np.ndarray, inner: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1), pa.int32()), rows)
 
 
+class _Array2D(pa.ExtensionType):
+    """A stand-in for ``datasets``' Array2D extension type (``save_to_disk`` shards read with ``datasets`` loaded)."""
+
+    def __init__(self, storage_type):
+        super().__init__(storage_type, "hescape-test.array2d")
+
+    def __arrow_ext_serialize__(self):
+        return b""
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type, serialized):
+        return cls(storage_type)
+
+
 #: (sample, rows, image format) in dataset order; TENX97 is in no split of the breast preset (paired_w_addon.csv).
 LAYOUT = [("TENX95", 4, "PNG"), ("NCBI785", 3, "JPEG"), ("NCBI783", 3, "PNG"), ("TENX97", 2, "PNG")]
 
 
-def write_official(root: Path, *, n_genes: int = 280, fmt: str = "parquet", rows_per_shard: int = 5, seed: int = 0):
+def write_official(root: Path, *, n_genes: int = 280, fmt: str = "parquet", rows_per_shard: int = 5, seed: int = 0,
+                   gexp_extension: bool = False, sizes: dict[str, int] | None = None):
     """Shards in the official layout; returns the rows ``(name, image bytes, gexp, coords)`` in dataset order."""
     rng = np.random.default_rng(seed)
     names = [s for s, _, _ in LAYOUT]
     rows = []
     for s, n, f in LAYOUT:
         for _ in range(n):
-            rows.append((s, _image(len(rows), f), rng.poisson(0.7, n_genes).astype(np.float32),
+            rows.append((s, _image(len(rows), f, (sizes or {}).get(s, 512)), rng.poisson(0.7, n_genes).astype(np.float32),
                          rng.uniform(0, 5000, 2)))
     feats = {"name": {"names": names, "_type": "ClassLabel"}, "image": {"_type": "Image"},
              "gexp": {"shape": [1, n_genes], "dtype": "float32", "_type": "Array2D"},
              "cell_coords": {"feature": {"dtype": "float64", "_type": "Value"}, "_type": "Sequence"},
              "source": {"dtype": "string", "_type": "Value"}, "tissue": {"names": ["breast"], "_type": "ClassLabel"},
              **{c: {"dtype": "bool" if c == "cancer" else "string", "_type": "Value"} for c in META_COLS}}
+    gexp_type = _Array2D(pa.list_(pa.list_(pa.float32()))) if gexp_extension else pa.list_(pa.list_(pa.float32()))
     schema = pa.schema([("name", pa.int64()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                        ("gexp", pa.list_(pa.list_(pa.float32()))), ("cell_coords", pa.list_(pa.float64())),
+                        ("gexp", gexp_type), ("cell_coords", pa.list_(pa.float64())),
                         ("source", pa.string()), ("tissue", pa.int64()),
                         *[(c, pa.bool_() if c == "cancer" else pa.string()) for c in META_COLS]],
                        metadata={"huggingface": json.dumps({"info": {"features": feats}})})
@@ -93,10 +109,12 @@ def write_official(root: Path, *, n_genes: int = 280, fmt: str = "parquet", rows
         cols = [pa.array([names.index(r[0]) for r in part], pa.int64()),
                 pa.StructArray.from_arrays([pa.array([r[1] for r in part], pa.binary()),
                                             pa.array([None] * m, pa.string())], names=["bytes", "path"]),
-                _nested(np.stack([r[2] for r in part]), n_genes),
+                (pa.ExtensionArray.from_storage(gexp_type, _nested(np.stack([r[2] for r in part]), n_genes))
+                 if gexp_extension else _nested(np.stack([r[2] for r in part]), n_genes)),
                 pa.array([r[3].tolist() for r in part], pa.list_(pa.float64())),
                 pa.array(["xenium"] * m), pa.array([0] * m, pa.int64()),
-                *[pa.array([r[0] != "TENX95"] * m) if c == "cancer" else pa.array([f"{c}-{r[0]}" for r in part])
+                *[pa.array([r[0] != "TENX95" for r in part]) if c == "cancer"
+                  else pa.array([f"{c}-{r[0]}" for r in part])
                   for c in META_COLS]]
         table = pa.Table.from_arrays(cols, schema=schema)
         if fmt == "parquet":
@@ -123,9 +141,18 @@ def _rows_of(path: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
-def test_official_import_keeps_rows_images_splits_and_donors(tmp_path, fmt):
-    rows = write_official(tmp_path / "hub" / PANEL, fmt=fmt)
+@pytest.fixture
+def array2d_registered():
+    pa.register_extension_type(_Array2D(pa.list_(pa.list_(pa.float32()))))
+    yield
+    pa.unregister_extension_type("hescape-test.array2d")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "arrow-extension"])
+def test_official_import_keeps_rows_images_splits_and_donors(tmp_path, fmt, request):
+    if fmt == "arrow-extension":
+        request.getfixturevalue("array2d_registered")
+    rows = write_official(tmp_path / "hub" / PANEL, fmt=fmt.split("-")[0], gexp_extension=fmt == "arrow-extension")
     out = import_hescape(tmp_path / "hub", tmp_path / "ds", panel=PANEL, progress=False, rows_per_shard=4,
                          batch_rows=3)
     m = verify_dataset(out)
@@ -180,11 +207,12 @@ def test_official_wrong_gexp_length_is_refused_and_nothing_written(tmp_path, cap
 
 def test_official_unlisted_and_damaged_inputs(tmp_path):
     write_official(tmp_path / "hub")
-    with pytest.raises(Exception, match="TENX97"):
+    with pytest.raises(HescapeDataError, match=r"in none \(\['TENX97'\]\).*--unlisted drop"):
         import_hescape(tmp_path / "hub", tmp_path / "ds", panel=PANEL, unlisted="error", progress=False)
-    with pytest.raises(PanelMismatchError, match="choose the --panel"):  # 280 genes, but no sample of this preset
+    with pytest.raises(PanelMismatchError, match="expected gexp rows of 260 values .* found rows of 280.*"
+                       r"human-breast-panel"):
         import_hescape(tmp_path / "hub", tmp_path / "ds", panel="human-skin-panel", progress=False)
-    with pytest.raises(InputFormatError, match="found none"):
+    with pytest.raises(InputFormatError, match="found no such directory"):
         import_hescape(tmp_path / "empty", tmp_path / "ds", panel=PANEL, progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputFormatError, match=r"\*\.parquet"):
@@ -200,6 +228,16 @@ def test_official_unlisted_and_damaged_inputs(tmp_path):
     with pytest.raises(InputFormatError, match="cannot be read"):
         import_hescape(tmp_path / "hub", tmp_path / "ds", panel=PANEL, progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_official_mixed_patch_sizes_warn(tmp_path):
+    write_official(tmp_path / "hub", sizes={"NCBI783": 600})
+    with pytest.warns(UserWarning, match=r"different sizes \(NCBI783: 600x600, NCBI785: 512x512, TENX95: 512x512\)"):
+        out = import_hescape(tmp_path / "hub", tmp_path / "ds", panel=PANEL, progress=False)
+    m = read_manifest(out)
+    assert {s["name"]: s["patch_px"] for s in m["samples"]} == {"TENX95": [512, 512], "NCBI785": [512, 512],
+                                                               "NCBI783": [600, 600]}
+    assert m["geometry"]["uniform_patches"] is False
 
 
 def test_official_cli(tmp_path, capsys):
@@ -255,7 +293,7 @@ def sd_store(tmp_path_factory):
     table = TableModel.parse(ad.AnnData(X=counts[::-1].copy(), obs=obs.iloc[::-1].copy(),
                                         var=pd.DataFrame(index=genes)),
                              region="spots", region_key="region", instance_key="spot_id")  # rows in reverse order
-    # cells: 2 × 2 µm squares (global units = 0.25 µm: 8 units) scattered over the image, their own identity transform
+    # cells: 2 × 2 µm squares (8 global units of 0.25 µm) scattered over the image, identity transform
     n_cells = 150
     # global units: a central block, so that the pseudo-spot lattice over it lies on the image (30..550, -10..390)
     cxy = rng.uniform([80, 80], [240, 200], (n_cells, 2))
@@ -269,7 +307,7 @@ def sd_store(tmp_path_factory):
                               region="cells", region_key="region", instance_key="cell_id")
     store = tmp_path_factory.mktemp("sd") / "section1.zarr"
     sd.SpatialData(images={"he": image}, shapes={"spots": circles, "cells": cells},
-                   tables={"table": table, "cells": ctable}).write(store)
+                   tables={"table": table, "cell_table": ctable}).write(store)
     return {"store": store, "colours": colours, "counts": dict(zip(barcodes, counts, strict=True)),
             "global_xy": dict(zip(barcodes, global_xy, strict=True)), "cell_counts": cell_counts}
 
@@ -307,11 +345,11 @@ def test_spatialdata_spots_land_on_their_marks(sd_store, tmp_path):
 
 
 def test_spatialdata_cells_pool_into_pseudo_spots(sd_store, tmp_path):
+    from hescape.data.geometry import get_geometry
     from hescape.data.ingest_spatialdata import build_spatialdata_dataset
 
-    from hescape.data.geometry import get_geometry
-
-    out = build_spatialdata_dataset(sd_store["store"], tmp_path / "ds", table="cells", image="he", um_per_unit=0.25,
+    out = build_spatialdata_dataset(sd_store["store"], tmp_path / "ds", table="cell_table", image="he",
+                                    um_per_unit=0.25,
                                     geometry=get_geometry("hescape").with_(fov_um=16.0, um_per_px=0.5),
                                     progress=False, qc=False, sample="s1", spots=SpotOptions(min_counts=0))
     m = read_manifest(out)
@@ -320,15 +358,23 @@ def test_spatialdata_cells_pool_into_pseudo_spots(sd_store, tmp_path):
     np.testing.assert_allclose(np.sum([r["gexp"] for r in rows.values()], 0), sd_store["cell_counts"].sum(0))
     assert sum(r["n_cells"] for r in rows.values()) == 150
     assert m["ingest"]["observations"] == "cells" and m["geometry"]["name"] == "hescape"
+    # spot_id = the pseudo-spot's lattice id; decoded with the manifest's record, it gives the row's centre
+    from hescape.data.geometry import parse_grid_id
+
+    rec = m["spot_ids"]
+    for sid, r in rows.items():
+        _, row, col = parse_grid_id(sid)
+        x = rec["origin_um"][0] + col * rec["pitch_um"] + (rec["pitch_um"] / 2 if row % 2 else 0.0)
+        np.testing.assert_allclose(r["coords"], [x, rec["origin_um"][1] + row * rec["row_step_um"]], atol=1e-6)
 
 
 def test_spatialdata_bad_inputs(sd_store, tmp_path, capsys):
     from hescape.data.ingest_spatialdata import build_spatialdata_dataset
 
     store = sd_store["store"]
-    with pytest.raises(InputFormatError, match=r"image element named 'nope'.*\['he'\]"):
+    with pytest.raises(InputFormatError, match=r"image element 'nope'.*image elements are \['he'\]"):
         build_spatialdata_dataset(store, tmp_path / "ds", table="table", image="nope", um_per_unit=0.25)
-    with pytest.raises(InputFormatError, match=r"tables are \['cells', 'table'\]"):
+    with pytest.raises(InputFormatError, match=r"table elements are \[.cell_table., .table.\]"):
         build_spatialdata_dataset(store, tmp_path / "ds", table="tbl", image="he", um_per_unit=0.25)
     with pytest.raises(InputFormatError, match="annotate shapes 'cells'"):
         build_spatialdata_dataset(store, tmp_path / "ds", table="table", image="he", shapes="cells", um_per_unit=0.25)
@@ -360,3 +406,63 @@ def test_spatialdata_missing_package_message(monkeypatch, tmp_path):
     with pytest.raises(InputFormatError, match=r'pip install "hescape-data\[spatialdata\]"'):
         read_spatialdata(tmp_path, table="t", image="i")
 
+
+
+def _io_store(path: Path, reader: str, *, shape_scale: float, image_scale: float, xy_units: np.ndarray,
+              radius_units: float):
+    """A store laid out as spatialdata-io writes one (``attrs["spatialdata_io_reader"]``): circles ``cells`` with
+    ``Scale(shape_scale)`` into ``global``, an image with ``Scale(image_scale)`` into ``global``."""
+    sd = pytest.importorskip("spatialdata")
+    ad = pytest.importorskip("anndata")
+    pd = pytest.importorskip("pandas")
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Scale
+
+    img = np.full((3, 400, 400), 230, np.uint8)
+    img[:, ::9, ::4] = 190
+    image = Image2DModel.parse(img, dims=("c", "y", "x"),
+                               transformations={"global": Scale([image_scale, image_scale], axes=("x", "y"))})
+    ids = [f"cell{i}" for i in range(len(xy_units))]
+    circles = ShapesModel.parse(xy_units, geometry=0, radius=np.full(len(xy_units), radius_units),
+                                index=pd.Index(ids),
+                                transformations={"global": Scale([shape_scale, shape_scale], axes=("x", "y"))})
+    counts = np.random.default_rng(1).integers(0, 6, (len(ids), 4)).astype(np.float32)
+    obs = pd.DataFrame({"region": pd.Categorical(["cells"] * len(ids)), "cell_id": ids}, index=ids)
+    table = TableModel.parse(ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(4)])),
+                             region="cells", region_key="region", instance_key="cell_id")
+    sd.SpatialData(images={"he": image}, shapes={"cells": circles}, tables={"table": table},
+                   attrs={"spatialdata_io_reader": reader}).write(path)
+    return counts
+
+
+def test_spatialdata_io_stores_say_their_microns(tmp_path):
+    """spatialdata-io stores: Xenium shapes are in µm (Scale(1/pixel_size) into morphology pixels); Visium spots lie
+    100 µm apart. The H&E µm/px follows without --um-per-unit (hand-computed below)."""
+    from hescape.data.geometry import get_geometry
+    from hescape.data.ingest_spatialdata import build_spatialdata_dataset
+
+    # Xenium: cells at 5 µm radius in µm; H&E px -> morphology px by 1.29: 0.2125 × 1.29 = 0.274125 µm/px
+    rng = np.random.default_rng(0)
+    xy_um = rng.uniform(20, 80, (60, 2))
+    counts = _io_store(tmp_path / "x.zarr", "xenium", shape_scale=1 / 0.2125, image_scale=1.29, xy_units=xy_um,
+                       radius_units=5.0)
+    out = build_spatialdata_dataset(tmp_path / "x.zarr", tmp_path / "dx", table="table", image="he", progress=False,
+                                    qc=False, geometry=get_geometry("hescape").with_(fov_um=20.0, um_per_px=0.5),
+                                    spots=SpotOptions(min_counts=0))
+    m = read_manifest(out)
+    assert m["samples"][0]["source_um_per_px"] == pytest.approx(0.2125 * 1.29, rel=1e-6)
+    assert m["ingest"]["observations"] == "cells"  # 10 µm circles are cells
+    rows = _rows_of(out)
+    np.testing.assert_allclose(np.sum([r["gexp"] for r in rows.values()], 0), counts.sum(0))
+    # Visium: spots 138 full-res px apart (= 100 µm) on a hex lattice; the image is the full-res image itself
+    pitch = 138.0
+    xy_px = np.array([[60 + pitch * (c + 0.5 * (r % 2)), 60 + pitch * np.sqrt(3) / 2 * r]
+                      for r in range(3) for c in range(2)])
+    _io_store(tmp_path / "v.zarr", "visium", shape_scale=1.0, image_scale=1.0, xy_units=xy_px,
+              radius_units=65 / 100 * pitch / 2)
+    out = build_spatialdata_dataset(tmp_path / "v.zarr", tmp_path / "dv", table="table", image="he", progress=False,
+                                    qc=False, geometry=get_geometry("visium").with_(fov_um=40.0, um_per_px=1.0))
+    m = read_manifest(out)
+    assert m["samples"][0]["source_um_per_px"] == pytest.approx(100 / pitch, rel=1e-6)
+    assert m["ingest"]["observations"] == "spots" and m["geometry"]["diameter_um"] == pytest.approx(65.0)
+    assert m["geometry"]["pitch_um"] == pytest.approx(100.0)

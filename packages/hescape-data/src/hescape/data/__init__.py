@@ -17,7 +17,6 @@ from .errors import (
     PanelMismatchError,
     SplitLeakageError,
 )
-from .import_hescape import import_hescape
 from .ingest import PatchOptions, SpotOptions, build_visium_dataset, build_visium_hd_dataset, build_xenium_dataset
 from .ingest_more import build_anndata_dataset, build_hest_dataset
 from .ingest_spatialdata import build_spatialdata_dataset
@@ -46,7 +45,7 @@ __all__ = [
     "apply_splits", "donor_split_assignment", "preset_split_assignment",
     # real inputs: readers, µm-exact patches, ingestion
     "read_xenium", "read_visium", "read_visium_hd", "extract_patch", "extract_patches", "build_xenium_dataset",
-    "build_visium_dataset", "build_visium_hd_dataset", "build_spatialdata_dataset", "import_hescape",
+    "build_visium_dataset", "build_visium_hd_dataset", "build_spatialdata_dataset",
     "build_anndata_dataset", "build_hest_dataset",
     # many samples: a samplesheet built in parallel into one dataset; datasets merged
     "build_from_samplesheet", "read_samplesheet", "merge_datasets",

@@ -167,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     ih = isub.add_parser("hescape", help="the official HESCAPE dataset: a folder of one config's parquet (Hub) or "
                                          "Arrow (save_to_disk) shards")
     ih.add_argument("src", type=Path, help="folder of the shards (searched recursively)")
-    ih.add_argument("--panel", required=True, help="the config's panel, e.g. human-breast-panel (genes, splits, donors)")
+    ih.add_argument("--panel", required=True,
+                    help="the config's panel, e.g. human-breast-panel (gene order, splits, donors, µm/px)")
     ih.add_argument("--out", required=True, type=Path, help="output dataset directory (never inside the input)")
     ih.add_argument("--overwrite", action="store_true", help="replace an existing HESCAPE dataset at --out")
     ih.add_argument("--um-per-px", type=float,
@@ -178,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the split of a sample the preset lists in two splits (human-skin-panel)")
     ih.add_argument("--check-images", choices=["some", "all"], default="some",
                     help="decode the first and last image of every batch (default) or every image")
-    ih.add_argument("--rows-per-shard", type=int, default=1024, help="rows per output shard (default 1024)")
+    ih.add_argument("--rows-per-shard", type=int, default=512,
+                    help="rows per output shard (default 512: about 250 MB of 512 px PNG patches)")
     ih.add_argument("--quiet", action="store_true", help="no progress bar")
     mrg = sub.add_parser("merge", help="merge datasets built separately (same genes and spot geometry) into one")
     mrg.add_argument("datasets", nargs="+", type=Path, help="dataset directories, in the order of the result")
@@ -355,8 +357,11 @@ def _split(a) -> int:
 
 
 def _import(a) -> int:
+    import warnings
+
     from .import_hescape import import_hescape
 
+    warnings.showwarning = _print_warning
     out = import_hescape(a.src, a.out, panel=a.panel, um_per_px=a.um_per_px, unlisted=a.unlisted,
                          conflict=a.conflict, check_images=a.check_images, rows_per_shard=a.rows_per_shard,
                          overwrite=a.overwrite, progress=not a.quiet)

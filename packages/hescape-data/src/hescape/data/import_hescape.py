@@ -39,6 +39,7 @@ leaves nothing).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .arrow import DatasetWriter, SpotRecords
 from .counts import check_counts
-from .errors import DatasetFormatError, HescapeDataError, InputFormatError, PanelMismatchError
+from .errors import HescapeDataError, InputFormatError, PanelMismatchError
 from .outputs import check_output_location
 from .panels import list_panels, load_panel, load_split_preset
 from .splits import check_no_donor_leakage, preset_donors, preset_split_assignment
@@ -155,31 +156,14 @@ def _strings(col: pa.Array, names: list[str] | None, where: str) -> np.ndarray:
 
 
 class _Shard:
-    """One parquet or Arrow IPC shard: its schema, row count, and batches of selected columns."""
+    """One parquet or Arrow IPC shard: its schema and row count; its file is open only while it is read (a config
+    may have hundreds of shards, more than the open-file limit)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.kind = "parquet" if path.suffix == ".parquet" else "arrow"
-        try:
-            if self.kind == "parquet":
-                import pyarrow.parquet as pq
-
-                self._pf = pq.ParquetFile(path)
-                self.schema = self._pf.schema_arrow
-                self.rows = self._pf.metadata.num_rows
-            else:
-                self._src = pa.memory_map(str(path))
-                if self._src.read(6) == b"ARROW1":
-                    self._src.seek(0)
-                    self._table = pa.ipc.open_file(self._src).read_all()
-                else:
-                    self._src.seek(0)
-                    self._table = pa.ipc.open_stream(self._src).read_all()
-                self.schema = self._table.schema
-                self.rows = self._table.num_rows
-        except (OSError, pa.ArrowInvalid) as e:
-            msg = f"shard {path}: expected a readable {self.kind} file, found it damaged ({str(e)[:120]}); download it again"
-            raise InputFormatError(msg) from None
+        with self._open() as (schema, rows, _read):
+            self.schema, self.rows = schema, rows
         missing = [c for c in ("name", "image", "gexp") if c not in self.schema.names]
         if missing:
             msg = (f"shard {path}: expected the official HESCAPE columns name, image and gexp, missing {missing} "
@@ -187,25 +171,47 @@ class _Shard:
             raise InputFormatError(msg)
         self.features = _hf_features(self.schema)
 
-    def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def _damaged(self, e: Exception) -> InputFormatError:
+        return InputFormatError(f"shard {self.path}: expected a readable {self.kind} file, found it damaged "
+                                f"({str(e)[:120]}); download it again")
+
+    @contextlib.contextmanager
+    def _open(self):
+        """``(schema, rows, read)``: ``read(columns, batch_rows)`` iterates record batches while the file is open."""
         try:
             if self.kind == "parquet":
-                yield from self._pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True)
+                import pyarrow.parquet as pq
+
+                with pq.ParquetFile(self.path) as pf:
+                    yield (pf.schema_arrow, pf.metadata.num_rows,
+                           lambda cols, n: pf.iter_batches(batch_size=n, columns=cols, use_threads=True))
             else:
-                yield from self._table.select(columns).to_batches(max_chunksize=batch_rows)
+                with pa.memory_map(str(self.path)) as src:
+                    magic = src.read(6)
+                    src.seek(0)
+                    table = (pa.ipc.open_file(src) if magic == b"ARROW1" else pa.ipc.open_stream(src)).read_all()
+                    yield table.schema, table.num_rows, lambda cols, n: table.select(cols).to_batches(max_chunksize=n)
         except (OSError, pa.ArrowInvalid) as e:
-            msg = f"shard {self.path}: expected a readable {self.kind} file, found it damaged ({str(e)[:120]})"
-            raise InputFormatError(msg) from None
+            raise self._damaged(e) from None
+
+    def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with self._open() as (_schema, _rows, read):
+            try:
+                yield from read(columns, batch_rows)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise self._damaged(e) from None
 
     def column(self, name: str) -> pa.ChunkedArray:
-        if self.kind == "parquet":
-            return self._pf.read(columns=[name]).column(name)
-        return self._table.column(name)
+        chunks = [b.column(name) for b in self.batches([name], 1 << 16)]
+        return pa.chunked_array(chunks, type=self.schema.field(name).type)
 
-    def close(self) -> None:
-        if self.kind == "arrow":
-            self._table = None
-            self._src.close()
+
+def _storage(col):
+    """An extension-typed column (``datasets``' ``Array2D`` in ``save_to_disk`` shards, when ``datasets`` is
+    imported) as its storage array (the nested lists); any other column as it is."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.storage if isinstance(col.type, pa.ExtensionType) else col
 
 
 def _panel_hint(found: int) -> str:
@@ -221,8 +227,10 @@ def _gexp_matrix(col: pa.Array, n_genes: int, shard: Path, panel: str) -> np.nda
             f"rows of {found}{_panel_hint(found) if isinstance(found, int) else ''}; choose the --panel of the "
             "config these shards come from (nothing was written)")
 
+    col = _storage(col)
     if col.null_count:
-        msg = f"shard {shard.name}: expected a gexp value in every row, found {col.null_count} empty rows; download it again"
+        msg = (f"shard {shard.name}: expected a gexp value in every row, found {col.null_count} empty rows; "
+               "download it again")
         raise InputFormatError(msg)
     n = len(col)
     flat, depth = col, 0
@@ -253,7 +261,7 @@ def _coords(batch: pa.RecordBatch, shard: Path) -> tuple[np.ndarray, bool]:
     n = batch.num_rows
     if "cell_coords" not in batch.schema.names:
         return np.full((n, 2), np.nan), False
-    flat = batch.column("cell_coords")
+    flat = _storage(batch.column("cell_coords"))
     while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
         flat = flat.flatten()
     values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -322,6 +330,13 @@ def _image_sizes(imgs: pa.BinaryArray, shard: Path, decode: np.ndarray) -> tuple
     return fmt, sizes
 
 
+def _rows(arr, sel: np.ndarray):
+    """``arr`` at the positions ``sel``: a zero-copy slice when they are contiguous (the usual case), else a take."""
+    if len(sel) and sel[-1] - sel[0] + 1 == len(sel):
+        return arr.slice(int(sel[0]), len(sel))
+    return arr.take(pa.array(sel))
+
+
 def _json_value(v):
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
@@ -330,7 +345,7 @@ def _json_value(v):
 
 def import_hescape(src: str | os.PathLike, out: str | os.PathLike, *, panel: str, um_per_px: float | None = None,
                    unlisted: str = "drop", conflict: str | None = None, check_images: str = "some",
-                   rows_per_shard: int = 1024, batch_rows: int = 256, overwrite: bool = False,
+                   rows_per_shard: int = 512, batch_rows: int = 256, overwrite: bool = False,
                    progress: bool = True) -> Path:
     """Turn a directory of official HESCAPE shards into a HESCAPE dataset at ``out`` (see the module docstring).
 
@@ -392,9 +407,9 @@ def import_hescape(src: str | os.PathLike, out: str | os.PathLike, *, panel: str
         names = np.concatenate([_strings(c, _class_names(sh.features, "name"), f"shard {sh.path.name} name")
                                 for c in sh.column("name").chunks] or [np.zeros(0, object)])
         rows_of.update(Counter(names.tolist()))
-        first = next(sh.batches(["gexp"], 1), None)
-        if first is not None and first.num_rows:
+        for first in sh.batches(["gexp"], 1):  # the first row's width: a wrong --panel stops before any writing
             _gexp_matrix(first.column("gexp"), p.n_genes, sh.path, panel)
+            break
     preset = load_split_preset(panel)
     ids = {r["id"] for rows in preset.values() for r in rows}
     listed = sorted(n for n in rows_of if n in ids)
@@ -452,7 +467,6 @@ def import_hescape(src: str | os.PathLike, out: str | os.PathLike, *, panel: str
                     coords_present &= "cell_coords" in batch.schema.names
                     bar.update(int(keep.sum()))
                 offset += n
-            sh.close()
         bar.close()
         umpp, fov, sizes = [], [], []
         for name in listed:
@@ -476,6 +490,13 @@ def import_hescape(src: str | os.PathLike, out: str | os.PathLike, *, panel: str
             "patch_px": int(patch_px[0]), "fov_um": round(patch_px[0] * median, 3),
             "per_sample": "patch_um_per_px, patch_px and fov_um of each sample in samples[]",
             "uniform_patches": len(set(sizes)) == 1 and len({m for m, _ in umpp}) == 1}
+        if len(set(sizes)) > 1:
+            import warnings
+
+            by = ", ".join(f"{n}: {a}x{b}" for n, (a, b) in zip(listed, sizes, strict=True))
+            warnings.warn(f"samples have patches of different sizes ({by}); a training batch stacks patches of one "
+                          "size, so hescape-train cannot batch them together: import the samples of one size",
+                          UserWarning, stacklevel=2)
         w.extra["import"]["cell_coords"] = ("copied from the official cell_coords (units not stated by the authors)"
                                             if coords_present else "absent from the official shards: NaN")
     return w.out_dir
@@ -484,7 +505,7 @@ def import_hescape(src: str | os.PathLike, out: str | os.PathLike, *, panel: str
 def _write_batch(w: _ChunkedWriter, batch, names, keep, offset, sh: _Shard, p, panel, meta_cols, split_of, donor_of,
                  px_of, stats, check_images) -> None:
     idx = np.flatnonzero(keep)
-    sub = batch if len(idx) == batch.num_rows else batch.take(pa.array(idx))
+    sub = batch if len(idx) == batch.num_rows else _rows(batch, idx)
     names = names[idx]
     gexp = _gexp_matrix(sub.column("gexp"), p.n_genes, sh.path, panel)
     check_counts(gexp, f"shard {sh.path.name} gexp")
@@ -498,14 +519,13 @@ def _write_batch(w: _ChunkedWriter, batch, names, keep, offset, sh: _Shard, p, p
         if "source" in sub.schema.names else np.full(len(idx), "unknown", object)
     for name in dict.fromkeys(names.tolist()):
         sel = np.flatnonzero(names == name)
-        part = pa.array(sel)
         st = stats[name]
         st["formats"].update(Counter(fmt[sel].tolist()))
         st["sizes"].update(Counter(map(tuple, sizes[sel].tolist())))
         st["tissue"].update(Counter(tissue[sel].tolist()))
         st["source"].update(Counter(source[sel].tolist()))
         for c in meta_cols:
-            col = sub.column(c).take(part)
+            col = _rows(sub.column(c), sel)
             names_c = _class_names(sh.features, c)
             vals = _strings(col, names_c, c) if names_c is not None else col
             uniq = pc.unique(pa.array(vals) if isinstance(vals, np.ndarray) else vals).to_pylist()
@@ -517,6 +537,6 @@ def _write_batch(w: _ChunkedWriter, batch, names, keep, offset, sh: _Shard, p, p
         mpp = px_of[name][0]
         w.add_part(SpotRecords(
             name=name, donor=donor_of[name], tissue=str(st["tissue"].most_common(1)[0][0]),
-            source=str(st["source"].most_common(1)[0][0]), images=imgs.take(part), gexp=gexp[sel],
+            source=str(st["source"].most_common(1)[0][0]), images=_rows(imgs, sel), gexp=gexp[sel],
             coords_um=coords[sel], n_cells=np.full(len(sel), -1, np.int32),
             spot_ids=(offset + idx[sel]).astype(str).tolist(), meta={"patch_um_per_px": mpp}), split=split_of[name])

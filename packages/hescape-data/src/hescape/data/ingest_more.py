@@ -8,8 +8,9 @@ is read (:func:`~hescape.data.ingest.check_build_options`), genes are harmonised
 µm-exact with the same resolution, outside-image and tissue checks as the other builders, a QC figure per sample
 goes to ``qc/<sample>.png``, and everything is written by one :class:`~hescape.data.arrow.DatasetWriter`
 (atomic: a failure at any sample leaves nothing). Every row keeps its source identity in ``spot_id``: the obs
-name (Visium barcode, HEST spot id) for spots kept as they are, ``r<row>_c<col>`` on the geometry's lattice for
-pooled pseudo-spots.
+name (Visium barcode, HEST spot id) for spots kept as they are, the geometry's lattice id (``hex_r0012_c0034``,
+:data:`~hescape.data.geometry.GRID_ID_FORMAT`) for pooled pseudo-spots; each sample's manifest entry ``spot_ids``
+says which, and how a lattice id decodes to its centre.
 
 Spots kept as they are (Visium, HEST's Xenium pseudo-spots) cannot be re-pooled: the geometry's spot fields must
 be the ``visium`` preset's (``hest`` for HEST's pseudo-spots); only the patch field of view and µm/px may change.
@@ -17,8 +18,8 @@ be the ``visium`` preset's (``hest`` for HEST's pseudo-spots); only the patch fi
 
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,17 +92,31 @@ def _require_same_spots(g: SpotGeometry, preset: str, what: str) -> None:
 
 
 def lattice_ids(centres_um: np.ndarray, origin_um: np.ndarray, geometry: SpotGeometry) -> list[str]:
-    """``r<row>_c<col>`` of each pseudo-spot centre on ``geometry``'s lattice started at ``origin_um``.
+    """Lattice ids (:data:`~hescape.data.geometry.GRID_ID_FORMAT`, e.g. ``hex_r0012_c0034``) of pseudo-spot centres.
 
-    The lattice of :func:`~hescape.data.ingest.pseudo_spots` starts at the points' lower-left corner; hex rows
-    are ``pitch·√3/2`` apart with odd rows shifted by half a pitch (:meth:`SpotGeometry.centres`).
+    The lattice of :func:`~hescape.data.ingest.pseudo_spots` starts at the points' lower-left corner
+    ``origin_um``; row ``r`` lies at ``y0 + r·row_step``, column ``c`` at ``x0 + c·pitch`` (+ pitch/2 on odd rows
+    of a hex grid), as :meth:`SpotGeometry.lattice_centres` decodes them.
     """
     c = np.asarray(centres_um, dtype=np.float64).reshape(-1, 2) - np.asarray(origin_um, dtype=np.float64)
-    dy = geometry.pitch_um * (math.sqrt(3) / 2 if geometry.grid == "hex" else 1.0)
-    row = np.rint(c[:, 1] / dy).astype(np.int64)
+    row = np.rint(c[:, 1] / geometry.row_step_um).astype(np.int64)
     shift = np.where((row % 2 == 1) & (geometry.grid == "hex"), geometry.pitch_um / 2, 0.0)
     col = np.rint((c[:, 0] - shift) / geometry.pitch_um).astype(np.int64)
-    return [f"r{r}_c{k}" for r, k in zip(row.tolist(), col.tolist(), strict=True)]
+    return geometry.grid_ids(row, col)
+
+
+def _id_record(s: SpatialSample, geometry: SpotGeometry) -> dict:
+    """How this sample's ``spot_id`` values read (the manifest's ``spot_ids`` entry of the sample)."""
+    if s.kind == "spots":
+        return {"kind": "barcode", "source": "the obs name of each spot (Visium barcode, HEST spot id)"}
+    from .geometry import GRID_ID_FORMAT
+
+    origin = s.xy_um.min(0)
+    return {"kind": "lattice", "format": GRID_ID_FORMAT, "grid": geometry.grid,
+            "origin_um": [float(origin[0]), float(origin[1])], "pitch_um": geometry.pitch_um,
+            "row_step_um": geometry.row_step_um,
+            "centre": "x = origin_x + col * pitch_um (+ pitch_um / 2 on odd rows of a hex grid), "
+                      "y = origin_y + row * row_step_um"}
 
 
 def _prepare(s: SpatialSample, *, geometry: SpotGeometry, spots: SpotOptions, panel, duplicate_genes,
@@ -289,8 +304,9 @@ def build_anndata_dataset(h5ad: str | os.PathLike, out: str | os.PathLike, *, im
             max_missing=max_missing)
         p = Prepared(s, centres, gexp, n_cells, ids, genes, gene_ids,
                      donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue, source=source,
-                     meta={"level": s.kind, "pixel_size": {k: v for k, v in s.metadata.items()
-                                                           if k.startswith("um_per_px") or "warning" in k}})
+                     meta={"level": s.kind, "spot_ids": _id_record(s, g),
+                           "pixel_size": {k: v for k, v in s.metadata.items()
+                                          if k.startswith("um_per_px") or "warning" in k}})
     except BaseException:
         s.close()
         raise
@@ -415,6 +431,15 @@ def build_hest_dataset(hest_dir: str | os.PathLike, out: str | os.PathLike, *, i
     metas = {i: read_hest_metadata(hest_paths(hest_dir, i).metadata) for i in sample_ids}
     techs = {i: str(m.get("st_technology") or "") for i, m in metas.items()}
     bad = {i: t for i, t in techs.items() if t not in HEST_TECHNOLOGIES}
+    if bad and isinstance(ids, str) and ids.strip() == "all" and len(bad) < len(sample_ids):
+        kinds = sorted(set(bad.values()))
+        warnings.warn(f"{hest_dir}: --ids all: leaving out {len(bad)} sample(s) of st_technology {kinds} "
+                      f"(e.g. {sorted(bad)[:5]}), which this builder does not read; building {len(sample_ids) - len(bad)}"
+                      f" Visium/Xenium sample(s)", UserWarning, stacklevel=2)
+        sample_ids = [i for i in sample_ids if i not in bad]
+        techs = {i: techs[i] for i in sample_ids}
+        metas = {i: metas[i] for i in sample_ids}
+        bad = {}
     if bad:
         i, t = next(iter(bad.items()))
         msg = (f"HEST sample {i}: expected st_technology {list(HEST_TECHNOLOGIES)}, found {t!r} ({len(bad)} such "
@@ -453,6 +478,7 @@ def build_hest_dataset(hest_dir: str | os.PathLike, out: str | os.PathLike, *, i
                                                else "unknown"),
                              source=source,
                              meta={"hest_id": i, "st_technology": hs.technology, "counts_from": hs.counts_from,
+                                   "spot_ids": _id_record(s, g),
                                    "pixel_size": {k: v for k, v in s.metadata.items()
                                                   if k.startswith(("um_per_px", "pixel_size", "measured",
                                                                    "disagreement"))}})

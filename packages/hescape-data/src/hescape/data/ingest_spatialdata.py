@@ -1,11 +1,11 @@
-"""Build a paired dataset from a SpatialData store (``hescape-data build spatialdata STORE.zarr --table … --image …``).
+"""Build a paired dataset from a SpatialData store (``hescape-data build spatialdata STORE.zarr --table T --image I``).
 
 The store is read by :func:`~hescape.data.readers.spatialdata_store.read_spatialdata` (the optional ``spatialdata``
 package): each table row's shape is placed on the H&E image with the store's own coordinate transformations, and
 µm come from ``--um-per-unit`` or from what a spatialdata-io store says (see that module). Then the steps of
 :mod:`hescape.data.ingest`: panel harmonisation (:func:`~hescape.data.ingest.harmonise_genes`), µm-exact patches
 (:mod:`hescape.data.patches`), the resolution / outside-image / tissue filters, the QC figure and the atomic
-:class:`~hescape.data.arrow.DatasetWriter`.
+:class:`~hescape.data.arrow.DatasetWriter` (all through :mod:`hescape.data.ingest`'s own writer).
 
 Observations (``observations``):
 
@@ -16,7 +16,8 @@ Observations (``observations``):
 ``cells``
     Rows are cells (polygons, or small circles) pooled by sum into the pseudo-spots of ``geometry`` (default the
     ``hescape`` preset: 55 µm hexagons tiling the tissue), as :func:`~hescape.data.ingest.build_xenium_dataset` pools
-    Xenium cells; ``spot_id`` is the spot centre ``x<µm>_y<µm>`` in the store's (scaled) coordinate system.
+    Xenium cells; ``spot_id`` is the pseudo-spot's lattice id (``hex_r0012_c0034``; the manifest's ``spot_ids``
+    record decodes it to its centre in µm of the store's scaled coordinate system).
 ``auto`` (default)
     Polygons are cells; circles are spots when their mean diameter is at least :data:`MIN_SPOT_DIAMETER_UM`
     (Visium: 55 µm capture areas, drawn 65 µm wide by spatialdata-io from ``spot_diameter_fullres``), else cells
@@ -30,26 +31,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .arrow import DatasetWriter, SpotRecords, encode_png
 from .errors import HescapeDataError, InputFormatError
 from .geometry import SpotGeometry, get_geometry
-from .ingest import (
-    MAX_OUTPUT_PIXELS,
-    MAX_OUTSIDE_FRACTION,
-    PatchOptions,
-    SpotOptions,
-    check_build_options,
-    check_resolution,
-    harmonise_genes,
-    pseudo_spots,
-    qc_figure,
-    spots_inside_image,
-    tissue_fraction,
-)
-from .outputs import check_output_location, safe_filename
-from .patches import extract_patches
+from .ingest import PatchOptions, SpotOptions, _write, check_build_options, harmonise_genes, pseudo_spots
+from .outputs import check_output_location
 from .readers.xenium import SpatialSample
 from .splits import known_sample_donor
 
@@ -83,70 +69,9 @@ def _spots_geometry(s: SpatialSample, geometry: SpotGeometry) -> SpotGeometry:
     if len(s.xy_um) >= 2:
         d, _ = cKDTree(s.xy_um).query(s.xy_um, k=2)
         pitch = float(np.median(d[:, 1]))
-    return SpotGeometry(shape="disc", diameter_um=round(float(s.spot_diameter_um), 3), pitch_um=round(max(pitch, 1.0), 3),
+    return SpotGeometry(shape="disc", diameter_um=round(float(s.spot_diameter_um), 3),
+                        pitch_um=round(max(pitch, 1.0), 3),
                         grid="hex", fov_um=geometry.fov_um, um_per_px=geometry.um_per_px, name="spatialdata-circles")
-
-
-def _write_with_ids(sample: SpatialSample, out, *, spots_um, gexp, n_cells, spot_ids, genes, gene_ids, donor, tissue,
-                    source, split, geometry: SpotGeometry, patch: PatchOptions, overwrite, progress, qc,
-                    rows_per_shard, extra, inputs) -> Path:
-    """Cut a patch per spot, apply the resolution / outside-image / tissue filters, write atomically with spot ids.
-
-    The same filters and messages as :func:`hescape.data.ingest.build_xenium_dataset` (its ``_write``), plus each
-    row's ``spot_id``.
-    """
-    if len(spots_um) == 0:
-        msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
-               "lower --min-counts / --min-cells or check the input")
-        raise InputFormatError(msg)
-    src_mpp = check_resolution(sample, geometry, patch)
-    pixels = len(spots_um) * geometry.patch_px ** 2
-    if pixels > MAX_OUTPUT_PIXELS:
-        msg = (f"sample {sample.name}: expected at most {MAX_OUTPUT_PIXELS:.0e} patch pixels in one build, found "
-               f"{len(spots_um)} spots × {geometry.patch_px}² px = {pixels:.1e}; use smaller patches (--fov-um / "
-               "--um-per-px) or a coarser spot geometry")
-        raise InputFormatError(msg)
-    inside = spots_inside_image(sample, spots_um)
-    h, w = sample.image.shape
-    if (~inside).mean() > MAX_OUTSIDE_FRACTION:
-        msg = (f"sample {sample.name}: expected most spot centres on the H&E image, found {int((~inside).sum())} of "
-               f"{len(spots_um)} outside it ({w} x {h} px); the store's transformations or --um-per-unit do not put "
-               "the shapes on this image: check --image, --coordinate-system and the QC figure")
-        raise InputFormatError(msg)
-    if not inside.all() and patch.outside_spots == "error":
-        msg = (f"sample {sample.name}: {int((~inside).sum())} of {len(spots_um)} spot centres fall outside the "
-               f"H&E image ({w} x {h} px); if the H&E covers only part of the section, pass --outside-spots drop")
-        raise InputFormatError(msg)
-    keep = inside.copy()
-    images = []
-    patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=geometry.fov_um,
-                              target_um_per_px=geometry.um_per_px)
-    for i, p in enumerate(tqdm(patches, total=len(spots_um), desc=f"patches {sample.name}", disable=not progress,
-                               unit="spot")):
-        if keep[i] and patch.min_tissue_fraction > 0 and tissue_fraction(p) < patch.min_tissue_fraction:
-            keep[i] = False
-        if keep[i]:
-            images.append(encode_png(p))
-    if not keep.any():
-        msg = (f"sample {sample.name}: expected at least one spot inside the image with tissue fraction >= "
-               f"{patch.min_tissue_fraction}, found none; check the image and alignment or lower --min-tissue-fraction")
-        raise InputFormatError(msg)
-    extra = {**extra, "geometry": geometry.to_dict(),
-             "filters": {"outside_image": int((~inside).sum()), "low_tissue": int((inside & ~keep).sum()),
-                         "kept": int(keep.sum())}}
-    spots_um, gexp, n_cells = spots_um[keep], gexp[keep], n_cells[keep]
-    spot_ids = [spot_ids[i] for i in np.flatnonzero(keep)]
-    with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
-                       extra=extra, inputs=inputs) as wr:
-        wr.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
-                           coords_um=spots_um, n_cells=n_cells, spot_ids=spot_ids,
-                           meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px}),
-               split=split)
-        if qc:
-            d = 2 * np.sqrt(geometry.area_um2 / np.pi)
-            qc_figure(wr.file_path("qc", f"{safe_filename(sample.name)}.png"), sample, spots_um, gexp.sum(1), d,
-                      title=f"{sample.name}: {len(spots_um)} spots ({geometry.name}), {len(genes)} genes")
-    return wr.out_dir
 
 
 def build_spatialdata_dataset(store: str | os.PathLike, out: str | os.PathLike, *, table: str, image: str,
@@ -154,8 +79,8 @@ def build_spatialdata_dataset(store: str | os.PathLike, out: str | os.PathLike, 
                               um_per_unit: float | None = None, observations: str = "auto", layer: str | None = None,
                               sample: str | None = None, donor: str | None = None, tissue: str = "unknown",
                               source: str = "spatialdata", split: str = "train",
-                              geometry: SpotGeometry | str | None = None, spots: SpotOptions = SpotOptions(),
-                              patch: PatchOptions = PatchOptions(), panel: str | None = None,
+                              geometry: SpotGeometry | str | None = None, spots: SpotOptions | None = None,
+                              patch: PatchOptions | None = None, panel: str | None = None,
                               duplicate_genes: str = "error", missing_genes: str = "error", max_missing: float = 0.1,
                               allow_non_integer_counts: bool = False, overwrite: bool = False, progress: bool = True,
                               qc: bool = True, rows_per_shard: int = 2048) -> Path:
@@ -178,7 +103,8 @@ def build_spatialdata_dataset(store: str | os.PathLike, out: str | os.PathLike, 
         Donor id (default: the preset's patient for a reference HESCAPE sample id, else the sample).
 
     Other parameters are those of :func:`~hescape.data.ingest.build_xenium_dataset`; ``spots.min_counts`` drops
-    spots with fewer total counts, ``spots.min_cells`` pseudo-spots with fewer cells.
+    spots with fewer total counts, ``spots.min_cells`` pseudo-spots with fewer cells (defaults:
+    :class:`~hescape.data.ingest.SpotOptions` and :class:`~hescape.data.ingest.PatchOptions`).
 
     Raises
     ------
@@ -186,6 +112,8 @@ def build_spatialdata_dataset(store: str | os.PathLike, out: str | os.PathLike, 
         Bad options (before any input is read), a missing element (naming the available ones), unknown µm, spots
         off the image. Nothing is written then.
     """
+    spots = SpotOptions() if spots is None else spots
+    patch = PatchOptions() if patch is None else patch
     check_build_options(split=split, rows_per_shard=rows_per_shard, patch=patch, spots=spots,
                         duplicate_genes=duplicate_genes, missing_genes=missing_genes, max_missing=max_missing,
                         panel=panel)
@@ -209,20 +137,21 @@ def build_spatialdata_dataset(store: str | os.PathLike, out: str | os.PathLike, 
             gexp = counts.toarray().astype(np.float32)
             keep = gexp.sum(1) >= spots.min_counts
             centres, n_cells = s.xy_um[keep], np.full(int(keep.sum()), -1, np.int32)
-            ids = [str(v) for v in s.obs_ids[keep]]
+            ids = np.asarray(s.obs_ids, dtype=object)[keep]
             gexp = gexp[keep]
+            id_record = {"kind": "barcode", "source": f"the obs index of table {table!r} (one row per spot)"}
         else:
             g = user_geometry or get_geometry("hescape")
-            centres, pooled, n_cells = pseudo_spots(s.xy_um, counts, g)
+            centres, pooled, n_cells, ids, id_record = pseudo_spots(s.xy_um, counts, g, with_ids=True)
             keep = (pooled.sum(1) >= spots.min_counts) & (n_cells >= spots.min_cells)
             centres, gexp, n_cells = centres[keep], pooled[keep], n_cells[keep]
-            ids = [f"x{x:.2f}_y{y:.2f}" for x, y in centres]
+            ids = np.asarray(ids, dtype=object)[keep]
         extra = {"ingest": {"kind": "spatialdata", "input": str(Path(store).resolve()), "observations": kind,
-                            "spots": asdict(spots), "patch": asdict(patch), "metadata": s.metadata, "panel": panel,
-                            "spot_id": "table obs index" if kind == "spots" else "pseudo-spot centre x_y (µm)"}}
-        return _write_with_ids(s, out, spots_um=centres, gexp=gexp, n_cells=n_cells, spot_ids=ids, genes=genes,
-                               gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue,
-                               source=source, split=split, geometry=g, patch=patch, overwrite=overwrite,
-                               progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=[store])
+                            "spots": asdict(spots), "patch": asdict(patch), "metadata": s.metadata, "panel": panel},
+                 "spot_ids": id_record}
+        return _write(s, out, spots_um=centres, gexp=gexp, n_cells=n_cells, spot_ids=ids, genes=genes,
+                      gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue,
+                      source=source, split=split, geometry=g, patch=patch, overwrite=overwrite,
+                      progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=[store])
     finally:
         s.close()

@@ -113,13 +113,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _stream_schema(path: Path) -> pa.Schema:
+def _shard_schema(path: Path) -> tuple[pa.Schema, bool]:
+    """A shard's schema, and whether it is in the IPC stream format (ours) rather than the IPC file format."""
     with pa.memory_map(str(path)) as src:
         if src.read(6) == b"ARROW1":
             src.seek(0)
-            return pa.ipc.open_file(src).schema
+            return pa.ipc.open_file(src).schema, False
         src.seek(0)
-        return pa.ipc.open_stream(src).schema
+        return pa.ipc.open_stream(src).schema, True
 
 
 class _ShardLinker(DatasetWriter):
@@ -133,18 +134,19 @@ class _ShardLinker(DatasetWriter):
             raise DatasetFormatError(msg)
         dst = self.tmp_dir / f"shard-{len(self._shard_files):05d}.arrow"
         try:
-            schema = _stream_schema(src)
+            schema, stream = _shard_schema(src)
         except (OSError, pa.ArrowInvalid) as e:
             msg = f"{label}: shard {src} cannot be read ({e}); it is truncated or corrupt: rebuild that dataset"
             raise DatasetFormatError(msg) from None
-        if schema.equals(self.schema, check_metadata=True):
+        if stream and schema.equals(self.schema, check_metadata=True):
             _link_or_copy(src, dst)
         else:
             self._rewrite(src, dst, rows, label, counters)
         self._shard_files.append(dst.name)
 
     def _rewrite(self, src: Path, dst: Path, rows: int, label: str, counters: dict) -> None:
-        """Copy a shard's columns into this schema (same columns, other metadata; or ``spot_id`` missing)."""
+        """Copy a shard's columns into this schema, as an IPC stream (same columns with other metadata, the IPC file
+        format, or ``spot_id`` missing)."""
         t = open_shard(src, rows)
         cols = []
         for f in self.schema:

@@ -446,7 +446,7 @@ def read_samplesheet(path: str | os.PathLike, *, options: str | dict | None = No
     rows: list[SampleRow] = []
     first_line: dict[str, int] = {}
     for line, r in raw:
-        if r["sample"] in first_line:
+        if r["sample"] and r["sample"] in first_line:
             faults.append(f"samplesheet {path}, line {line}: sample: expected a unique sample id, found "
                           f"{r['sample']!r} again (first on line {first_line[r['sample']]}); give every row its own id")
             continue
@@ -565,6 +565,7 @@ class SampleStatus:
     seconds: float | None = None
     error: str | None = None
     part: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -608,9 +609,10 @@ def _run_part(task: dict) -> dict:
 
     t0 = time.perf_counter()
     o, tech = task["options"], task["technology"]
+    caught: list = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if not task["progress"] else "default")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             geometry = SpotGeometry.from_dict(task["geometry"])
             patch = PatchOptions(min_tissue_fraction=o["min_tissue_fraction"], outside_spots=o["outside_spots"],
                                  max_upsample=o["max_upsample"])
@@ -637,10 +639,17 @@ def _run_part(task: dict) -> dict:
                                      min_counts=o["min_counts"], **common)
         m = read_manifest(task["part"])
         return {"sample": task["sample"], "status": "built", "n_spots": m["n_rows"],
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "warnings": _messages(caught)}
     except Exception as e:  # noqa: BLE001 - one failed sample must not stop the others; reported on one line
         return {"sample": task["sample"], "status": "failed", "error": _one_line(e),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "warnings": _messages(caught)}
+
+
+def _messages(caught: list) -> list[str]:
+    """The distinct messages of the recorded user warnings (the builders' checks), each on one line; library
+    deprecation notices are left out."""
+    return list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught or []
+                              if issubclass(w.category, UserWarning)))
 
 
 def _task(row: SampleRow, part: Path, rows_per_shard: int, qc: bool, progress: bool) -> dict:
@@ -662,11 +671,29 @@ def _log(msg: str, progress: bool) -> None:
         tqdm.write(f"hescape-data: {msg}", file=sys.stderr)
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _init_worker(threads: int) -> None:
+    """Set up a worker process: its builds cut patches on ``threads`` threads (the CPUs shared out among the
+    workers) instead of one per CPU each, so that ``jobs`` workers do not oversubscribe the machine. The
+    single-sample builders take no thread count, so the patch module's default is replaced, in this worker only."""
+    from . import patches
+
+    if hasattr(patches, "default_workers"):
+        patches.default_workers = lambda: threads
+
+
 def _run_pool(tasks: list[dict], jobs: int, run, progress: bool, on_done) -> None:
     """Run ``run(task)`` for every task in ``jobs`` spawned worker processes; ``on_done(task, result)`` for each.
 
-    A worker that dies breaks the pool: the unfinished tasks are then run one at a time, each in a fresh
-    one-worker pool, so only a task that kills its own worker is reported failed (``_KILLED``).
+    Each worker gets ``max(1, CPUs // jobs)`` patch threads (:func:`_init_worker`). A worker that dies breaks
+    the pool: the unfinished tasks are then run one at a time, each in a fresh one-worker pool (all CPUs), so
+    only a task that kills its own worker is reported failed (``_KILLED``).
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -674,7 +701,8 @@ def _run_pool(tasks: list[dict], jobs: int, run, progress: bool, on_done) -> Non
 
     ctx = mp.get_context("spawn")
     broken: list[dict] = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(max(1, _cpus() // jobs),)) as ex:
         futures = {ex.submit(run, t): t for t in tasks}
         for f in as_completed(futures):
             t = futures[f]
@@ -683,6 +711,8 @@ def _run_pool(tasks: list[dict], jobs: int, run, progress: bool, on_done) -> Non
             except BrokenProcessPool:
                 broken.append(t)
                 continue
+            except Exception as e:  # noqa: BLE001 - a task function that raised (ours never does)
+                res = {"sample": t["sample"], "status": "failed", "error": _one_line(e), "seconds": None}
             on_done(t, res)
     if broken:
         _log(f"a worker process died; building the {len(broken)} unfinished sample(s) one at a time", progress)
@@ -691,11 +721,14 @@ def _run_pool(tasks: list[dict], jobs: int, run, progress: bool, on_done) -> Non
             m = read_manifest(t["part"])
             on_done(t, {"sample": t["sample"], "status": "built", "n_spots": m["n_rows"], "seconds": None})
             continue
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(_cpus(),)) as ex:
             try:
                 res = ex.submit(run, t).result()
             except BrokenProcessPool:
                 res = {"sample": t["sample"], "status": "failed", "error": _KILLED, "seconds": None}
+            except Exception as e:  # noqa: BLE001 - as above
+                res = {"sample": t["sample"], "status": "failed", "error": _one_line(e), "seconds": None}
         on_done(t, res)
 
 
@@ -811,8 +844,11 @@ def build_from_samplesheet(samplesheet: str | os.PathLike, out: str | os.PathLik
         row = next(r for r, t in todo if t is task)
         done[0] += 1
         st = SampleStatus(row.sample, row.technology, res["status"], n_spots=res.get("n_spots"),
-                          seconds=res.get("seconds"), error=res.get("error"), part=task["part"])
+                          seconds=res.get("seconds"), error=res.get("error"), part=task["part"],
+                          warnings=list(res.get("warnings") or []))
         status[row.sample] = st
+        for w in st.warnings:
+            _log(f"{row.sample}: warning: {w}", progress)
         if st.status == "built":
             _log(f"[{done[0]}/{n}] {row.sample}: built, {st.n_spots} spots"
                  + (f" in {st.seconds:.1f} s" if st.seconds is not None else ""), progress)

@@ -56,12 +56,12 @@ from .visium import (
     SPOT_DIAMETER_FULLRES_UM,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
-    check_fullres_extent,
 )
 from .xenium import SpatialSample
 
 __all__ = ["ANNDATA_HINT", "LEVELS", "PixelSize", "import_anndata", "read_h5ad", "anndata_counts", "anndata_genes",
-           "spatial_px", "visium_lattice_from_obs", "spacing_px", "read_anndata", "PIXEL_SIZE_WARN_FRACTION"]
+           "spatial_px", "visium_lattice_from_obs", "spacing_px", "read_anndata", "PIXEL_SIZE_WARN_FRACTION",
+           "check_positions_on_image"]
 
 #: How to install the optional dependencies this module needs.
 ANNDATA_HINT = 'pip install "hescape-data[anndata]"'
@@ -172,6 +172,21 @@ def anndata_counts(adata, where, *, layer: str | None = None,
             raise InputFormatError(msg)
     check_counts(vals, f"{where}: {name}", allow_non_integer=True)  # NaN/inf and negatives, whatever the flag
     return sp.csr_matrix(m, dtype=np.float32), name
+
+
+def check_positions_on_image(img: SlideImage, image_name, xy_px: np.ndarray, where) -> None:
+    """Refuse positions beyond the image (by more than 2 %): they are not in this image's pixels.
+
+    The image is closed before raising.
+    """
+    h, w = img.shape
+    if len(xy_px) and (xy_px[:, 0].max() > w * 1.02 or xy_px[:, 1].max() > h * 1.02 or xy_px.min() < -0.02 * max(h, w)):
+        img.close()
+        msg = (f"{where}: expected obsm['spatial'] in pixels of {image_name} ({w}×{h} px), found positions reaching "
+               f"x = {xy_px[:, 0].min():.0f}…{xy_px[:, 0].max():.0f}, y = {xy_px[:, 1].min():.0f}…"
+               f"{xy_px[:, 1].max():.0f}; pass the full-resolution image the positions refer to (a downsampled one "
+               "needs its scale factor: --image hires/lowres with uns['spatial'])")
+        raise InputFormatError(msg)
 
 
 def _looks_ensembl(values) -> bool:
@@ -475,7 +490,7 @@ def read_anndata(path: str | os.PathLike, *, image: str | os.PathLike | None, im
     else:
         img_path = str(image)
         img, scalef = open_image(image), 1.0
-        check_fullres_extent(img, Path(image), xy_px)
+        check_positions_on_image(img, Path(image).name, xy_px, where)
     try:
         check_not_blank(img, img_path)
     except InputFormatError:

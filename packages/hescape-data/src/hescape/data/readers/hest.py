@@ -59,6 +59,7 @@ from .anndata import (
     PIXEL_SIZE_WARN_FRACTION,
     anndata_counts,
     anndata_genes,
+    check_positions_on_image,
     read_h5ad,
     spacing_px,
     spatial_px,
@@ -67,7 +68,7 @@ from .anndata import (
 from .image import check_not_blank, open_image
 from .spaceranger import fit_lattice
 from .tenx import read_json
-from .visium import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, check_fullres_extent
+from .visium import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM
 from .xenium import SpatialSample
 
 __all__ = ["HEST_TECHNOLOGIES", "HEST_PSEUDO_SPOT_UM", "HestPaths", "HestSample", "hest_available_ids",
@@ -358,8 +359,8 @@ def _choose(sample_id: str, choice: str, meta_mpp: float | None, measured: tuple
             using = ("using the measured value (--pixel-size lattice)" if choice == "lattice" else
                      "using the metadata value (HEST's own); pass --pixel-size lattice to use the measured one")
             rec["pixel_size_warning"] = (
-                f"HEST sample {sample_id}: metadata pixel_size_um_estimated {meta_mpp:.5g} µm/px disagrees with the "
-                f"{measured[1]} ({measured[0]:.5g} µm/px) by {diff:+.1%}; {using}")
+                f"HEST sample {sample_id}: metadata pixel_size_um_estimated is {meta_mpp:.5g} µm/px, measured "
+                f"{measured[0]:.5g} µm/px from the {measured[1]} ({diff:+.1%}); {using}")
             warnings.warn(rec["pixel_size_warning"], UserWarning, stacklevel=3)
     return float(mpp), rec
 
@@ -451,8 +452,8 @@ def read_hest_sample(root: str | os.PathLike, sample_id: str, *, counts_from: st
 
     img = open_image(p.wsi)
     try:
-        if tech == "Visium":
-            check_fullres_extent(img, p.wsi, xy_px)
+        if tech == "Visium" or counts_from == "spots":
+            check_positions_on_image(img, f"wsis/{sample_id}.tif", xy_px, where)
         check_not_blank(img, p.wsi)
     except InputFormatError:
         img.close()

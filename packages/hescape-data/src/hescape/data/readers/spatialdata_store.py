@@ -48,7 +48,7 @@ from .xenium import SpatialSample
 
 __all__ = ["read_spatialdata", "SpatialDataImage", "require_spatialdata", "VISIUM_PITCH_UM"]
 
-#: Centre-to-centre distance of Visium spots (µm): the lattice that gives µm per unit in a spatialdata-io Visium store.
+#: Centre-to-centre distance of Visium spots (µm): the lattice giving µm per unit in a spatialdata-io Visium store.
 VISIUM_PITCH_UM = 100.0
 
 _INSTALL = 'pip install "hescape-data[spatialdata]"'
@@ -156,13 +156,14 @@ def _affine(sd, element, cs: str, what: str) -> np.ndarray:
 
 
 def _pick(kind: str, name: str | None, available: list[str], option: str, store: Path) -> str:
+    """``name`` if the store has a ``kind`` element of that name; else one line naming the available ones."""
     if name is None:
-        msg = (f"{store}: expected {option} NAME naming the {kind} element to use, found none given; the store has "
-               f"{kind} {available}")
+        msg = (f"{store}: expected {option} NAME naming the {kind} element to use, found none given; the store's "
+               f"{kind} elements are {available}")
         raise InputFormatError(msg)
     if name not in available:
-        msg = (f"{store}: expected a {kind} element named {name!r} ({option}), found none; the store's {kind} are "
-               f"{available or '(none)'}: pass one of them")
+        msg = (f"{store}: expected {kind} element {name!r} ({option}), found none of that name; the store's {kind} "
+               f"elements are {available or '(none)'}: pass one of them")
         raise InputFormatError(msg)
     return name
 
@@ -221,8 +222,8 @@ def read_spatialdata(store: str | os.PathLike, *, table: str, image: str, shapes
         msg = (f"{store}: expected a SpatialData store written by spatialdata, found one it cannot read "
                f"({type(e).__name__}: {str(e)[:120]})")
         raise InputFormatError(msg) from None
-    table = _pick("tables", table, sorted(sdata.tables), "--table", store)
-    image = _pick("images", image, sorted(sdata.images), "--image", store)
+    table = _pick("table", table, sorted(sdata.tables), "--table", store)
+    image = _pick("image", image, sorted(sdata.images), "--image", store)
     adata = sdata.tables[table]
     attrs = dict(adata.uns.get("spatialdata_attrs") or {})
     region, region_key, instance_key = attrs.get("region"), attrs.get("region_key"), attrs.get("instance_key")
@@ -293,7 +294,8 @@ def read_spatialdata(store: str | os.PathLike, *, table: str, image: str, shapes
                "shapes element of spots (circles) or cells (polygons)")
         raise InputFormatError(msg)
     if not np.isfinite(xy_in).all():
-        msg = f"{store}: shapes {shapes!r}: expected finite coordinates, found NaN/inf for {int((~np.isfinite(xy_in)).any(1).sum())} shapes"
+        bad = int((~np.isfinite(xy_in)).any(1).sum())
+        msg = f"{store}: shapes {shapes!r}: expected finite coordinates, found NaN/inf for {bad} shapes"
         raise InputFormatError(msg)
 
     # one coordinate system shared by the image and the shapes
@@ -357,7 +359,8 @@ def read_spatialdata(store: str | os.PathLike, *, table: str, image: str, shapes
     except InputFormatError as e:
         hint = ("" if layer is not None or "counts" not in adata.layers
                 else "; the table has layers['counts']: pass --layer counts")
-        raise InputFormatError(f"{e}{hint}") from None
+        msg = f"{e}{hint}"
+        raise InputFormatError(msg) from None
     genes = [str(g) for g in adata.var_names]
     gene_ids = ([str(g) for g in adata.var["gene_ids"]] if "gene_ids" in adata.var.columns else [""] * len(genes))
 
