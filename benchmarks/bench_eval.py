@@ -27,6 +27,11 @@ subprocess runs the same call once under ``cProfile`` for the share of time outs
 
 * ``retrieval``: N = 65,536, d = 128, single run each: :func:`hescape.eval.compute_ranks_both` (exact ranks of both
   directions from one pass) vs faiss ``IndexFlatIP`` top-10 search run twice (image→gene, gene→image).
+* ``directions``: N = 65,536 (``HESCAPE_BENCH_DIRECTIONS_N``), d = 128: :func:`hescape.eval.compute_ranks` (image→gene
+  only) against :func:`hescape.eval.compute_ranks_both` (both directions from one pass), C++ kernel, all cores, in
+  one process on the same data, alternated ``HESCAPE_BENCH_DIRECTIONS_ROUNDS`` (2) times after a small warm-up call;
+  wall and process CPU time (``time.process_time``, less sensitive to other jobs time-slicing the cores) and the load
+  average before and after are recorded (the target: both ≤ 1.1× one direction). Ranks are checked equal.
 
 The summary lines carry the CPU model and thread count; ``benchmarks/out/bench_eval.json`` holds the raw figures
 (not committed).
@@ -55,6 +60,9 @@ EXPR_N = int(os.environ.get("HESCAPE_BENCH_EXPR_N", "30000"))
 EXPR_D, EXPR_GENES, EXPR_PATIENTS, EXPR_FOLDS = 1536, 50, 10, 5
 MIL_BAGS, MIL_TILES, MIL_D, MIL_SITES, MIL_EPOCHS = 100, 2000, 1536, 20, 1
 RET_N, RET_D = 65536, 128
+#: N of the one-direction vs both-directions case (``HESCAPE_BENCH_DIRECTIONS_N``; 32,768 on a busy machine).
+RET_N_DIRECTIONS = int(os.environ.get("HESCAPE_BENCH_DIRECTIONS_N", "65536"))
+DIRECTIONS_ROUNDS = int(os.environ.get("HESCAPE_BENCH_DIRECTIONS_ROUNDS", "2"))
 _OUT = Path(__file__).parent / "out"
 _RESULTS: dict[str, dict] = {}
 
@@ -286,6 +294,45 @@ def test_retrieval_both_vs_faiss(benchmark):
     benchmark.extra_info.update(_RESULTS["retrieval"])
     assert abs(r10[0] - f10[0]) < 1e-3 and abs(r10[1] - f10[1]) < 1e-3, (r10, f10)
 
+@pytest.mark.usefixtures("_enabled")
+def test_retrieval_one_vs_both_directions(benchmark):
+    """Both directions from one pass vs one direction, fused C++ kernel, same process, same data, interleaved."""
+    import hescape.eval as E
+    import torch
+
+    if not E.has_cpp_ext():
+        pytest.skip("the C++ extension is not built")
+    n = RET_N_DIRECTIONS
+    torch.set_num_threads(_cores())
+    gen = torch.Generator().manual_seed(n)
+    q = torch.nn.functional.normalize(torch.randn(n, RET_D, generator=gen), dim=1).contiguous()
+    g = torch.nn.functional.normalize(q + 0.7 * torch.randn(n, RET_D, generator=gen), dim=1).contiguous()
+    E.compute_ranks_both(q[:2048], g[:2048])  # warm-up: the kernel's first call (page faults, thread pool)
+    load_before = os.getloadavg()
+    one, both, one_cpu, both_cpu, fwd, rev, ref = [], [], [], [], None, None, None
+    for _ in range(DIRECTIONS_ROUNDS):  # interleaved, so a change in machine load hits both alike
+        t0, c0 = time.perf_counter(), time.process_time()
+        ref = E.compute_ranks(q, g)
+        one.append(time.perf_counter() - t0)
+        one_cpu.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fwd, rev = E.compute_ranks_both(q, g)
+        both.append(time.perf_counter() - t0)
+        both_cpu.append(time.process_time() - c0)
+    load_after = os.getloadavg()
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert fwd.fused and torch.equal(fwd.ranks, ref.ranks)
+    _, small_rev = E.compute_ranks_both(q[:4096], g[:4096])  # gene→image on a subset (the full one: tests)
+    assert rev.fused and torch.equal(small_rev.ranks, E.compute_ranks(g[:4096], q[:4096]).ranks)
+    _RESULTS["directions"] = {"n": n, "d": RET_D, "backend": fwd.backend, "threads": torch.get_num_threads(),
+                              "one_s": one, "both_s": both, "ratio_min": min(both) / min(one),
+                              "one_cpu_s": one_cpu, "both_cpu_s": both_cpu,
+                              "ratio_cpu_min": min(both_cpu) / min(one_cpu),
+                              "ratio_median": float(np.median(both) / np.median(one)),
+                              "loadavg_before": load_before, "loadavg_after": load_after}
+    benchmark.extra_info.update(_RESULTS["directions"])
+
+
 def test_zz_summary():
     if not _RESULTS:
         pytest.skip("nothing measured (run with --benchmark-enable)")
@@ -303,6 +350,14 @@ def test_zz_summary():
                      f"(+{t['extra_mib']:.0f} MiB over inputs {t['base_mib']:.0f} MiB); outside {peer} "
                      f"{100 * p['outside_share']:.1f}% of {p['wall_s']:.1f} s profiled")
         lines.extend(f"      {s:8.3f} s  {k}" for k, s in p["top_outside"])
+    if "directions" in _RESULTS:
+        r = _RESULTS["directions"]
+        lines.append(f"  directions N={r['n']} d={r['d']} ({r['backend']}, {r['threads']} threads): one direction "
+                     f"{', '.join(f'{t:.2f}' for t in r['one_s'])} s; both (one pass) "
+                     f"{', '.join(f'{t:.2f}' for t in r['both_s'])} s -> both/one {r['ratio_min']:.2f}x (best of "
+                     f"each), {r['ratio_median']:.2f}x (median); CPU time both/one {r['ratio_cpu_min']:.2f}x (best "
+                     f"of each); load average "
+                     f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}")
     if "retrieval" in _RESULTS:
         r = _RESULTS["retrieval"]
         lines.append(f"  retrieval N={r['n']} d={r['d']}: compute_ranks_both ({r['backend']}, fused={r['fused']}) "

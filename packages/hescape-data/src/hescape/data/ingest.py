@@ -4,11 +4,23 @@ One call = one sample (one bundle or one ``outs/`` folder) written with :class:`
 (atomic: the output directory appears only when complete). Xenium cells are pooled into pseudo-spots laid out
 by a :class:`~hescape.data.geometry.SpotGeometry` (recorded in ``manifest.json``), and so are Visium HD bins
 (:func:`build_visium_hd_dataset`); Visium spots are used as they are. Each spot gets a µm-exact
-H&E patch (:mod:`hescape.data.patches`). A QC figure (spots over the H&E thumbnail, coloured by total counts)
-is written to ``<out>/qc/<sample>.png`` (the name made safe by :func:`~hescape.data.outputs.safe_filename`), inside
-the writer's temporary directory, so it appears with the dataset or not at all. Every builder checks its options
-(:func:`check_build_options`) and the output location (never an input, never a folder that is not a HESCAPE
-dataset) before it reads any input.
+H&E patch (:mod:`hescape.data.patches`, :func:`~hescape.data.patches.iter_patches`: block by block, each image
+tile decoded once, on a pool of threads).
+
+Every row keeps its identity in the source, the ``spot_id`` column, so embeddings and predictions join back to the
+user's AnnData / Seurat / SpatialData object by id rather than by coordinates: a Visium spot's Space Ranger barcode;
+a Xenium or Visium HD pseudo-spot's lattice id ``<grid>_r<row>_c<col>`` (e.g. ``hex_r0012_c0034``,
+:data:`~hescape.data.geometry.GRID_ID_FORMAT`), its row and column on the geometry's lattice, which starts at the
+smallest cell (bin) x and y. The manifest's ``spot_ids`` entry, at the top level and in the sample's entry (which a
+merge keeps), says which (``kind`` ``"barcode"`` or ``"lattice"``, with the lattice ``origin_um``, ``pitch_um`` and
+``row_step_um``, so an id decodes to its centre with :meth:`~hescape.data.geometry.SpotGeometry.lattice_centres`).
+Ids are given before any spot is dropped (``min_counts``, ``min_cells``, tissue fraction, outside the image), so a
+kept spot's id never depends on the filters, and the same input and geometry give the same ids on every build.
+
+A QC figure (spots over the H&E thumbnail, coloured by total counts) is written to ``<out>/qc/<sample>.png`` (the
+name made safe by :func:`~hescape.data.outputs.safe_filename`), inside the writer's temporary directory, so it
+appears with the dataset or not at all. Every builder checks its options (:func:`check_build_options`) and the
+output location (never an input, never a folder that is not a HESCAPE dataset) before it reads any input.
 """
 
 from __future__ import annotations
@@ -26,14 +38,14 @@ from .errors import HescapeDataError, InputFormatError, PanelMismatchError
 from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
 from .outputs import check_output_location, safe_filename
 from .panels import load_panel
-from .patches import extract_patches, um_per_px
+from .patches import iter_patches, um_per_px
 from .pseudospots import pool_counts
 from .readers.visium import read_visium
 from .readers.xenium import SpatialSample, read_transcripts, read_xenium
 from .splits import known_sample_donor
 
 __all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_dataset", "qc_figure",
-           "build_visium_hd_dataset", "harmonise_genes", "pseudo_spots", "check_build_options"]
+           "build_visium_hd_dataset", "harmonise_genes", "pseudo_spots", "check_build_options", "lattice_id_record"]
 
 
 @dataclass(frozen=True)
@@ -197,11 +209,13 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
     return sp.csr_matrix(counts), genes, gene_ids
 
 
-def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, geometry: SpotGeometry):
+def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, geometry: SpotGeometry, *, with_ids: bool = False):
     """Spot centres ``(n, 2)`` µm, pooled counts ``(n, genes)`` and points per spot ``(n,)`` over the points' extent.
 
     ``xy_um`` are cell centroids (Xenium) or bin centres (Visium HD) in µm; counts are summed over the points
-    inside each spot of ``geometry`` (sum pooling, as the HESCAPE paper, section 7.1).
+    inside each spot of ``geometry`` (sum pooling, as the HESCAPE paper, section 7.1). With ``with_ids``, also
+    each spot's lattice id (``list[str]``, :meth:`~hescape.data.geometry.SpotGeometry.grid_ids`) and the
+    record of how ids decode (:func:`lattice_id_record`).
     """
     if len(xy_um) == 0:
         msg = "expected cells to pool into pseudo-spots, found none"
@@ -209,12 +223,26 @@ def pseudo_spots(xy_um: np.ndarray, counts: sp.csr_matrix, geometry: SpotGeometr
     lo, hi = xy_um.min(0), xy_um.max(0)
     # The lattice starts at the first point and runs one pitch past the last, so that points along the far edges
     # still fall in a spot of a dense tiling; spots that hold no point are dropped by the count filters.
-    spots = geometry.centres((lo[0], lo[1], hi[0] + geometry.pitch_um, hi[1] + geometry.pitch_um))
+    spots, rows, cols = geometry.lattice((lo[0], lo[1], hi[0] + geometry.pitch_um, hi[1] + geometry.pitch_um))
     assign = geometry.assign(xy_um, spots)
-    spots, assign = spots[assign.getnnz(axis=1) > 0], assign[assign.getnnz(axis=1) > 0]
+    used = assign.getnnz(axis=1) > 0
+    spots, assign, rows, cols = spots[used], assign[used], rows[used], cols[used]
     pooled = pool_counts(assign, counts)
     n_cells = np.asarray(assign.sum(1)).ravel().astype(np.int32)
+    if with_ids:
+        return spots, pooled, n_cells, geometry.grid_ids(rows, cols), lattice_id_record(geometry, lo)
     return spots, pooled, n_cells
+
+
+def lattice_id_record(geometry: SpotGeometry, origin_um) -> dict:
+    """The manifest's ``spot_ids`` entry for lattice ids: format, lattice origin (µm), pitch and row step (µm)."""
+    from .geometry import GRID_ID_FORMAT
+
+    return {"kind": "lattice", "format": GRID_ID_FORMAT, "grid": geometry.grid,
+            "origin_um": [float(origin_um[0]), float(origin_um[1])], "pitch_um": geometry.pitch_um,
+            "row_step_um": geometry.row_step_um,
+            "centre": "x = origin_x + col * pitch_um (+ pitch_um / 2 on odd rows of a hex grid), "
+                      "y = origin_y + row * row_step_um"}
 
 
 def qc_figure(path: str | os.PathLike, sample: SpatialSample, spots_um: np.ndarray, totals: np.ndarray,
@@ -268,7 +296,12 @@ def check_resolution(sample: SpatialSample, geometry: SpotGeometry, patch: Patch
 
 def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_ids, donor, tissue, source, split,
            geometry: SpotGeometry, patch: PatchOptions, overwrite: bool, progress: bool, qc: bool,
-           rows_per_shard: int, extra: dict, inputs=()) -> Path:
+           rows_per_shard: int, extra: dict, inputs=(), spot_ids, workers: int | None = None) -> Path:
+    spot_ids = np.asarray([str(i) for i in spot_ids], dtype=object)
+    id_record = extra.get("spot_ids")  # how the ids read: also in the sample's manifest entry (survives a merge)
+    if len(spot_ids) != len(spots_um):
+        msg = f"sample {sample.name}: expected one spot id per spot ({len(spots_um)}), found {len(spot_ids)}"
+        raise HescapeDataError(msg)
     if len(spots_um) == 0:
         msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
                "lower --min-counts / --min-cells or check the input")
@@ -296,16 +329,21 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
                f"H&E image ({w} x {h} px); check the alignment matrix and pixel size, or, if the H&E covers only "
                "part of the section, pass outside_spots='drop' (--outside-spots drop) to leave those spots out")
         raise InputFormatError(msg)
-    patches = extract_patches(sample.image, sample.um_to_px, spots_um, fov_um=geometry.fov_um,
-                              target_um_per_px=geometry.um_per_px)
+    min_tissue = patch.min_tissue_fraction
+
+    def encode(p: np.ndarray) -> bytes | None:  # in the worker thread: the PNG encoder releases the GIL
+        return None if min_tissue > 0 and tissue_fraction(p) < min_tissue else encode_png(p)
+
+    todo = np.flatnonzero(inside)  # spots off the image are dropped: no patch is cut for them
+    pngs: dict[int, bytes | None] = {}
+    with tqdm(total=len(todo), desc=f"patches {sample.name}", disable=not progress, unit="spot") as bar:
+        for j, png in iter_patches(sample.image, sample.um_to_px, spots_um[todo], fov_um=geometry.fov_um,
+                                   target_um_per_px=geometry.um_per_px, transform=encode, workers=workers):
+            pngs[int(todo[j])] = png
+            bar.update(1)
     keep = inside.copy()
-    images = []
-    for i, p in enumerate(tqdm(patches, total=len(spots_um), desc=f"patches {sample.name}", disable=not progress,
-                               unit="spot")):
-        if keep[i] and patch.min_tissue_fraction > 0 and tissue_fraction(p) < patch.min_tissue_fraction:
-            keep[i] = False
-        if keep[i]:
-            images.append(encode_png(p))
+    keep[todo] = [pngs[i] is not None for i in todo.tolist()]
+    images = [pngs[i] for i in np.flatnonzero(keep).tolist()]
     if not keep.any():
         msg = (f"sample {sample.name}: expected at least one spot inside the image with tissue fraction >= "
                f"{patch.min_tissue_fraction}, found none; check the image and alignment or lower --min-tissue-fraction")
@@ -313,12 +351,13 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
     extra = {**extra, "geometry": geometry.to_dict(),
              "filters": {"outside_image": int((~inside).sum()), "low_tissue": int((inside & ~keep).sum()),
                          "kept": int(keep.sum())}}
-    spots_um, gexp, n_cells = spots_um[keep], gexp[keep], n_cells[keep]
+    spots_um, gexp, n_cells, spot_ids = spots_um[keep], gexp[keep], n_cells[keep], spot_ids[keep]
     with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
                        extra=extra, inputs=inputs) as w:
         w.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
-                          coords_um=spots_um, n_cells=n_cells,
-                          meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px}),
+                          coords_um=spots_um, n_cells=n_cells, spot_ids=spot_ids.tolist(),
+                          meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px,
+                                **({} if id_record is None else {"spot_ids": id_record})}),
               split=split)
         if qc:  # written inside the temporary directory: it appears with the dataset, or not at all
             d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
@@ -416,7 +455,7 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
             s.name = sample
         counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
                                                   missing_genes=missing_genes, max_missing=max_missing)
-        centres, pooled, n_cells = pseudo_spots(s.xy_um, counts, geometry)
+        centres, pooled, n_cells, ids, id_record = pseudo_spots(s.xy_um, counts, geometry, with_ids=True)
         if counts_from == "transcripts":
             if panel is not None or duplicate_genes != "error":
                 msg = "counts_from='transcripts' pools the bundle's own genes; drop --panel / --duplicate-genes"
@@ -431,8 +470,10 @@ def build_xenium_dataset(bundle: str | os.PathLike, out: str | os.PathLike, *,
         keep = (pooled.sum(1) >= spots.min_counts) & (n_cells >= spots.min_cells)
         extra = {"ingest": {"kind": "xenium", "input": str(Path(bundle).resolve()), "spots": asdict(spots),
                             "counts_from": counts_from, "min_qv": min_qv,
-                            "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
+                            "patch": asdict(patch), "metadata": s.metadata, "panel": panel},
+                 "spot_ids": id_record}
         return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_cells[keep], genes=genes,
+                      spot_ids=np.asarray(ids, dtype=object)[keep],
                       gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name,
                       tissue=tissue or str(s.metadata.get("panel_tissue_type") or "unknown"), source=source,
                       split=split, geometry=geometry, patch=patch, overwrite=overwrite,
@@ -477,8 +518,11 @@ def build_visium_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, ima
         gexp = counts.toarray().astype(np.float32)
         keep = gexp.sum(1) >= min_counts
         extra = {"ingest": {"kind": "visium", "input": str(Path(outs).resolve()), "min_counts": min_counts,
-                            "patch": asdict(patch), "metadata": s.metadata, "panel": panel}}
+                            "patch": asdict(patch), "metadata": s.metadata, "panel": panel},
+                 "spot_ids": {"kind": "barcode", "source": "Space Ranger barcode (the matrix's and "
+                                                           "tissue_positions' barcode column)"}}
         return _write(s, out, spots_um=s.xy_um[keep], gexp=gexp[keep], n_cells=np.full(int(keep.sum()), -1, np.int32),
+                      spot_ids=np.asarray(s.obs_ids, dtype=object)[keep],
                       genes=genes, gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue, source=source,
                       split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=inputs)
@@ -540,12 +584,14 @@ def build_visium_hd_dataset(outs: str | os.PathLike, out: str | os.PathLike, *, 
             warnings.warn(s.metadata["pooling_warning"], UserWarning, stacklevel=2)
         counts, genes, gene_ids = harmonise_genes(s, panel=panel, duplicate_genes=duplicate_genes,
                                                   missing_genes=missing_genes, max_missing=max_missing)
-        centres, pooled, n_bins = pseudo_spots(s.xy_um, counts, geometry)
+        centres, pooled, n_bins, ids, id_record = pseudo_spots(s.xy_um, counts, geometry, with_ids=True)
         keep = (pooled.sum(1) >= spots.min_counts) & (n_bins >= spots.min_cells)
         extra = {"ingest": {"kind": "visium-hd", "input": str(Path(outs).resolve()), "spots": asdict(spots),
                             "bin_size_um": bin_um, "n_cells_counts": "bins", "patch": asdict(patch),
-                            "metadata": s.metadata, "panel": panel}}
+                            "metadata": s.metadata, "panel": panel},
+                 "spot_ids": id_record}
         return _write(s, out, spots_um=centres[keep], gexp=pooled[keep], n_cells=n_bins[keep], genes=genes,
+                      spot_ids=np.asarray(ids, dtype=object)[keep],
                       gene_ids=gene_ids, donor=donor or known_sample_donor(s.name) or s.name, tissue=tissue,
                       source=source, split=split, geometry=geometry, patch=patch, overwrite=overwrite,
                       progress=progress, qc=qc, rows_per_shard=rows_per_shard, extra=extra, inputs=inputs)

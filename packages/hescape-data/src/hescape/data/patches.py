@@ -144,15 +144,26 @@ def _sampling(image: SlideImage, um_to_px: np.ndarray, center_um, fov_um: float,
     return _Sampling(n, level, r0, c0, r1, c1, float(sigma), margin, _SWAP @ to_region @ _SWAP)
 
 
-def _low_pass(region: np.ndarray, sigma: float) -> np.ndarray:
-    return ndimage.gaussian_filter(region, sigma=(sigma, sigma, 0), mode="nearest", truncate=_TRUNCATE)
+def _planar(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 as a C-contiguous ``(3, H, W)`` float32 (each channel one contiguous plane)."""
+    return np.ascontiguousarray(np.moveaxis(rgb, -1, 0), dtype=np.float32)
 
 
-def _resample(region: np.ndarray, s: _Sampling, fill: int) -> np.ndarray:
-    """The ``(n, n, 3)`` uint8 patch from its (already low-passed) float32 region ``(r1-r0, c1-c0, 3)``."""
+def _low_pass(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian low-pass of ``(3, H, W)`` float32 planes along rows, then columns (as the patch sampling needs)."""
+    return ndimage.gaussian_filter(planes, sigma=(0, sigma, sigma), mode="nearest", truncate=_TRUNCATE)
+
+
+def _resample(planes: np.ndarray, s: _Sampling, fill: int) -> np.ndarray:
+    """The ``(n, n, 3)`` uint8 patch from its (already low-passed) float32 region planes ``(3, r1-r0, c1-c0)``.
+
+    Each channel is resampled from its own plane: the values are those of resampling an interleaved
+    ``(H, W, 3)`` region channel by channel (the arithmetic per output pixel is the same), in ~2/3 of the time
+    (a contiguous plane is read with fewer cache misses than every third float of an interleaved one).
+    """
     out = np.empty((s.n, s.n, 3), dtype=np.uint8)
     for ch in range(3):
-        res = ndimage.affine_transform(region[..., ch], s.matrix, output_shape=(s.n, s.n), order=1, mode="constant",
+        res = ndimage.affine_transform(planes[ch], s.matrix, output_shape=(s.n, s.n), order=1, mode="constant",
                                        cval=float(fill), prefilter=False)
         out[..., ch] = np.clip(np.rint(res), 0, 255).astype(np.uint8)
     return out
@@ -175,7 +186,7 @@ def extract_patch(image: SlideImage, um_to_px: np.ndarray, center_um, *, fov_um:
     if level is None:
         level = _pick_level(image, um_to_px, target_um_per_px)
     s = _sampling(image, um_to_px, center_um, fov_um, target_um_per_px, level)
-    region = image.read_region(level, s.r0, s.c0, s.r1 - s.r0, s.c1 - s.c0, fill=fill).astype(np.float32)
+    region = _planar(image.read_region(level, s.r0, s.c0, s.r1 - s.r0, s.c1 - s.c0, fill=fill))
     if s.sigma > 0:
         region = _low_pass(region, s.sigma)
     return _resample(region, s, fill)
@@ -249,7 +260,7 @@ def iter_patches(image: SlideImage, um_to_px: np.ndarray, centers_um, *, fov_um:
         Threads (default :func:`default_workers`); 1 runs everything in the calling thread.
     block_px
         Side of a block, in level pixels (default: twice a patch's region, at least 256). Larger blocks low-pass
-        fewer pixels twice and hold more memory (a block's float32 region: ``12 · (block + region)²`` bytes).
+        fewer pixels twice and hold more memory (a block's float32 planes: ``12 · (block + region)²`` bytes).
     transform
         Applied to each patch in the worker thread; its result is yielded instead of the patch.
     cache_bytes
@@ -282,14 +293,14 @@ def iter_patches(image: SlideImage, um_to_px: np.ndarray, centers_um, *, fov_um:
 
     def prepare(k: int):
         r0, c0, r1, c1 = boxes[k]
-        block = image.read_region(level, r0, c0, r1 - r0, c1 - c0, fill=fill).astype(np.float32)
+        block = _planar(image.read_region(level, r0, c0, r1 - r0, c1 - c0, fill=fill))
         sigma, margin = samplings[blocks[k][0]].sigma, samplings[blocks[k][0]].margin
         whole = sigma > 0 and margin - 1 >= int(_TRUNCATE * sigma + 0.5)  # see the module docstring
         return (_low_pass(block, sigma) if whole else block), whole
 
     def cut(k: int, prepared, i: int):
         (block, filtered), (r0, c0, _r1, _c1), s = prepared, boxes[k], samplings[i]
-        region = block[s.r0 - r0 : s.r1 - r0, s.c0 - c0 : s.c1 - c0]
+        region = block[:, s.r0 - r0 : s.r1 - r0, s.c0 - c0 : s.c1 - c0]
         if s.sigma > 0 and not filtered:
             region = _low_pass(region, s.sigma)
         patch = _resample(region, s, fill)

@@ -26,7 +26,10 @@ Each synthetic *sample* is a square section of breast-like tissue. What ties its
   density and arrangement do.
 
 Donors carry a batch effect in both modalities: a per-gene log shift and a library-size factor in expression,
-and a stain-vector / brightness shift in the image. The H&E image is a Beer–Lambert mix of haematoxylin and
+and a stain-vector / brightness shift in the image. ``SyntheticConfig.batch`` (:class:`~hescape.data.batch_effects.
+BatchEffects`, all dials 0 by default) adds more, each a dial, on top of them and without changing the biology:
+gene-wise multiplicative and additive shifts, library size and panel dropout in expression, stain and scanner blur
+in the image (:mod:`hescape.data.batch_effects`). The H&E image is a Beer–Lambert mix of haematoxylin and
 eosin optical densities (colour-deconvolution vectors of Ruifrok & Johnston, 2001) with a small optical blur and
 noise. Cells are pooled into pseudo-spots of the config's :class:`~hescape.data.geometry.SpotGeometry` (sum)
 and a patch is cut around each spot centre.
@@ -43,6 +46,7 @@ import scipy.sparse as sp
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from .batch_effects import BatchEffects, apply_expression_effects, apply_image_effects, donor_batch_effects
 from .errors import HescapeDataError
 from .geometry import SpotGeometry
 from .panels import GenePanel, load_panel
@@ -117,11 +121,16 @@ class SyntheticConfig:
     donor_gene_shift_sd: float = 0.25  # sd of the per-donor, per-gene log shift
     donor_stain_shift_sd: float = 0.08  # sd of the per-donor stain vector perturbation
     seed: int = 0  # global seed: the same config gives the same bytes
+    batch: BatchEffects = BatchEffects()  # added per-donor batch effects (hescape.data.batch_effects); 0 = none
 
     def __post_init__(self) -> None:
         if not isinstance(self.geometry, SpotGeometry):
             msg = (f"SyntheticConfig.geometry: expected a hescape.data.geometry.SpotGeometry, found "
                    f"{type(self.geometry).__name__}; pass e.g. get_geometry('hescape').with_(um_per_px=1.0)")
+            raise HescapeDataError(msg)
+        if not isinstance(self.batch, BatchEffects):
+            msg = (f"SyntheticConfig.batch: expected a hescape.data.batch_effects.BatchEffects, found "
+                   f"{type(self.batch).__name__}; pass e.g. BatchEffects.at(0.5)")
             raise HescapeDataError(msg)
         if self.sample_size_um < self.geometry.fov_um:
             msg = (f"SyntheticConfig.sample_size_um: expected at least the patch field of view "
@@ -472,8 +481,17 @@ def spot_centres(cfg: SyntheticConfig) -> np.ndarray:
 
 
 def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int,
-                    panel: GenePanel | None = None) -> SyntheticSample:
-    """Generate one section of one donor. Deterministic in ``(cfg, donor_index, sample_index)``."""
+                    panel: GenePanel | None = None, *, render: bool = True) -> SyntheticSample:
+    """Generate one section of one donor. Deterministic in ``(cfg, donor_index, sample_index)``.
+
+    ``render=False`` skips the H&E (``image`` is then ``(0, 0, 3)``); cells, counts and spots are the same.
+    ``extra`` holds the per-cell ``cell_state`` ``(n_cells, n_states)``, the known biology of each spot,
+    ``spot_type_counts`` ``(n_spots, n_types)`` (cells of each :data:`CELL_TYPES` type) and ``spot_state``
+    ``(n_spots, n_states)`` (mean :data:`STATES` activation of its cells, 0 for an empty spot), which
+    ``cfg.batch`` never changes, and with an active ``cfg.batch`` the donor's drawn effects ``batch``
+    (:class:`~hescape.data.batch_effects.DonorBatch`) and ``gene_mean_per_cell`` ``(n_genes,)`` (the unit of its
+    additive background).
+    """
     panel = panel or load_panel(cfg.panel)
     # Shared biology (same for every donor): type programs. Donor effects: from the donor's stream.
     bio_rng = np.random.default_rng([cfg.seed, 0])
@@ -515,14 +533,35 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int,
     type_lib = np.array([v[7] for v in CELL_TYPES.values()])[cell_type][:, None]
     lib = per_cell * lib_factor * type_lib * np.exp(rng.normal(0, 0.3, size=(len(xy), 1)))
     mu = frac * lib
-    counts = rng.poisson(rng.gamma(shape=4.0, scale=mu / 4.0)).astype(np.float32)
+    rate = rng.gamma(shape=4.0, scale=mu / 4.0)  # each cell's gamma-mixed Poisson rate
+    counts = rng.poisson(rate).astype(np.float32)
+    extra: dict = {"cell_state": cell_state}
+    batch = donor_batch_effects(cfg.batch, cfg.seed, donor_index, panel.n_genes) if cfg.batch.active else None
+    if batch is not None:
+        # Added batch effects: their own streams, so the generator's stream (hence the image) is unchanged.
+        gene_mean = per_cell * panel.mean_counts / panel.mean_counts.sum()
+        extra.update(batch=batch, gene_mean_per_cell=gene_mean)
+        if cfg.batch.expression_active:
+            counts = apply_expression_effects(batch, counts, rate, gene_mean,
+                                              np.random.default_rng([cfg.seed, 12, donor_index, sample_index]))
+    del rate
     cell_counts = sp.csr_matrix(counts)
 
-    image = _render(rng, cfg, tissue, cell_state, niche_prob, nest_fn, stain_fn, stain)
+    if render:
+        image = _render(rng, cfg, tissue, cell_state, niche_prob, nest_fn, stain_fn, stain)
+        if batch is not None and cfg.batch.image_active:
+            image = apply_image_effects(batch, image, cfg.pixel_size_um)
+    else:
+        image = np.zeros((0, 0, 3), dtype=np.uint8)
 
     assign = cfg.geometry.assign(xy, spots)
     spot_counts = pool_counts(assign, cell_counts)
     n_cells = np.asarray(assign.sum(1)).ravel().astype(np.int32)
+    # the known biology of each spot: its cells' types and mean state
+    onehot = sp.csr_matrix((np.ones(len(cell_type)), (np.arange(len(cell_type)), cell_type)),
+                           shape=(len(cell_type), len(CELL_TYPES)))
+    extra["spot_type_counts"] = np.asarray((assign @ onehot).todense()).astype(np.int32)
+    extra["spot_state"] = np.asarray(assign @ cell_state) / np.maximum(n_cells, 1)[:, None]
     return SyntheticSample(
         name=f"SYN-D{donor_index:02d}-S{sample_index}",
         donor=f"donor_{donor_index:02d}",
@@ -534,5 +573,5 @@ def generate_sample(cfg: SyntheticConfig, donor_index: int, sample_index: int,
         spot_n_cells=n_cells,
         spot_niche=niche_prob(spots).argmax(1) if len(spots) else np.zeros(0, dtype=int),
         image=image,
-        extra={"cell_state": cell_state},
+        extra=extra,
     )

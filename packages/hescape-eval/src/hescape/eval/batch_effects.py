@@ -293,7 +293,7 @@ def plot_silhouette_vs_recall(rows: Sequence[Mapping[str, object]], path: str | 
     rows
         One mapping per run or dataset with ``"silhouette_batch"`` (float in [0, 1]), ``"recall_at_5"`` (mean of the
         image→gene and gene→image Recall@5, in [0, 1]) and ``"label"`` (str); optional ``"chance_recall_at_5"``
-        (drawn as a grey tick under the point).
+        (drawn as a grey tick under the point) and ``"recall_std"`` (an error bar, e.g. the s.d. over seeds).
     path
         Output image (format from the suffix, e.g. ``.png``); written atomically.
     title
@@ -306,7 +306,7 @@ def plot_silhouette_vs_recall(rows: Sequence[Mapping[str, object]], path: str | 
     """
     if not rows:
         raise _err(what="rows", expected="at least one run", found="none", fix="pass one mapping per run")
-    xs, ys, labs, chance = [], [], [], []
+    xs, ys, labs, chance, err = [], [], [], [], []
     for i, r in enumerate(rows):
         try:
             xs.append(float(r["silhouette_batch"]))
@@ -316,6 +316,8 @@ def plot_silhouette_vs_recall(rows: Sequence[Mapping[str, object]], path: str | 
                        found=f"keys {sorted(r)}", fix="add both keys to every row") from exc
         labs.append(str(r.get("label", i)))
         chance.append(r.get("chance_recall_at_5"))
+        sd = r.get("recall_std")
+        err.append(float(sd) if sd is not None and np.isfinite(float(sd)) else 0.0)
     x, y = np.array(xs), np.array(ys)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise _err(what="rows", expected="finite values", found="NaN or inf", fix="drop runs without a score")
@@ -323,6 +325,8 @@ def plot_silhouette_vs_recall(rows: Sequence[Mapping[str, object]], path: str | 
     fig = figure.Figure(figsize=(5.2, 4.2), dpi=150)  # no pyplot: no global backend or figure state touched
     ax = fig.subplots()
     ax.scatter(x, y, s=46, color="#1f5fa8", zorder=3)
+    if any(err):
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor="#1f5fa8", elinewidth=1, capsize=3, zorder=3)
     for xi, yi, lab in zip(x, y, labs, strict=True):
         ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(6, 4), fontsize=8)
     for xi, c in zip(x, chance, strict=True):
@@ -345,7 +349,8 @@ def plot_silhouette_vs_recall(rows: Sequence[Mapping[str, object]], path: str | 
     ax.set_title(title, fontsize=10)
     pad_x = max(0.02, 0.08 * np.ptp(x))
     ax.set_xlim(x.min() - pad_x, x.max() + 2.5 * pad_x)
-    top = 1.15 * max(1e-3, float(max(y.max(), max((float(c) for c in chance if c is not None), default=0))))
+    top = 1.15 * max(1e-3, float(max((y + np.asarray(err)).max(),
+                                     max((float(c) for c in chance if c is not None), default=0))))
     ax.set_ylim(-0.04 * top, top)  # below 0 so chance ticks near 0 stay visible
     ax.grid(alpha=0.3)
     fig.tight_layout()

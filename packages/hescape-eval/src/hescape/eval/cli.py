@@ -4,8 +4,12 @@
 path works too), ranks both directions under each ``--protocol`` (default: ``full`` and ``batch:64``), prints
 one Markdown table per protocol with the protocol, pool size and chance in its header line, and with
 ``--out FILE.json`` writes the same numbers as JSON. ``hescape-eval report RUN_DIR... --out DIR`` aggregates many
-runs over seeds into the paper's Table 2 layout (:mod:`hescape.eval.report`). Bad input is one line on stderr,
-``hescape-eval: error: …``, and exit status 2.
+runs over seeds into the paper's Table 2 layout (:mod:`hescape.eval.report`). ``hescape-eval embed MODEL DATASET
+--out FILE.npz`` embeds a dataset split with a trained model (:mod:`hescape.eval.embed`; an existing file is refused
+unless ``--overwrite``). ``hescape-eval mutation SLIDES.csv --encoder NAME --out DIR`` runs slide-level mutation
+prediction (:mod:`hescape.eval.mutation`), ``hescape-eval batch-effects RUN_DIR... --out DIR`` silhouette-batch
+against Recall@5 (:mod:`hescape.eval.batch_report`). Every output file is written atomically. Bad input is one line
+on stderr, ``hescape-eval: error: …``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -103,7 +107,127 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
     t.add_argument("--title", help="heading of report.md")
     _add_embed(sub)
+    _add_mutation(sub)
+    _add_batch_effects(sub)
     return p
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        msg = f"expected a JSON object such as '{{\"pooling\": \"cls+mean\"}}', found {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _add_mutation(sub) -> None:
+    m = sub.add_parser(
+        "mutation",
+        help="slide-level mutation prediction: tiles → tile features → transformer MIL over 5 site folds",
+        description=textwrap.dedent("""\
+            The HESCAPE paper's mutation prediction (section 8.4, Tables 3-5). SLIDES.csv has columns path (Aperio
+            SVS or OME-TIFF, relative to the CSV), patient, site (tissue source site) and label (0/1, 1 = mutated);
+            optional um_per_px. Slides are tiled (256 px at 0.5 µm/px, >= 50 % tissue), tiles encoded in batches into
+            one feature file per slide (cached and reused: rerun the same command to resume), and a transformer MIL
+            (2 layers, 8 heads of 64, latent 512; AdamW lr 2e-5, weight decay 2e-5, batch 1, 10 epochs, best
+            validation loss every 500 steps) is cross-validated over 5 site-preserving folds. Writes mutation.md,
+            mutation.csv, mutation.json, predictions.csv and features.csv into --out: F1 and AUROC per fold and
+            mean(std), beside the all-positive and majority-class baselines. Needs tifffile and imagecodecs
+            (pip install 'hescape-eval[wsi]') and hescape-models."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              hescape-eval mutation crc_msi.csv --encoder uni --weights weights/uni/pytorch_model.bin --out mut/uni
+              hescape-eval mutation crc_msi.csv --encoder runs/gigapath-drvi --device cuda --out mut/gigapath-drvi
+            """), formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("slides", metavar="SLIDES.csv", help="slide table: path, patient, site, label [, um_per_px]")
+    m.add_argument("--encoder", required=True, metavar="NAME|RUN",
+                   help="image encoder of `hescape-models list`, or a hescape-train run / checkpoint (its 128-d "
+                        "image embedding)")
+    m.add_argument("--weights", metavar="PATH", help="weights file or folder of a registered encoder (or 'hf')")
+    m.add_argument("--encoder-options", type=_json_object, metavar="JSON", help="builder options, a JSON object")
+    m.add_argument("--out", required=True, metavar="DIR", help="result folder (existing results are refused unless "
+                   "--overwrite; its features/ folder is reused)")
+    m.add_argument("--features", metavar="DIR", help="tile feature cache (default OUT/features)")
+    m.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call (default 64)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    m.add_argument("--epochs", type=int, default=10, help="MIL epochs (default 10, the paper's)")
+    m.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    m.add_argument("--weight-decay", type=float, default=2e-5, help="AdamW weight decay (default 2e-5)")
+    m.add_argument("--val-every", type=int, default=500, help="validation every N steps (default 500)")
+    m.add_argument("--folds", type=int, default=5, help="site-preserving folds (default 5)")
+    m.add_argument("--seed", type=int, default=0, help="folds, initialisation and shuffling (default 0)")
+    m.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile (default 0.5)")
+    m.add_argument("--um-per-px", type=float, metavar="X", help="level-0 µm/px of slides that record none")
+    m.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_batch_effects(sub) -> None:
+    b = sub.add_parser(
+        "batch-effects", help="silhouette-batch of expression and embeddings vs Recall@5 across runs (paper Fig. 2)",
+        description=textwrap.dedent("""\
+            For each run: scanpy-preprocessed expression of its dataset (every split; at most --max-spots spots drawn),
+            Leiden clusters as labels, scib-metrics silhouette-batch with the split (the paper) or the sample as
+            batch, on the expression PCA and on the run's image and gene embeddings of the same spots (its best
+            checkpoint); beside it the run's test Recall@5. Writes batch_effects.csv, batch_effects.md and
+            silhouette_vs_recall.png (the paper's Fig. 2 layout) into --out. Needs pip install
+            'hescape-eval[batch]' (scanpy, leidenalg, scib-metrics, matplotlib), hescape-data and hescape-models."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              hescape-eval batch-effects runs/gigapath-drvi-*/ --out reports/fig2
+              hescape-eval batch-effects runs/r1 --dataset datasets/breast --batch-key sample --out reports/be
+            """), formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="hescape-train run directories")
+    b.add_argument("--out", required=True, metavar="DIR", help="folder for the CSV, Markdown and PNG (existing files "
+                   "are refused unless --overwrite)")
+    b.add_argument("--dataset", metavar="DIR", help="dataset of every run (default: each run's own, from config.json)")
+    b.add_argument("--batch-key", choices=("split", "sample"), default="split",
+                   help="batch labels: the split (train/val/test, the paper; default) or the sample")
+    b.add_argument("--max-spots", type=int, default=20000, help="spots drawn per dataset (default 20000; 0 = all)")
+    b.add_argument("--no-embeddings", action="store_true", help="expression only (no model is loaded)")
+    b.add_argument("--protocol", metavar="P", help="recompute Recall@5 from embeddings/test.npz: full, batch:B[xW]")
+    b.add_argument("--device", default="cpu", help="torch device for the embeddings (default cpu)")
+    b.add_argument("--batch-size", type=int, default=256, help="spots per forward pass (default 256)")
+    b.add_argument("--seed", type=int, default=0, help="spot draw, PCA, neighbours, Leiden, permutation (default 0)")
+    b.add_argument("--no-figure", action="store_true", help="skip the PNG")
+    b.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _batch_effects(args: argparse.Namespace) -> int:
+    from .batch_report import batch_effects_report
+
+    if args.batch_size < 1 or args.max_spots < 0:
+        raise HescapeEvalError.build(what="options", expected="--batch-size >= 1 and --max-spots >= 0",
+                                     found=f"--batch-size {args.batch_size}, --max-spots {args.max_spots}",
+                                     fix="pass valid values")
+    res = batch_effects_report(args.run_dirs, args.out, dataset=args.dataset, batch_key=args.batch_key,
+                               max_spots=args.max_spots or None, embeddings=not args.no_embeddings,
+                               protocol=args.protocol, device=args.device, batch_size=args.batch_size, seed=args.seed,
+                               figure=not args.no_figure, overwrite=args.overwrite)
+    print(res["markdown"])
+    if res.get("figure_skipped"):
+        print(f"not in the figure (silhouette undefined: every cluster holds one batch): {res['figure_skipped']}")
+    for path in res["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def _mutation(args: argparse.Namespace) -> int:
+    from .mutation import run_mutation
+
+    res = run_mutation(args.slides, args.encoder, args.out, weights=args.weights,
+                       encoder_options=args.encoder_options, features_dir=args.features, batch_size=args.batch_size,
+                       device=args.device, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                       val_every=args.val_every, n_folds=args.folds, seed=args.seed, min_tissue=args.min_tissue,
+                       um_per_px=args.um_per_px, overwrite=args.overwrite, progress=not args.no_progress)
+    print()
+    print(res["markdown"])
+    for name in ("mutation.md", "mutation.csv", "mutation.json", "predictions.csv", "features.csv"):
+        print(f"wrote {Path(args.out) / name}")
+    return 0
 
 
 def _add_embed(sub) -> None:
@@ -116,7 +240,9 @@ def _add_embed(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model", metavar="MODEL", help="run directory, checkpoint directory or model.safetensors")
     e.add_argument("dataset", metavar="DATASET", help="dataset directory (manifest.json) built by hescape-data")
-    e.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the embeddings")
+    e.add_argument("--out", required=True, metavar="FILE.npz",
+                   help="where to write the embeddings (an existing file is refused unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e.add_argument("--split", default="test", help="split to embed (default test)")
     e.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of a run (default best)")
     e.add_argument("--batch-size", type=int, default=256, help="spots per forward pass (default 256)")
@@ -124,6 +250,7 @@ def _add_embed(sub) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from ._write import publish, refuse_existing
     from .embed import embed_split, load_trained_model
     from .io import save_embeddings
 
@@ -134,9 +261,21 @@ def _embed(args: argparse.Namespace) -> int:
     if out.suffix != ".npz":
         msg = f"--out: expected a file name ending in .npz, found {args.out!r}"
         raise HescapeEvalError(msg)
+    if out.is_dir():
+        raise HescapeEvalError.build(what=f"--out {args.out}", expected="a file path ending in .npz",
+                                     found="a directory", fix="name a file, e.g. --out embeddings/test.npz")
+    if not args.overwrite:
+        refuse_existing([out])  # before the model is loaded: a refused command costs nothing
     model, _, file = load_trained_model(args.model, args.which)
     emb = embed_split(model, args.dataset, args.split, batch_size=args.batch_size, device=args.device)
-    save_embeddings(out, **emb)
+    # atomic: save_embeddings writes a temporary file, fsync, rename; publish then refuses to replace a file that
+    # appeared meanwhile (unless --overwrite)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.partial"
+    try:
+        save_embeddings(tmp, **emb)
+        publish(tmp, out, overwrite=args.overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"embedded {len(emb['index'])} spots of split {args.split!r} of {args.dataset} with {file}; wrote {out}")
     print(f"next: hescape-eval retrieval {out}")
     return 0
@@ -206,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             return _embed(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "mutation":
+            return _mutation(args)
+        if args.command == "batch-effects":
+            return _batch_effects(args)
     except HescapeEvalError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -113,14 +113,21 @@ def load_trained_model(path: str | os.PathLike, which: str = "best"):
     return model.eval(), genes, file
 
 
-def embed_split(model, dataset: str | os.PathLike, split: str = "test", *, batch_size: int = 256,
-                device: str = "cpu") -> dict[str, np.ndarray]:
-    """Image and gene embeddings ``(N, d)`` (L2-normalised, float32) of one split, with row ids, samples, donors.
+def embed_split(model, dataset: str | os.PathLike, split: str | None = "test", *, batch_size: int = 256,
+                device: str = "cpu", rows=None) -> dict[str, np.ndarray]:
+    """Image and gene embeddings ``(N, d)`` (L2-normalised, float32) of one split, with row ids, samples, donors and spot ids.
+
+    Parameters
+    ----------
+    split
+        The split to embed; ``None``: every row of the dataset (``PairedSpotDataset(dataset, None)`` order).
+    rows
+        Optional row indices into that selection (embedded in the given order; ``index`` returns them).
 
     Raises
     ------
     HescapeEvalError
-        No such split, or a dataset whose gene panel is not the model's (named by hescape-data).
+        No such split, or a dataset whose gene panel is not the model's (named by hescape-data); rows out of range.
     """
     import torch
 
@@ -133,6 +140,17 @@ def embed_split(model, dataset: str | os.PathLike, split: str = "test", *, batch
     if len(ds) == 0:
         msg = f"dataset {dataset}: the split {split!r} has no spots; choose another with --split"
         raise HescapeEvalError(msg)
+    index = np.arange(len(ds))
+    if rows is not None:
+        index = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(index) == 0 or index.min() < 0 or index.max() >= len(ds):
+            found = "none" if len(index) == 0 else f"indices from {index.min()} to {index.max()}"
+            msg = f"dataset {dataset}: expected row indices in [0, {len(ds)}), found {found}; pass rows of this split"
+            raise HescapeEvalError(msg)
+    samples, donors = np.asarray(ds.samples)[index], np.asarray(ds.donors)[index]
+    spot_ids = np.asarray(ds.spot_ids)[index]
+    if rows is not None:
+        ds = torch.utils.data.Subset(ds, index.tolist())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
                                          collate_fn=lambda items: (torch.stack([i["image"] for i in items]),
                                                                    torch.stack([i["gexp"] for i in items])))
@@ -142,5 +160,5 @@ def embed_split(model, dataset: str | os.PathLike, split: str = "test", *, batch
         for images, counts in loader:
             img.append(model.encode_image(images.to(device)).float().cpu())
             gex.append(model.encode_gene(counts.to(device)).float().cpu())
-    return {"image": torch.cat(img).numpy(), "gene": torch.cat(gex).numpy(), "index": np.arange(len(ds)),
-            "sample": np.asarray(ds.samples), "donor": np.asarray(ds.donors)}
+    return {"image": torch.cat(img).numpy(), "gene": torch.cat(gex).numpy(), "index": index,
+            "sample": samples, "donor": donors, "spot_id": spot_ids}

@@ -5,6 +5,8 @@ Layout of the written file (schema ``hescape-anndata/1``)::
     obs_names                 the row id of each spot (str), unique
     obs["row"]                the row id as given (e.g. the dataset row index)
     obs["sample"], obs["donor"], obs["split"]   categorical; plus any extra columns passed
+    obs["spot_id"]            optional: each spot's id within its sample (str, e.g. a Visium barcode or a
+                              pseudo-spot's lattice id): (sample, spot_id) joins a row back to the source object
     obsm["X_hescape_img"]     (N, D_img) float32 image embeddings
     obsm["X_hescape_gex"]     (N, D_gex) float32 gene-expression embeddings
     obsm["spatial"]           (N, 2) float64 spot centres in µm, (x, y) — squidpy's key
@@ -68,7 +70,8 @@ def _version() -> str:
 
 def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_ids: Sequence,
                    image_embeddings=None, gene_embeddings=None, coords_um=None, params: Mapping | None = None,
-                   counts=None, gene_names: Sequence[str] | None = None, overwrite: bool = False) -> Path:
+                   counts=None, gene_names: Sequence[str] | None = None, overwrite: bool = False,
+                   spot_ids: Sequence[str] | None = None) -> Path:
     """Write embeddings, spot coordinates (µm) and metadata of one run to an ``.h5ad`` file, atomically.
 
     Parameters
@@ -91,6 +94,9 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
         Optional ``(N, G)`` raw counts (dense or scipy.sparse) → ``X`` (float32), with ``G`` gene names.
     overwrite
         Replace an existing file (else refused).
+    spot_ids
+        Optional ``(N,)`` id of each spot within its sample (``PairedSpotDataset.spot_ids``) → ``obs["spot_id"]``
+        (plain strings). ``obs_names`` stay the row ids; join to the source by ``(obs["sample"], obs["spot_id"])``.
 
     Returns
     -------
@@ -123,6 +129,15 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
         obsm[GEX_KEY] = _array(gene_embeddings, "gene_embeddings", n)
     if coords_um is not None:
         obsm[SPATIAL_KEY] = _array(coords_um, "coords_um", n, width=2, dtype=np.float64)
+    if spot_ids is not None:
+        if "spot_id" in obs:
+            raise _err(what="obs['spot_id']", expected="spot ids in spot_ids only", found="an obs column too",
+                       fix="pass them once, as spot_ids")
+        sid = np.asarray(spot_ids).ravel()
+        if len(sid) != n or sid.dtype.kind not in "OUS":
+            raise _err(what="spot_ids", expected=f"{n} strings (one per spot)", found=f"{len(sid)} of dtype {sid.dtype}",
+                       fix="pass PairedSpotDataset.spot_ids of the same rows")
+        obs = {**obs, "spot_id": sid.astype(str)}
     missing = [k for k in _REQUIRED_OBS if k not in obs]
     if missing:
         raise _err(what="obs", expected=f"columns {list(_REQUIRED_OBS)}", found=f"missing {missing}",
@@ -171,6 +186,9 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
     frame = pd.DataFrame(index=pd.Index(names, name="spot"))
     frame["row"] = rid if rid.dtype.kind in "iu" else names
     for k, col in columns.items():
+        if k == "spot_id" and spot_ids is not None:
+            frame[k] = col.astype(str).astype(object)  # ids are unique per sample: plain strings, not categories
+            continue
         frame[k] = pd.Categorical(col.astype(str)) if col.dtype.kind in "OUS" or k in _REQUIRED_OBS else col
     params_dict = json.loads(params_json)
     uns = {"hescape": {

@@ -11,6 +11,10 @@ An uncompressed NumPy ``.npz`` (no pickled objects; loaded with ``allow_pickle=F
     ``(N,)`` row of each spot in the split's dataset (int64), or string spot ids.
 ``sample``, ``donor``
     ``(N,)`` unicode strings: the sample and donor of each spot (for ``--by sample`` / ``--by donor``).
+``spot_id`` (optional)
+    ``(N,)`` unicode strings: each spot's identity within its sample (``PairedSpotDataset.spot_ids``: a Visium
+    barcode, a pseudo-spot's lattice id), so ``(sample, spot_id)`` joins a row back to the source object. Files
+    without it load with ``spot_id`` None.
 ``format``
     0-d unicode string ``"hescape-embeddings/1"``.
 
@@ -47,6 +51,7 @@ class Embeddings:
     sample: np.ndarray
     donor: np.ndarray
     path: Path | None = None
+    spot_id: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -102,7 +107,7 @@ def _check_labels(x: np.ndarray, what: str, n: int, allow_int: bool) -> np.ndarr
                                  fix=f"pass {what} as a list or array of {kinds}")
 
 
-def _validate(image, gene, index, sample, donor) -> dict[str, np.ndarray]:
+def _validate(image, gene, index, sample, donor, spot_id=None) -> dict[str, np.ndarray]:
     img = _check_matrix(_to_numpy(image, "image"), "image embeddings")
     gen = _check_matrix(_to_numpy(gene, "gene"), "gene embeddings")
     if img.shape != gen.shape:
@@ -113,7 +118,9 @@ def _validate(image, gene, index, sample, donor) -> dict[str, np.ndarray]:
     return {"image": img, "gene": gen,
             "index": _check_labels(_to_numpy(index, "index"), "index", n, allow_int=True),
             "sample": _check_labels(_to_numpy(sample, "sample"), "sample", n, allow_int=False),
-            "donor": _check_labels(_to_numpy(donor, "donor"), "donor", n, allow_int=False)}
+            "donor": _check_labels(_to_numpy(donor, "donor"), "donor", n, allow_int=False),
+            **({} if spot_id is None else
+               {"spot_id": _check_labels(_to_numpy(spot_id, "spot_id"), "spot_id", n, allow_int=False)})}
 
 
 def _umask() -> int:
@@ -126,7 +133,7 @@ def _umask() -> int:
     return 0o022
 
 
-def save_embeddings(path: str | os.PathLike, *, image, gene, index, sample, donor) -> Path:
+def save_embeddings(path: str | os.PathLike, *, image, gene, index, sample, donor, spot_id=None) -> Path:
     """Write a run's embeddings atomically (format in the module docstring); returns the path written.
 
     Parameters
@@ -139,13 +146,15 @@ def save_embeddings(path: str | os.PathLike, *, image, gene, index, sample, dono
         ``(N,)`` dataset rows (ints) or spot ids (strings).
     sample, donor
         ``(N,)`` strings.
+    spot_id
+        Optional ``(N,)`` strings: each spot's id within its sample (``PairedSpotDataset.spot_ids``).
 
     Raises
     ------
     HescapeEvalError
         Shapes that differ, NaN/inf, rows that are not unit vectors, labels of the wrong length or type.
     """
-    arrays = _validate(image, gene, index, sample, donor)
+    arrays = _validate(image, gene, index, sample, donor, spot_id)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -194,5 +203,6 @@ def load_embeddings(source: str | os.PathLike, split: str = "test") -> Embedding
                                      expected=f"format {EMBEDDINGS_FORMAT!r} with image, gene, index, sample, donor",
                                      found=f"format {fmt!r}" + (f", missing {missing}" if missing else ""),
                                      fix="write it with hescape.eval.io.save_embeddings")
-    arrays = _validate(data["image"], data["gene"], data["index"], data["sample"], data["donor"])
+    arrays = _validate(data["image"], data["gene"], data["index"], data["sample"], data["donor"],
+                       data.get("spot_id"))
     return Embeddings(**arrays, path=path)

@@ -54,7 +54,7 @@ from torch import nn
 
 from .errors import HescapeEvalError
 
-__all__ = ["TransformerMIL", "MILFoldResult", "MILResult", "load_bags_csv", "site_folds", "check_folds",
+__all__ = ["TransformerMIL", "MILFoldResult", "MILResult", "load_bags_csv", "parse_label", "site_folds", "check_folds",
            "cross_validate_mil", "mil_from_csv", "REQUIRED_COLUMNS"]
 
 REQUIRED_COLUMNS = ("path", "patient", "site", "label")
@@ -122,6 +122,24 @@ class TransformerMIL(nn.Module):
 # Inputs and folds
 # --------------------------------------------------------------------------------------------------------------
 
+_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1, "False": 0, "True": 1}
+
+
+def parse_label(text: str, what: str = "label") -> int:
+    """A slide label as 0/1 from its CSV text (``0``/``1``, ``0.0``/``1.0``, ``false``/``true``; 1 = mutated).
+
+    Raises
+    ------
+    HescapeEvalError
+        Any other text (the message names ``what``).
+    """
+    value = _LABELS.get(str(text).strip())
+    if value is None:
+        raise HescapeEvalError.build(what, expected="0 or 1", found=repr(text),
+                                     fix="encode the target as 0/1 (1 = mutated)")
+    return value
+
+
 def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Read ``path, patient, site, label`` rows; returns ``(bags, labels, sites, patients)``.
 
@@ -143,10 +161,7 @@ def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.nda
         rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     bags, labels, sites, patients = [], [], [], []
     for i, r in enumerate(rows):
-        if r["label"] not in ("0", "1", "0.0", "1.0", "True", "False", "true", "false"):
-            msg = f"slide table row {i + 2} label"
-            raise HescapeEvalError.build(msg, expected="0 or 1",
-                                         found=repr(r["label"]), fix="encode the target as 0/1 (1 = mutated)")
+        label = parse_label(r["label"], f"slide table row {i + 2} label")
         p = Path(r["path"])
         p = p if p.is_absolute() else csv_path.parent / p
         try:
@@ -157,7 +172,7 @@ def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.nda
             raise HescapeEvalError.build(msg, expected="an .npz with 'features'",
                                          found=f"{str(p)!r}: {type(exc).__name__}: {exc}",
                                          fix="run hescape.eval.wsi.extract_features first") from exc
-        labels.append(int(r["label"] in ("1", "1.0", "True", "true")))
+        labels.append(label)
         sites.append(r["site"])
         patients.append(r["patient"])
     return bags, np.asarray(labels), np.asarray(sites), np.asarray(patients)
@@ -290,7 +305,8 @@ def _mean_loss(model, bags, labels, crit, device) -> tuple[float, np.ndarray]:
 def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites: Sequence, patients: Sequence | None
                        = None, *, folds: Sequence[int] | None = None, n_folds: int = 5, epochs: int = 10,
                        lr: float = 2e-5, weight_decay: float = 2e-5, val_every: int = 500, seed: int = 0,
-                       model_kwargs: dict | None = None, device: str = "cpu", verbose: bool = False) -> MILResult:
+                       model_kwargs: dict | None = None, device: str = "cpu", verbose: bool = False,
+                       progress: bool = False) -> MILResult:
     """Site-preserving k-fold cross-validation of :class:`TransformerMIL` (protocol in the module docstring).
 
     Parameters
@@ -302,6 +318,8 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
     epochs, lr, weight_decay, val_every : 10, 2e-5, 2e-5, 500 (paper §8.4). Batch size is 1.
     seed : seeds folds, weight initialisation (``seed + k``) and shuffling.
     model_kwargs : extra :class:`TransformerMIL` arguments (e.g. smaller ``heads`` for tests).
+    verbose : print one line per fold and the summary.
+    progress : a progress bar over all training steps of all folds (tqdm when installed, on stderr).
 
     Returns
     -------
@@ -338,6 +356,11 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
         raise HescapeEvalError.build(msg, expected="at least 3 (train, validation, test)",
                                      found=f"{len(k_all)}", fix="use n_folds >= 3")
     bags = [np.asarray(b, dtype=np.float32) for b in bags]
+    from .wsi import _progress
+
+    total = sum(epochs * int(((folds != k) & (folds != k_all[(i - 1) % len(k_all)])).sum())
+                for i, k in enumerate(k_all))
+    bar = _progress(total, "MIL steps", progress)
     results = []
     for i, k in enumerate(k_all):
         v = k_all[(i - 1) % len(k_all)]
@@ -370,6 +393,8 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
                 loss.backward()
                 opt.step()
                 step += 1
+                if bar is not None:
+                    bar.update(1)
                 if step % val_every == 0:
                     evaluate(step)
             if step % val_every != 0:
@@ -385,6 +410,8 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
             print(f"fold {k} (val {v}): F1 {res.f1:.3f} AUROC {res.auroc:.3f} n={res.n_test} "
                   f"best step {best_step} val loss {best_loss:.4f}")
         results.append(res)
+    if bar is not None:
+        bar.close()
     out = MILResult(results)
     if verbose:
         print(out.summary())

@@ -760,7 +760,8 @@ class Trainer:
         from hescape.eval.io import embeddings_path, save_embeddings
 
         save_embeddings(embeddings_path(self.run_dir, "test"), image=img, gene=gex,
-                        index=np.arange(len(self.test_ds)), sample=self.test_ds.samples, donor=self.test_ds.donors)
+                        index=np.arange(len(self.test_ds)), sample=self.test_ds.samples, donor=self.test_ds.donors,
+                        spot_id=self.test_ds.spot_ids)
         donors = sorted(set(self.test_ds.donors))
         where = (f"best epoch {st.best_epoch}/{self.total_epochs}" if not cfg.eval_every
                  else f"best step {int(best_name.split('-')[1])}/{self.total_steps}")

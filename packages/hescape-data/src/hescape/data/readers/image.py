@@ -72,21 +72,24 @@ class TileCache:
             event.wait()  # another thread is decoding this tile; then look again
         try:
             value = load()
-        finally:
+        except BaseException:
             with self._lock:
                 self._pending.pop(key)
                 event.set()
-        with self._lock:
-            self.decoded += 1
-            self.redecoded += key in self._seen
-            self._seen.add(key)
+            raise
+        with self._lock:  # stored before the waiters wake, so none of them decodes it again
             if value is not None:
+                self.decoded += 1
+                self.redecoded += key in self._seen
+                self._seen.add(key)
                 arr, y, _x = value
                 self._tiles[key] = (value, y + arr.shape[0], arr.nbytes)
                 self.nbytes += arr.nbytes
                 while self.nbytes > self.max_bytes and len(self._tiles) > 1:
                     _, (_v, _b, nb) = self._tiles.popitem(last=False)
                     self.nbytes -= nb
+            self._pending.pop(key)
+            event.set()
         return value
 
     def release(self, level: int, row: int) -> None:
@@ -253,6 +256,7 @@ class TiffImage(SlideImage):
         except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError, TypeError) as e:
             msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({str(e)[:100]})"
             raise InputFormatError(msg) from None
+        self._tif.filehandle.set_lock(True)  # tiles may be read from several threads (seek + read under the lock)
         try:
             with _quiet_tifffile():
                 self._open(path)
