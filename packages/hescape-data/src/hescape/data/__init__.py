@@ -6,6 +6,7 @@ Space Ranger outputs with µm-exact H&E patches (``hescape-data build ...``).
 """
 
 from .arrow import SCHEMA_VERSION, DatasetWriter, SpotRecords, encode_png, read_manifest, verify_dataset
+from .batch_effects import BatchEffects
 from .build import build_synthetic_dataset, cache_dir, default_dataset
 from .dataset import PairedSpotDataset, decode_image
 from .errors import (
@@ -39,7 +40,7 @@ __all__ = [
     "SCHEMA_VERSION", "DatasetWriter", "SpotRecords", "encode_png", "read_manifest", "verify_dataset",
     "PairedSpotDataset", "decode_image",
     # synthetic data
-    "SyntheticConfig", "generate_sample", "build_synthetic_dataset", "default_dataset", "cache_dir",
+    "SyntheticConfig", "generate_sample", "build_synthetic_dataset", "default_dataset", "cache_dir", "BatchEffects",
     # panels and splits
     "GenePanel", "list_panels", "load_panel", "load_split_preset", "check_no_donor_leakage",
     "apply_splits", "donor_split_assignment", "preset_split_assignment",
