@@ -53,7 +53,8 @@ def _registered():
     from hescape.models.contracts import ImageContract
     from hescape.models.zoo import _REGISTRY, EncoderEntry, register_encoder
 
-    if ENCODER not in _REGISTRY["image"]:
+    added = ENCODER not in _REGISTRY["image"]
+    if added:
         register_encoder(EncoderEntry(ENCODER, "image", _ColourStats,
                                       ImageContract(input_size=256, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
                                       out_dim=6, description="test: tile colour statistics"))
@@ -61,6 +62,8 @@ def _registered():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+    if added:  # the registry is process-wide: leave it as found for the other test files
+        _REGISTRY["image"].pop(ENCODER, None)
 
 
 def _slide_pixels(label: int, rng) -> np.ndarray:
