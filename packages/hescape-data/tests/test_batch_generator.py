@@ -259,3 +259,13 @@ def test_silhouette_batch_of_expression_follows_strength():
         coverage.append(r.coverage)
     assert scores[0] > scores[1] + 0.05 > scores[2] + 0.1, scores
     assert coverage[0] > coverage[1] > coverage[2], coverage
+
+
+def test_strength_beyond_the_model_range_is_refused():
+    from hescape.data.batch_effects import MAX_STRENGTH, BatchEffects
+    from hescape.data.errors import HescapeDataError
+
+    assert BatchEffects.at(MAX_STRENGTH).library_size > 0
+    for bad in (MAX_STRENGTH * 1.5, 1e9, -1, float("nan")):
+        with pytest.raises(HescapeDataError, match="batch strength: expected a number from 0 to 10"):
+            BatchEffects.at(bad)

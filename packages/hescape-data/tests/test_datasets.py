@@ -159,3 +159,22 @@ def test_synthetic_via_bundle_matches_direct(tiny_ds, tmp_path):
     diff = [(a[i]["image"].float() - b[i]["image"].float()).abs().mean().item() for i in range(0, len(a), 7)]
     assert 0 < float(np.mean(diff)) < 20  # rotated 23° and resampled back: close, not identical
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no bundle left behind
+
+
+def test_an_image_that_cannot_be_decoded_names_its_row_and_shard(tmp_path):
+    import numpy as np
+    from hescape.data.arrow import DatasetWriter, SpotRecords, encode_png
+    from hescape.data.dataset import PairedSpotDataset
+    from hescape.data.errors import DatasetFormatError
+
+    good = encode_png(np.zeros((8, 8, 3), np.uint8))
+    rec = SpotRecords(name="S1", donor="D1", tissue="t", source="s", images=[good, b"\x89PNG not an image"],
+                      gexp=np.ones((2, 3), np.float32), coords_um=np.zeros((2, 2)), n_cells=np.ones(2, np.int32),
+                      spot_ids=["a", "b"])
+    with DatasetWriter(tmp_path / "ds", genes=["g1", "g2", "g3"], gene_ids=["", "", ""]) as w:
+        w.add(rec, split="train")
+    ds = PairedSpotDataset(tmp_path / "ds")
+    assert ds[0]["image"].shape == (3, 8, 8)
+    with pytest.raises(DatasetFormatError, match=r"image of row 1 of shard-00000-of-00001\.arrow \(sample S1, spot b\) "
+                                                 r"cannot be decoded.*--verify"):
+        ds[1]

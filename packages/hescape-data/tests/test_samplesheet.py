@@ -383,3 +383,17 @@ def test_merge_carries_spot_ids_and_fills_them_in_old_shards(tmp_path):
 
 if sys.platform == "win32":  # pragma: no cover
     pytestmark = pytest.mark.skip("spawned workers and hard links are tested on POSIX")
+
+
+def test_one_input_under_two_sample_names_is_refused(tmp_path):
+    from hescape.data.errors import HescapeDataError
+    from hescape.data.samplesheet import read_samplesheet
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("technology,path,sample,donor,tissue,panel,split\n"
+                     f"xenium,{bundle},S1,P1,breast,human-breast-panel,train\n"
+                     f"xenium,{bundle}/,S2,P2,breast,human-breast-panel,test\n")
+    with pytest.raises(HescapeDataError, match="expected each input once"):
+        read_samplesheet(sheet)

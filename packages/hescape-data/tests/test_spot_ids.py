@@ -7,12 +7,12 @@ neighbours in a row are 55·√3/2 µm apart and rows 3/4 · 55 µm apart).
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
-import csv
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

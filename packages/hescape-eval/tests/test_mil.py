@@ -131,3 +131,9 @@ def test_csv_roundtrip(tmp_path):
     b2, y2, s2, p2 = load_bags_csv(tmp_path / "t.csv")
     assert all(np.array_equal(a, b) for a, b in zip(bags, b2, strict=True))
     assert y2.tolist() == y.tolist() and s2[0] == "TSS0" and p2[3] == "P3"
+
+
+def test_too_few_slides_of_a_class_for_the_folds_is_one_message():
+    """6 sites, 3 positive and 3 negative slides cannot fill 5 stratified folds: one message, not sklearn's."""
+    with pytest.raises(HescapeEvalError, match="at least 5 slides of each class"):
+        site_folds([1, 1, 1, 0, 0, 0], ["a", "b", "c", "d", "e", "f"], n_folds=5)

@@ -96,7 +96,8 @@ def test_fingerprint_follows_weights_rows_and_contract(tiny_dataset, tmp_path):
     (folder / ".features.npy.tmp-123").write_bytes(b"partial")
     with torch.no_grad():
         next(m.gene_encoder.parameters()).copy_(w0)
-    rebuilt, _, made3 = cached_features(m, "gene", train, cpu, root=tmp_path)
+    with pytest.warns(UserWarning, match="does not match its record"):
+        rebuilt, _, made3 = cached_features(m, "gene", train, cpu, root=tmp_path)
     assert made3 and np.array_equal(np.asarray(rebuilt), expected)
 
 
@@ -109,3 +110,25 @@ def test_feature_source_batches_without_decoding(tiny_dataset, monkeypatch):
     assert torch.equal(b["image_feat"], torch.from_numpy(feats[[4, 1, 2]]))
     monkeypatch.undo()
     assert torch.equal(b["gexp"], torch.stack([ds[i]["gexp"] for i in (4, 1, 2)]))
+
+
+def test_changed_cache_file_is_rebuilt_and_unwritable_folder_is_one_line(tiny_dataset, tmp_path):
+    train = PairedSpotDataset(tiny_dataset, "train")
+    torch.manual_seed(0)
+    m = create_model("vit_mlp_nano", panel=train.genes, gene={"finetune": "frozen"})
+    cpu = torch.device("cpu")
+    feats, folder, _ = cached_features(m, "gene", train, cpu, root=tmp_path)
+    expected = np.array(feats)
+    del feats
+    # same header and shape, other numbers (a changed file): refused by its checksum, rebuilt with a warning
+    arr = np.load(folder / "features.npy", mmap_mode="r+")
+    arr[:] = 7.0
+    arr.flush()
+    del arr
+    with pytest.warns(UserWarning, match="does not match its record"):
+        again, _, made = cached_features(m, "gene", train, cpu, root=tmp_path)
+    assert made and np.array_equal(np.asarray(again), expected)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(HescapeConfigError, match="feature cache: cannot write .*writable folder"):
+        cached_features(m, "gene", train, cpu, root=blocker)

@@ -161,8 +161,9 @@ class BatchEffects:
             s = float(strength)
         except (TypeError, ValueError):
             s = float("nan")
-        if isinstance(strength, bool) or not math.isfinite(s) or s < 0:
-            msg = f"batch strength: expected a finite number >= 0 (0 = none, 1 = reference), found {strength!r}"
+        if isinstance(strength, bool) or not math.isfinite(s) or s < 0 or s > MAX_STRENGTH:
+            msg = (f"batch strength: expected a number from 0 to {MAX_STRENGTH:g} (0 = none, 1 = reference; beyond "
+                   f"{MAX_STRENGTH:g} the count model's rates overflow), found {strength!r}")
             raise HescapeDataError(msg)
         vals = {k: s * getattr(REFERENCE, k) for k in cls.DIALS}
         vals["dropout"] = min(vals["dropout"], 1.0)
@@ -189,6 +190,9 @@ class BatchEffects:
 
 
 #: Strength 1 of :meth:`BatchEffects.at` (module docstring: where these magnitudes come from).
+#: Largest strength :meth:`BatchEffects.at` accepts: 10× the reference (at 40× the Poisson rates overflow).
+MAX_STRENGTH = 10.0
+
 REFERENCE = BatchEffects(gene_scale=0.5, gene_shift=0.2, library_size=0.3, dropout=0.1, stain=0.2, blur=1.0)
 
 

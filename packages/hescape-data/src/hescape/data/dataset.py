@@ -175,7 +175,14 @@ class PairedSpotDataset(torch.utils.data.Dataset):
             raise IndexError(msg)
         t = self._table(int(self._shard[idx]))
         r = int(self._row[idx])
-        image = decode_image(t.column("image")[r]["bytes"].as_py())
+        try:
+            image = decode_image(t.column("image")[r]["bytes"].as_py())
+        except (OSError, ValueError, SyntaxError) as e:
+            shard = self.manifest["shards"][int(self._shard[idx])]["file"]
+            msg = (f"dataset {self.path}: the image of row {r} of {shard} (sample {self._samples[idx]}, spot "
+                   f"{self._spot_ids[idx]}) cannot be decoded ({type(e).__name__}: {str(e)[:80]}); the shard is damaged "
+                   f"(check with `hescape-data info {self.path} --verify`) — rebuild the dataset")
+            raise DatasetFormatError(msg) from None
         gexp = torch.from_numpy(gexp_matrix(t.column("gexp").slice(r, 1), self.n_genes)[0].copy())
         if self.image_transform is not None:
             image = self.image_transform(image)

@@ -456,6 +456,16 @@ def read_samplesheet(path: str | os.PathLike, *, options: str | dict | None = No
         except InputFormatError as e:
             faults.append(str(e))
     if not faults and rows:
+        by_input: dict[str, SampleRow] = {}
+        for row in rows:  # one tissue section twice (e.g. in train and in test) would leak it across splits
+            key = os.path.realpath(row.path)
+            if key in by_input:
+                other = by_input[key]
+                faults.append(f"samplesheet {path}, line {row.line}: path: expected each input once, found {row.path} "
+                              f"again (line {other.line}, sample {other.sample}); one section under two sample names "
+                              "would be counted twice and can leak across splits — remove one row")
+            by_input.setdefault(key, row)
+    if not faults and rows:
         panels = {}
         for row in rows:
             panels.setdefault(row.panel, row)

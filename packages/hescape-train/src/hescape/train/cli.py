@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (nested or dotted keys)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, with its own config.json "
-                        "(only progress= and data.num_workers= may be given)")
+                        "(only progress=, data.num_workers=, data.feature_cache_dir=, log.* may be given)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. epochs=5 optim.lr=3e-4")
     return p

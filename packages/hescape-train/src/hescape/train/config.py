@@ -271,7 +271,8 @@ class TrainConfig:
                                      "(open_clip's --local-loss; same loss, less work per process)")
     precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; the loss is always "
                                     "computed in fp32", choices=("auto", "fp32", "bf16"), what="precision")
-    seed: int = option(0, "seed of model init, sampling and augmentation", ge=0, example="seed=0")
+    seed: int = option(0, "seed of model init, sampling and augmentation (0 <= seed < 2**32, NumPy's range)", ge=0,
+                       lt=2**32, example="seed=0")
     device: str = option("auto", "auto | cpu | cuda | cuda:N", fn=_check_device)
     out_dir: str = option("runs", "parent directory of run directories", fn=_check_out_dir)
     run_name: str | None = option(None, "run directory name inside out_dir; empty = timestamp", fn=_check_run_name)

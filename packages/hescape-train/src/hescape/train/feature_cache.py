@@ -13,7 +13,8 @@ and builder options, its weights tag and a digest of every tensor of the trunk's
 weights rebuilds, whatever the file is called), the autocast dtype, and the dataset's rows (the manifest's shard
 checksums and gene panel, the split, every row's sample and spot id). A cache is written to a temporary file in
 the same folder, flushed, fsynced and renamed, with its ``meta.json`` last: a killed build leaves no cache that
-looks complete.
+looks complete. ``meta.json`` also records the SHA-256 of the features file, checked at every use: a cache whose
+file was changed or damaged after it was written is rebuilt (with a warning), never trained on.
 
 Training from the cache is only a different batch source (:class:`FeatureSource`): batches carry ``image_feat`` /
 ``gene_feat`` instead of patches / counts, and :class:`hescape.models.HescapeCLIP` runs only the heads for them.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,15 +151,24 @@ def cached_features(model, tower: str, ds, device: torch.device, amp_dtype: torc
         try:
             recorded = json.loads(meta.read_text())
             arr = np.load(path, mmap_mode="r")
-            if recorded.get("key") == key and arr.shape[0] == len(ds) and arr.dtype == np.float32:
+            if (recorded.get("key") == key and arr.shape[0] == len(ds) and arr.dtype == np.float32
+                    and recorded.get("sha256") == _file_sha256(path)):
                 return arr, folder, False
+            del arr
         except (OSError, ValueError):
-            pass  # a damaged cache is rebuilt
-    folder.mkdir(parents=True, exist_ok=True)
+            pass
+        warnings.warn(f"feature cache {folder} does not match its record (changed or damaged file); it is rebuilt",
+                      stacklevel=2)
     enc = model.image_encoder if tower == "image" else model.gene_encoder
     width = int(enc.out_dim)
     tmp = folder / f".features.npy.tmp-{os.getpid()}"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), width))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), width))
+    except OSError as e:
+        msg = (f"feature cache: cannot write {folder} ({e.strerror or e}); set data.feature_cache_dir to a writable "
+               "folder, or data.feature_cache=off")
+        raise HescapeConfigError(msg) from None
     try:
         _compute(model, tower, ds, device, amp_dtype, arr, batch_size, progress)
         arr.flush()
@@ -167,8 +178,17 @@ def cached_features(model, tower: str, ds, device: torch.device, amp_dtype: torc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    atomic_write_json(meta, {"key": key, **facts, "shape": [len(ds), width]})
+    atomic_write_json(meta, {"key": key, **facts, "shape": [len(ds), width], "sha256": _file_sha256(path)})
     return np.load(path, mmap_mode="r"), folder, True
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a cache file (checked at every use: a changed or damaged cache is never trained on)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class FeatureSource(torch.utils.data.Dataset):
