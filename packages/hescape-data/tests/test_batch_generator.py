@@ -267,5 +267,5 @@ def test_strength_beyond_the_model_range_is_refused():
 
     assert BatchEffects.at(MAX_STRENGTH).library_size > 0
     for bad in (MAX_STRENGTH * 1.5, 1e9, -1, float("nan")):
-        with pytest.raises(HescapeDataError, match="batch strength: expected a number from 0 to 10"):
+        with pytest.raises(HescapeDataError, match="batch strength: expected a number from 0 to 20"):
             BatchEffects.at(bad)

@@ -135,5 +135,5 @@ def test_csv_roundtrip(tmp_path):
 
 def test_too_few_slides_of_a_class_for_the_folds_is_one_message():
     """6 sites, 3 positive and 3 negative slides cannot fill 5 stratified folds: one message, not sklearn's."""
-    with pytest.raises(HescapeEvalError, match="at least 5 slides of each class"):
+    with pytest.raises(HescapeEvalError, match="at least 5 slides of one class"):
         site_folds([1, 1, 1, 0, 0, 0], ["a", "b", "c", "d", "e", "f"], n_folds=5)

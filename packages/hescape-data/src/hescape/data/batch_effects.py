@@ -190,8 +190,8 @@ class BatchEffects:
 
 
 #: Strength 1 of :meth:`BatchEffects.at` (module docstring: where these magnitudes come from).
-#: Largest strength :meth:`BatchEffects.at` accepts: 10× the reference (at 40× the Poisson rates overflow).
-MAX_STRENGTH = 10.0
+#: Largest strength :meth:`BatchEffects.at` accepts: 20× the reference (at 40× the Poisson rates overflow).
+MAX_STRENGTH = 20.0
 
 REFERENCE = BatchEffects(gene_scale=0.5, gene_shift=0.2, library_size=0.3, dropout=0.1, stain=0.2, blur=1.0)
 

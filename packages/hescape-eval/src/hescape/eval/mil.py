@@ -190,9 +190,9 @@ def site_folds(labels: Sequence[int], sites: Sequence, n_folds: int = 5, seed: i
                                      found=f"{n_sites} sites", fix="pass fewer n_folds or finer site labels")
     folds = np.empty(len(labels), dtype=np.int64)
     counts = np.unique(labels, return_counts=True)[1]
-    if counts.min() < n_folds:
+    if counts.max() < n_folds:  # scikit-learn's StratifiedGroupKFold refuses this case with a ValueError
         msg = "site-preserving folds"
-        raise HescapeEvalError.build(msg, expected=f"at least {n_folds} slides of each class (one per fold)",
+        raise HescapeEvalError.build(msg, expected=f"at least {n_folds} slides of one class (one per fold)",
                                      found=f"class sizes {counts.tolist()}",
                                      fix="add slides of the rarer class or pass fewer n_folds")
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
