@@ -10,12 +10,11 @@ overwrite each other.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import HescapeEvalError
-from .io import _umask
+from .io import atomic_write
 
 __all__ = ["atomic_write_text", "publish", "refuse_existing"]
 
@@ -38,20 +37,8 @@ def refuse_existing(paths: Iterable[str | os.PathLike], *, option: str = "--out"
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; missing parent folders are created. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:

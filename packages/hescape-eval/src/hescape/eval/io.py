@@ -155,12 +155,19 @@ def save_embeddings(path: str | os.PathLike, *, image, gene, index, sample, dono
         Shapes that differ, NaN/inf, rows that are not unit vectors, labels of the wrong length or type.
     """
     arrays = _validate(image, gene, index, sample, donor, spot_id)
+    return atomic_write(path, lambda fh: np.savez(fh, format=np.array(EMBEDDINGS_FORMAT), **arrays))
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Create ``path`` atomically: ``write(fh)`` fills a temporary binary file in the same folder (missing parents
+    are created), which is flushed, fsynced, given ``0o666 & ~umask`` and renamed onto ``path``; on any error the
+    temporary file is removed and ``path`` is untouched. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, format=np.array(EMBEDDINGS_FORMAT), **arrays)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
