@@ -176,8 +176,8 @@ def test_weights_faults_are_named(tmp_path, nano_with_spec):
         create_image_encoder("vit_nano", weights=tmp_path)
     with pytest.raises(WeightsError, match="does not exist.*huggingface.co/example/vit-nano"):
         create_image_encoder("vit_nano", weights=tmp_path / "nope.bin")
-    with pytest.raises(HescapeModelError, match="loads no weights file"):
-        create_image_encoder("vit_tiny", weights=tmp_path / "missing.bin")
+    with pytest.raises(HescapeModelError, match="loads no weights file"):  # a from-scratch gene MLP takes none
+        create_gene_encoder("mlp", weights=tmp_path / "missing.bin", panel=["A", "B", "C"])
 
 
 class _Boom:

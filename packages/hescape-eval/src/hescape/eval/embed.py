@@ -103,7 +103,13 @@ def load_trained_model(path: str | os.PathLike, which: str = "best"):
     except models.HescapeModelError as e:
         msg_0 = f"model {file}: {e}"
         raise HescapeEvalError(msg_0) from None
+    try:
+        inference = json.loads(meta.get("inference") or "{}")
+    except ValueError:
+        msg = f"model {file}: its metadata 'inference' is not JSON; the file is damaged"
+        raise HescapeEvalError(msg) from None
     model = models.HescapeCLIP(cfg, load_weights=False)
+    model.hescape_inference = inference  # what embed_split applies besides the weights
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
@@ -123,6 +129,12 @@ def embed_split(model, dataset: str | os.PathLike, split: str | None = "test", *
         The split to embed; ``None``: every row of the dataset (``PairedSpotDataset(dataset, None)`` order).
     rows
         Optional row indices into that selection (embedded in the given order; ``index`` returns them).
+
+    A model trained with a per-sample correction (its checkpoint metadata ``inference``, set by
+    :func:`load_trained_model`) gets it here too: ``gene_normalisation`` scales each sample's counts to the training
+    split's gene means (:mod:`hescape.data.gene_norm`, factors from all of the sample's rows in ``split``), and
+    ``sample_centring`` removes each sample's mean embedding (:func:`hescape.eval.correction.centre_by_sample`, over
+    the rows embedded).
 
     Raises
     ------
@@ -149,6 +161,13 @@ def embed_split(model, dataset: str | os.PathLike, split: str | None = "test", *
             raise HescapeEvalError(msg)
     samples, donors = np.asarray(ds.samples)[index], np.asarray(ds.donors)[index]
     spot_ids = np.asarray(ds.spot_ids)[index]
+    inference = getattr(model, "hescape_inference", None) or {}
+    norm = inference.get("gene_normalisation")
+    if norm:
+        from hescape.data.gene_norm import ScaledCounts, sample_mean_factors
+
+        reference = np.asarray(norm["reference"], dtype=np.float64)
+        ds = ScaledCounts(ds, sample_mean_factors(ds.raw_counts(), ds.samples, reference))
     if rows is not None:
         ds = torch.utils.data.Subset(ds, index.tolist())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
@@ -160,5 +179,9 @@ def embed_split(model, dataset: str | os.PathLike, split: str | None = "test", *
         for images, counts in loader:
             img.append(model.encode_image(images.to(device)).float().cpu())
             gex.append(model.encode_gene(counts.to(device)).float().cpu())
-    return {"image": torch.cat(img).numpy(), "gene": torch.cat(gex).numpy(), "index": index,
-            "sample": samples, "donor": donors, "spot_id": spot_ids}
+    image, gene = torch.cat(img).numpy(), torch.cat(gex).numpy()
+    if inference.get("sample_centring"):
+        from .correction import centre_by_sample
+
+        image, gene = centre_by_sample(image, samples), centre_by_sample(gene, samples)
+    return {"image": image, "gene": gene, "index": index, "sample": samples, "donor": donors, "spot_id": spot_ids}

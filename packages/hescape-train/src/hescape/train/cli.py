@@ -27,6 +27,7 @@ examples:
   hescape-train data.path=/data/breast-spots       your own dataset (built by hescape-data)
   hescape-train --resume runs/my-run              continue an interrupted run exactly where it stopped
   hescape-train sweep grid.yaml                   one run per grid point, then a mean(std) table (sweep --help)
+  hescape-train batch-benchmark OUT               batch-robust methods vs batch strength (batch-benchmark --help)
 """
 
 #: Exception classes whose message is shown as one line (exit 2), by module; looked up only once the module is
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv[:1] == ["batch-benchmark"]:  # hescape.train.batch_benchmark
+        from .batch_benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.resume:

@@ -26,13 +26,16 @@ from .errors import HescapeConfigError
 
 __all__ = ["DataConfig", "ModelConfig", "OptimConfig", "LogConfig", "TrainConfig", "PRESETS", "load_config", "config_to_dict",
            "config_from_dict", "describe_options", "validate_config", "option", "LOSSES", "PROJECTIONS",
-           "FINETUNE_MODES", "RESUMABLE_KEYS", "resume_config", "apply_overrides"]
+           "FINETUNE_MODES", "BATCH_SAMPLING", "GENE_NORMALISATION", "RESUMABLE_KEYS", "resume_config", "apply_overrides"]
 
 #: Choices mirrored from hescape-models (``hescape.models.losses._fused._LOSSES``, ``hescape.models.config``);
 #: written out here so that validating a config imports no torch. A test checks they agree with hescape-models.
 LOSSES = ("clip", "siglip")
 PROJECTIONS = ("linear", "mlp", "transformer")
 FINETUNE_MODES = ("full", "frozen", "lora")
+#: ``data.batch_sampling`` (hescape.train.sampler) and ``data.gene_normalisation`` (hescape.data.gene_norm).
+BATCH_SAMPLING = ("random", "within_sample", "balanced")
+GENE_NORMALISATION = ("none", "sample_mean")
 
 #: Keys a ``--resume`` may change: they do not change what is computed.
 RESUMABLE_KEYS = ("progress", "data.num_workers", "data.feature_cache_dir", "log.tensorboard", "log.wandb")
@@ -189,6 +192,12 @@ class DataConfig:
                                example="data.hed_jitter=0.4")
     num_workers: int = option(0, "DataLoader worker processes (results do not depend on it)", ge=0,
                               example="data.num_workers=4")
+    batch_sampling: str = option("random", "which rows share a step: random | within_sample (every batch from one "
+                                           "sample) | balanced (samples in equal shares per batch)",
+                                 choices=BATCH_SAMPLING, what="batch sampling")
+    gene_normalisation: str = option("none", "per-sample expression correction before the gene encoder: none | "
+                                             "sample_mean (each sample's gene means scaled to the training split's)",
+                                     choices=GENE_NORMALISATION, what="gene normalisation")
     feature_cache: str = option("auto", "cache the features of a frozen trunk whose input is deterministic (the "
                                         "gene tower; the image tower when data.augment=false): auto | on (refuse "
                                         "when no tower can be cached) | off", choices=("auto", "on", "off"),
@@ -280,6 +289,8 @@ class TrainConfig:
                                    example="checkpoint_every=1000")
     log_every: int = option(10, "write a steps.jsonl/csv line every N steps", gt=0, example="log_every=10")
     recall_ks: tuple[int, ...] = option((1, 5, 10), "k values of the Recall@k table", fn=_check_recall_ks)
+    sample_centring: bool = option(False, "subtract each sample's mean embedding (per minibatch in training, per "
+                                          "sample in evaluation) before the loss and retrieval, both modalities")
     probe: bool = option(True, "also rank the test split with the colour-statistics probe (hescape.eval.baselines)")
     progress: bool = option(True, "show progress bars")
 

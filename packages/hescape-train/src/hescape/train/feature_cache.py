@@ -91,12 +91,14 @@ def tensor_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _dataset_identity(ds) -> dict:
+def _dataset_identity(ds, tower: str) -> dict:
     rows = hashlib.sha256()
     for sample, spot in zip(ds.samples, ds.spot_ids, strict=True):
         rows.update(f"{sample}\x00{spot}\x01".encode())
     manifest = ds.manifest
-    return {"shards": [s.get("sha256") or f"{s['file']}:{s['rows']}" for s in manifest["shards"]],
+    # counts scaled per sample (hescape.data.gene_norm) change the gene tower's input only
+    transform = getattr(ds, "count_transform", None) if tower == "gene" else None
+    return {**({"count_transform": transform} if transform else {}), "shards": [s.get("sha256") or f"{s['file']}:{s['rows']}" for s in manifest["shards"]],
             "genes": hashlib.sha256(json.dumps(list(manifest["genes"])).encode()).hexdigest(),
             "n_rows": len(ds), "rows": rows.hexdigest()}
 
@@ -108,7 +110,7 @@ def fingerprint(model, tower: str, ds, amp_dtype: torch.dtype | None) -> tuple[s
     facts = {"format": CACHE_FORMAT, "tower": tower, "encoder": enc.encoder_name,
              "class": f"{type(enc).__module__}.{type(enc).__qualname__}", "contract": enc.contract.to_dict(),
              "options": tcfg.options, "weights": enc.weights_tag, "state": tensor_digest(enc),
-             "autocast": str(amp_dtype), "dataset": _dataset_identity(ds)}
+             "autocast": str(amp_dtype), "dataset": _dataset_identity(ds, tower)}
     key = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
     return key, facts
 
@@ -220,4 +222,5 @@ class FeatureSource(torch.utils.data.Dataset):
             out["gene_feat"] = torch.from_numpy(np.ascontiguousarray(self.gene_feat[idx]))
         else:
             out["gexp"] = torch.from_numpy(self.ds.counts(idx))
+        out["index"] = torch.from_numpy(idx)
         return out

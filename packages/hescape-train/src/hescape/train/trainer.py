@@ -107,7 +107,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def _collate(items: list[dict] | dict) -> dict:
     if isinstance(items, dict):  # a batch source that gathers whole batches (FeatureSource.__getitems__)
         return items
-    return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items])}
+    return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items]),
+            "index": torch.tensor([int(i["index"]) for i in items], dtype=torch.int64)}
+
+
+def centre_within(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(B, d)`` minus the mean of the rows with the same code (a sample), L2-normalised again
+    (``sample_centring``; differentiable). A code with a single row in the batch is left as it is (its centred row
+    would be zero)."""
+    uniq, inverse, counts = torch.unique(codes, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(uniq), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    means = sums / counts.to(x.dtype).unsqueeze(1)
+    centred = torch.where((counts[inverse] > 1).unsqueeze(1), x - means[inverse], x)
+    return torch.nn.functional.normalize(centred, dim=-1)
 
 
 def _batch_len(batch: dict) -> int:
@@ -381,7 +393,8 @@ class Trainer:
                           **_plain({"encoders": self.model.describe(), "genes": list(self.genes),
                                     "train_config": config_to_dict(cfg), "world_size": info.world_size,
                                     "n_train": len(self.train_ds), "total_steps": self.total_steps})}
-        self.weights_meta = {"model_cfg": model_cfg, "genes": json.dumps(self.genes)}
+        self.weights_meta = {"model_cfg": model_cfg, "genes": json.dumps(self.genes),
+                             "inference": json.dumps(self._inference())}
         if self.main:
             if not self.resume:
                 create_run_dir(self.run_dir)
@@ -422,10 +435,39 @@ class Trainer:
         self.train_ds = PairedSpotDataset(data_path, "train")
         self.val_ds = PairedSpotDataset(data_path, "val") if "val" in splits else None
         self.test_ds = PairedSpotDataset(data_path, "test")
+        self.gene_reference = None
+        if cfg.data.gene_normalisation == "sample_mean":
+            self._scale_counts()
         if max(cfg.recall_ks) > len(self.test_ds):
             msg = (f"recall_ks={','.join(map(str, cfg.recall_ks))} asks for Recall@{max(cfg.recall_ks)} but the test "
                    f"split has {len(self.test_ds)} spots; lower recall_ks or put more samples in the test split")
             raise HescapeConfigError(msg)
+
+    def _inference(self) -> dict:
+        """What embedding with this model needs besides its weights (every checkpoint's metadata ``inference``;
+        hescape-eval's ``embed`` applies it): the per-sample gene normalisation with its reference means, and the
+        per-sample centring of the embeddings."""
+        out: dict = {"sample_centring": bool(self.cfg.sample_centring)}
+        if self.gene_reference is not None:
+            out["gene_normalisation"] = {"method": "sample_mean", "reference": [float(v) for v in self.gene_reference]}
+        return out
+
+    def _scale_counts(self) -> None:
+        """``data.gene_normalisation=sample_mean`` (:mod:`hescape.data.gene_norm`): every split's counts scaled per
+        sample to the training split's gene means."""
+        from hescape.data.gene_norm import ScaledCounts, sample_mean_factors
+
+        train_counts = self.train_ds.raw_counts()
+        reference = train_counts.mean(axis=0, dtype=np.float64)
+        self.gene_reference = reference
+        wrapped = []
+        for ds in (self.train_ds, self.val_ds, self.test_ds):
+            if ds is None:
+                wrapped.append(None)
+                continue
+            counts = train_counts if ds is self.train_ds else ds.raw_counts()
+            wrapped.append(ScaledCounts(ds, sample_mean_factors(counts, ds.samples, reference)))
+        self.train_ds, self.val_ds, self.test_ds = wrapped
 
     def _setup_model(self) -> None:
         cfg, info = self.cfg, self.info
@@ -456,7 +498,10 @@ class Trainer:
     def _setup_loader(self) -> None:
         cfg, info = self.cfg, self.info
         self.batch_size = per_process_batch(cfg, info.world_size)
-        self.sampler = EpochBatchSampler(len(self.train_ds), self.batch_size, cfg.seed, info.rank, info.world_size)
+        self.sampler = EpochBatchSampler(len(self.train_ds), self.batch_size, cfg.seed, info.rank, info.world_size,
+                                         mode=cfg.data.batch_sampling, groups=self.train_ds.samples)
+        names = {s: i for i, s in enumerate(dict.fromkeys(self.train_ds.samples))}
+        self.train_codes = torch.tensor([names[s] for s in self.train_ds.samples], dtype=torch.int64)
         if len(self.sampler) == 0:
             msg = (f"a batch of {self.batch_size} spots per process is larger than the training split "
                    f"({len(self.train_ds)} spots{f' over {info.world_size} processes' if info.enabled else ''}); "
@@ -543,6 +588,10 @@ class Trainer:
                            gene_features=dev(batch.get("gene_feat")))
         # the loss in fp32 whatever the towers ran in (the paper: bf16 towers, fp32 loss accumulation)
         out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
+        if cfg.sample_centring:
+            codes = self.train_codes[batch["index"]].to(self.device)
+            out["image_features"] = centre_within(out["image_features"], codes)
+            out["gene_features"] = centre_within(out["gene_features"], codes)
         terms = self.model.loss(out)
         loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
         st.optimizer.zero_grad(set_to_none=True)
@@ -599,6 +648,11 @@ class Trainer:
             img, gex = self._gather_rows(img, len(ds)), self._gather_rows(gex, len(ds))
         if not self.main:
             return None, img, gex
+        if self.cfg.sample_centring:  # every sample's mean embedding removed (hescape.eval.correction)
+            from hescape.eval.correction import centre_by_sample
+
+            img = torch.from_numpy(centre_by_sample(img, ds.samples))
+            gex = torch.from_numpy(centre_by_sample(gex, ds.samples))
         return retrieval_metrics(img, gex, ks=[k for k in ks if k <= len(ds)]), img, gex
 
     def _gather_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -8,7 +8,14 @@ import torch
 from ..base import ImageEncoder
 from ..contracts import ImageContract
 from ..errors import HescapeModelError
+from ..weights import WeightsSpec
 from ..zoo import EncoderEntry, register_encoder
+
+#: These encoders have no published weights, but take weights trained here (e.g. the image tower of an earlier run,
+#: ``hescape.train.batch_benchmark.export_tower``): a safetensors/torch file of the encoder module's own state dict
+#: (keys ``backbone.…``). They still default to training from scratch (``pretrained=False``).
+OWN_WEIGHTS = WeightsSpec(files=("model.safetensors", "pytorch_model.bin"), licence="yours",
+                          url="an earlier run of your own (its image tower's state dict)")
 
 __all__ = ["TimmImageEncoder"]
 
@@ -56,7 +63,7 @@ def _vit(name, timm_name, size, patch, width, depth, heads, description):
 
     register_encoder(EncoderEntry(name=name, modality="image", builder=build, contract=ImageContract(input_size=size),
                                   out_dim=width, pooling="cls", lora_targets=("attn.qkv", "attn.proj"),
-                                  description=description))
+                                  description=description, weights=OWN_WEIGHTS, pretrained=False))
 
 
 _vit("vit_nano", "vit_small_patch16_224", 64, 8, 128, 4, 4,
@@ -73,4 +80,5 @@ def _cnn_tiny(image_size: int = 64) -> TimmImageEncoder:
 
 register_encoder(EncoderEntry(name="cnn_tiny", modality="image", builder=_cnn_tiny,
                               contract=ImageContract(input_size=64), out_dim=512, pooling="avg",
-                              description="timm resnet10t (random init; a small CNN for tests)"))
+                              description="timm resnet10t (random init; a small CNN for tests)", weights=OWN_WEIGHTS,
+                              pretrained=False))

@@ -1,0 +1,93 @@
+"""Per-sample expression correction before the gene encoder (``data.gene_normalisation``).
+
+``sample_mean``: every count of gene ``g`` in sample ``s`` is multiplied by ``m_g / m_sg``, where ``m_sg`` is the
+mean count of ``g`` over the spots of ``s`` and ``m_g`` its mean over all spots of the training split. Afterwards
+every sample has the training split's gene means. It removes what a batch effect does to a sample as a whole —
+per-gene capture efficiency, library size, background — and keeps every difference between spots of one sample.
+A gene a sample never detects (``m_sg = 0``) keeps its zeros. The scaled values are rounded stochastically to
+integers (``floor(x + u)``, ``u ~ U(0, 1)`` drawn from a generator seeded by the row, so a spot always gets the same
+counts and the expected count is exactly ``x``), because every gene encoder takes raw counts and refuses
+non-integers (a guard against log-normalised input).
+
+It is *transductive within a sample*: an unseen donor's factors come from that donor's own spots (no label, no
+image), as a per-sample normalisation in single-cell analysis does. Sample-level normalisation is one of the
+expression-side choices the HESCAPE paper (section 3, batch effects) asks to measure; the factors are computed
+once per split from the raw counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+__all__ = ["sample_mean_factors", "ScaledCounts", "round_counts"]
+
+
+def round_counts(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``floor(x + u)`` per entry of ``x`` ``(B, G)``, ``u ~ U(0, 1)`` from ``numpy.random.default_rng([7, row])``
+    for each row's dataset index in ``rows``: unbiased and the same for a spot in any batch."""
+    u = np.stack([np.random.default_rng([7, int(r)]).random(x.shape[1]) for r in rows]) if len(rows) else 0.0
+    return np.floor(x + u).astype(np.float32)
+
+
+def sample_mean_factors(counts: np.ndarray, samples, reference: np.ndarray) -> dict[str, np.ndarray]:
+    """``{sample: (G,) factors}`` scaling each sample's gene means in ``counts`` to ``reference``.
+
+    Parameters
+    ----------
+    counts
+        ``(N, G)`` raw counts of a split.
+    samples
+        ``(N,)`` the sample of every row.
+    reference
+        ``(G,)`` target gene means (the training split's).
+    """
+    labels = np.asarray(samples, dtype=object).astype(str)
+    out = {}
+    for s in np.unique(labels):
+        mean = counts[labels == s].mean(axis=0, dtype=np.float64)
+        out[str(s)] = np.where(mean > 0, reference / np.where(mean > 0, mean, 1.0), 1.0).astype(np.float32)
+    return out
+
+
+class ScaledCounts(torch.utils.data.Dataset):
+    """A :class:`~hescape.data.PairedSpotDataset` whose counts are multiplied by per-sample gene factors.
+
+    Everything else (patches, sample and spot ids, the manifest) is the wrapped dataset's. ``count_transform``
+    names the factors (a SHA-256), so feature caches of a gene trunk computed on the scaled counts are told apart
+    from caches of the raw counts.
+    """
+
+    def __init__(self, ds, factors: dict[str, np.ndarray]):
+        self.ds = ds
+        names = list(dict.fromkeys(ds.samples))
+        self._code = {s: i for i, s in enumerate(names)}
+        self._row_code = np.array([self._code[s] for s in ds.samples], dtype=np.int64)
+        self._table = np.stack([factors[s] for s in names]) if names else np.ones((0, ds.n_genes), np.float32)
+        digest = hashlib.sha256()
+        for s in sorted(names):
+            digest.update(s.encode() + b"\x00" + np.ascontiguousarray(factors[s], dtype=np.float32).tobytes())
+        self.count_transform = f"sample_mean:{digest.hexdigest()}"
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getattr__(self, name):  # samples, donors, spot_ids, manifest, n_genes, …
+        if name == "ds":
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+    def __getitem__(self, idx: int) -> dict:
+        item = dict(self.ds[idx])
+        scaled = item["gexp"].numpy()[None] * self._table[self._row_code[idx]][None]
+        item["gexp"] = torch.from_numpy(round_counts(scaled, np.array([idx]))[0])
+        return item
+
+    def counts(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return round_counts(self.ds.counts(idx) * self._table[self._row_code[idx]], idx)
+
+    def raw_counts(self) -> np.ndarray:
+        return round_counts(self.ds.raw_counts() * self._table[self._row_code], np.arange(len(self)))
