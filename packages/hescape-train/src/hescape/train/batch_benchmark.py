@@ -13,7 +13,9 @@ here the batch effect is set, not found):
    and used **frozen** by every run (its features are cached once per dataset), as the paper's image encoders are
    frozen or LoRA-tuned. The gene tower (MLP) and both projection heads train from scratch in every run.
 3. **Methods** (:data:`METHODS`), each one ``hescape-train`` option set, trained for every strength and seed;
-   and post-hoc corrections (:data:`POST_HOC`) applied to the plain CLIP runs' test embeddings.
+   and post-hoc corrections (:data:`POST_HOC`) applied to the plain CLIP runs' test embeddings. The DRVI methods
+   replace the MLP gene tower by a frozen DRVI trained on each dataset's training split (``drvi_epochs``), without
+   a covariate and with the sample as covariate (the HESCAPE authors' setup).
 4. **Scores** on the held-out donors: Recall@5 on the full gallery and under the paper's per-batch protocol
    (``batch:64``), both directions averaged; silhouette-batch (scib-metrics, sample as batch key, the generator's
    known niche of every spot as label) of the gene and image embeddings and of the expression itself; the HEST ridge probe
@@ -49,7 +51,13 @@ METHODS: dict[str, dict[str, object]] = {
     "stain_aug": {"data.augment": True},
     "sample_centring": {"sample_centring": True},
     "within_sample+centring": {"data.batch_sampling": "within_sample", "sample_centring": True},
+    # frozen DRVI gene encoders pretrained on the training split (hescape.models.gene.drvi.pretrain_drvi), without
+    # and with the sample as categorical covariate of the decoder (the HESCAPE authors' setup)
+    "drvi": {"model.gene": "drvi"},
+    "drvi_sample": {"model.gene": "drvi"},
 }
+#: The DRVI covariate of each DRVI method.
+_DRVI_COVARIATE = {"drvi": None, "drvi_sample": "sample"}
 #: Post-hoc corrections of the plain CLIP runs' test embeddings (hescape.eval.correction), by sample.
 POST_HOC = ("harmony", "centre_post_hoc")
 
@@ -68,6 +76,7 @@ class BenchmarkConfig:
     post_hoc: tuple[str, ...] = POST_HOC
     epochs: int = 16
     pretrain_epochs: int = 8
+    drvi_epochs: int = 50
     n_donors: int = 10
     n_test: int = 3
     size_um: float = 1000.0
@@ -99,8 +108,8 @@ def _check(bc: BenchmarkConfig) -> None:
         msg = (f"batch-benchmark: expected --n-test >= 2 held-out donors and --n-donors >= n_test + 2 (one val, one "
                f"train), found n_test={bc.n_test}, n_donors={bc.n_donors}")
         raise HescapeConfigError(msg)
-    if not bc.seeds or bc.epochs < 1 or bc.pretrain_epochs < 1:
-        msg = "batch-benchmark: expected at least one seed and --epochs, --pretrain-epochs >= 1"
+    if not bc.seeds or min(bc.epochs, bc.pretrain_epochs, bc.drvi_epochs) < 1:
+        msg = "batch-benchmark: expected at least one seed and --epochs, --pretrain-epochs, --drvi-epochs >= 1"
         raise HescapeConfigError(msg)
 
 
@@ -172,6 +181,19 @@ def pretrain_trunk(bc: BenchmarkConfig) -> Path:
     return export_tower(run, trunk)
 
 
+def pretrain_drvi_encoder(bc: BenchmarkConfig, data: Path, method: str) -> Path:
+    """The DRVI of ``method`` for the dataset ``data``, trained on its training split (kept once trained)."""
+    from hescape.models.gene.drvi import pretrain_drvi
+
+    covariate = _DRVI_COVARIATE[method]
+    out = bc.out / "drvi" / f"{data.name}-{covariate or 'none'}"
+    if not out.is_dir():
+        _log(bc, f"pretraining DRVI on {data.name} (covariate {covariate}, {bc.drvi_epochs} epochs)")
+        pretrain_drvi(data, out, split="train", max_epochs=bc.drvi_epochs, covariate=covariate, seed=0,
+                      accelerator="cpu", progress=False)
+    return out
+
+
 def run_overrides(bc: BenchmarkConfig, data: Path, trunk: Path, method: str, seed: int) -> list[str]:
     """The ``hescape-train`` overrides of one run."""
     base = {"data.path": data, "model.image": "vit_nano", "model.image_weights": trunk,
@@ -179,6 +201,8 @@ def run_overrides(bc: BenchmarkConfig, data: Path, trunk: Path, method: str, see
             "batch_size": bc.batch_size, "probe": False, "progress": False,
             "data.feature_cache_dir": bc.out / "feature_cache"}
     base.update(METHODS[method])
+    if method in _DRVI_COVARIATE:
+        base["model.gene_options"] = json.dumps({"model_dir": str(pretrain_drvi_encoder(bc, data, method))})
     return [f"{k}={v}" for k, v in base.items()]
 
 
@@ -303,7 +327,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for method, s in keys:
         sel = [r for r in rows if r["method"] == method and r["strength"] == s]
         rec = {"method": method, "strength": s, "n_seeds": len(sel)}
-        for key in (*(k for k, _ in _METRICS), "sil_expression", "r5_full_chance", "r5_batch_chance", "sil_chance"):
+        for key in (*(k for k, _ in _METRICS), "sil_expression", "r5_full_chance", "r5_batch_chance", "sil_chance",
+                    "probe_mean_baseline_r"):
             rec[f"{key}_mean"], rec[f"{key}_std"] = _mean_std([r.get(key) for r in sel])
         out.append(rec)
     return out
@@ -367,8 +392,14 @@ def plot(summ: list[dict], path: Path) -> Path:
     methods = list(dict.fromkeys(r["method"] for r in summ))
     panels = (("r5_full", "R@5, full gallery (held-out donors)"), ("r5_batch", "R@5, per batch of 64 (paper)"),
               ("sil_gene", "silhouette-batch, gene embedding"), ("probe_r", "HEST probe Pearson (image emb.)"))
+    # the chance level of each panel (grey, dotted): a random ranking, permuted batches, the training-mean predictor
+    chance = {"r5_full": "r5_full_chance", "r5_batch": "r5_batch_chance", "sil_gene": "sil_chance",
+              "probe_r": "probe_mean_baseline_r"}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, (key, title) in zip(axes, panels, strict=True):
+        ref = sorted((r for r in summ if r["method"] == methods[0]), key=lambda r: r["strength"])
+        ax.plot([r["strength"] for r in ref], [r[f"{chance[key]}_mean"] for r in ref], ls=":", color="grey", lw=1.5,
+                label="chance / baseline")
         for i, m in enumerate(methods):
             rs = sorted((r for r in summ if r["method"] == m), key=lambda r: r["strength"])
             x = np.array([r["strength"] for r in rs]) + (i - len(methods) / 2) * 0.012
@@ -377,7 +408,7 @@ def plot(summ: list[dict], path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("batch strength")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    axes[0].legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
     import io
 
@@ -424,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       f"(default {','.join(POST_HOC)})")
     p.add_argument("--epochs", type=int, default=16, help="epochs per run (default 16)")
     p.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of the image-trunk pretraining (default 8)")
+    p.add_argument("--drvi-epochs", type=int, default=50, help="epochs of each DRVI pretraining (default 50)")
     p.add_argument("--n-donors", type=int, default=10, help="donors per dataset (default 10)")
     p.add_argument("--n-test", type=int, default=3, help="held-out test donors (default 3)")
     p.add_argument("--size-um", type=float, default=1000.0, help="side of each synthetic section in µm (default 1000)")
@@ -435,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bc = BenchmarkConfig(out=args.out, strengths=args.strengths, seeds=args.seeds, methods=args.methods,
                          post_hoc=args.post_hoc, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
+                         drvi_epochs=args.drvi_epochs,
                          n_donors=args.n_donors, n_test=args.n_test, size_um=args.size_um, progress=not args.quiet)
     try:
         run_benchmark(bc)
