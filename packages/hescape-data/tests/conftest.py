@@ -1,9 +1,13 @@
-"""Shared fixtures: small synthetic Xenium bundles in the real file formats, and the vendored Visium outs/."""
+"""Shared fixtures: small synthetic Xenium bundles in the real file formats, the vendored Visium outs/, and the
+synthetic Space Ranger writer (``_spaceranger_synth.py``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hescape.data.xenium_bundle import XeniumBundleOptions, small_bundle_config, write_xenium_bundle
@@ -44,3 +48,17 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def visium_outs() -> Path:
     return VISIUM
+
+
+@pytest.fixture(scope="session")
+def synth() -> ModuleType:
+    """The synthetic Space Ranger writer ``_spaceranger_synth.py``: Visium / Visium HD outputs at a known µm/px
+    (``write_visium_outs``, ``write_visium_hd_outs``), H&E-like images (``he_image``) and the 55 µm disc measure
+    (``dark_disc_diameter_um``). Imported by path (under importlib mode the tests folder is not on ``sys.path``),
+    once, under one ``sys.modules`` name that every test file shares."""
+    name = "_hescape_data_spaceranger_synth"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_spaceranger_synth.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]

@@ -10,7 +10,6 @@ the anndata API (obsm['spatial'] in full-resolution pixels, as scanpy/squidpy), 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -32,19 +31,6 @@ from scipy import ndimage
 
 ad = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
-
-
-def _load_helpers():
-    """Import ``_spaceranger_synth.py`` by path (under importlib mode the tests folder is not on sys.path)."""
-    name = "_hescape_data_spaceranger_synth"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_spaceranger_synth.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-S = _load_helpers()
 GREEN = (0, 255, 0)
 FAST = {"progress": False, "qc": False}
 #: Small patches (16 µm at 1 µm/px) where a test looks at counts and coordinates only: faster on 2 shared cores.
@@ -109,9 +95,9 @@ def _visium_anndata(truth: dict, *, with_array: bool = True, x=None) -> ad.AnnDa
 
 
 @pytest.fixture
-def visium_truth(tmp_path) -> dict:
+def visium_truth(synth, tmp_path) -> dict:
     """A 6 × 12 Visium array at 0.8 µm/px, rewritten as a tiled TIFF with a green dot at the 10th in-tissue spot."""
-    truth = S.write_visium_outs(tmp_path / "src", um_per_px=0.8, seed=4)
+    truth = synth.write_visium_outs(tmp_path / "src", um_per_px=0.8, seed=4)
     import tifffile
 
     img = tifffile.imread(truth["image"])
@@ -129,7 +115,7 @@ def _write_h5ad(a, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ AnnData
-def test_anndata_visium_spots(visium_truth, tmp_path):
+def test_anndata_visium_spots(synth, visium_truth, tmp_path):
     t = visium_truth
     h5 = _write_h5ad(_visium_anndata(t), tmp_path / "v.h5ad")
     out = build_anndata_dataset(h5, tmp_path / "ds", image=t["tif"], donor="P1", progress=False)
@@ -154,7 +140,7 @@ def test_anndata_visium_spots(visium_truth, tmp_path):
             np.testing.assert_allclose(c, [111.5, 111.5], atol=0.6)
         else:
             assert c is None
-            assert S.dark_disc_diameter_um(p, 0.5) == pytest.approx(55.0, abs=1.5)  # a 55 µm disc measures 55 µm
+            assert synth.dark_disc_diameter_um(p, 0.5) == pytest.approx(55.0, abs=1.5)  # a 55 µm disc measures 55 µm
 
 
 def test_anndata_given_scale_warns_when_it_disagrees(visium_truth, tmp_path, capsys):
@@ -250,10 +236,10 @@ def _cells(n: int, seed: int, extent_um: float = 400.0):
     return xy, counts
 
 
-def test_anndata_cells_pooled(tmp_path):
+def test_anndata_cells_pooled(synth, tmp_path):
     mpp = 0.5
     xy_um, counts = _cells(400, seed=0)
-    img = S.he_image((800, 800), np.zeros((0, 2)), 10.0, seed=1)
+    img = synth.he_image((800, 800), np.zeros((0, 2)), 10.0, seed=1)
     _dot(img, xy_um[7] / mpp, radius_px=3)
     tif = _tiled_tiff(tmp_path / "he.tif", img)
     a = ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"cell{i}" for i in range(len(xy_um))]),
@@ -356,8 +342,8 @@ def _hest_meta(root: Path, sid: str, tech: str, mpp: float) -> None:
     (root / "metadata" / f"{sid}.json").write_text(json.dumps(meta, indent=3))  # NaN written as HEST does
 
 
-def _hest_visium(root: Path, sid: str, *, meta_mpp: float, seed: int) -> dict:
-    t = S.write_visium_outs(root.parent / f"src_{sid}", um_per_px=0.8, n_genes=len(GENES), seed=seed)
+def _hest_visium(synth, root: Path, sid: str, *, meta_mpp: float, seed: int) -> dict:
+    t = synth.write_visium_outs(root.parent / f"src_{sid}", um_per_px=0.8, n_genes=len(GENES), seed=seed)
     keep = np.flatnonzero(t["in_tissue"] == 1)
     obs = pd.DataFrame({"in_tissue": 1, "array_row": t["array_rc"][keep, 0], "array_col": t["array_rc"][keep, 1],
                         "pxl_col_in_fullres": t["px"][keep, 0], "pxl_row_in_fullres": t["px"][keep, 1]},
@@ -376,7 +362,8 @@ def _hest_visium(root: Path, sid: str, *, meta_mpp: float, seed: int) -> dict:
     return {**t, "ids": [t["barcodes"][i] for i in keep]}
 
 
-def _hest_xenium(root: Path, sid: str, *, mpp: float, meta_mpp: float, seed: int, transcripts: bool = True) -> dict:
+def _hest_xenium(synth, root: Path, sid: str, *, mpp: float, meta_mpp: float, seed: int,
+                 transcripts: bool = True) -> dict:
     """Cells with transcripts at known µm positions; he_x/he_y = µm / mpp + offset; HEST's 100 µm pseudo-spots."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -420,7 +407,7 @@ def _hest_xenium(root: Path, sid: str, *, mpp: float, meta_mpp: float, seed: int
     a.obsm["spatial"] = np.column_stack([lo[0] + (c + 0.5) * step, lo[1] + (r + 0.5) * step])
     _write_h5ad(a, root / "st" / f"{sid}.h5ad")
     shape = (int(he[:, 1].max() + 240), int(he[:, 0].max() + 240))  # the WSI covers every pseudo-spot centre
-    img = S.he_image(shape, cell_xy / mpp + offset, 8.0 / mpp, seed=seed)
+    img = synth.he_image(shape, cell_xy / mpp + offset, 8.0 / mpp, seed=seed)
     _hest_wsi(root / "wsis" / f"{sid}.tif", img)
     _hest_meta(root, sid, "Xenium", meta_mpp)
     good = (qv >= 20) & np.isin(feats, GENES)
@@ -428,14 +415,14 @@ def _hest_xenium(root: Path, sid: str, *, mpp: float, meta_mpp: float, seed: int
 
 
 @pytest.fixture
-def hest_dir(tmp_path) -> tuple[Path, dict, dict]:
+def hest_dir(synth, tmp_path) -> tuple[Path, dict, dict]:
     root = tmp_path / "hest"
-    v = _hest_visium(root, "V1", meta_mpp=0.8, seed=5)
-    x = _hest_xenium(root, "X1", mpp=0.5, meta_mpp=0.5 * 1.05, seed=6)  # HEST's estimate 5 % off
+    v = _hest_visium(synth, root, "V1", meta_mpp=0.8, seed=5)
+    x = _hest_xenium(synth, root, "X1", mpp=0.5, meta_mpp=0.5 * 1.05, seed=6)  # HEST's estimate 5 % off
     return root, v, x
 
 
-def test_hest_visium_and_xenium_into_one_dataset(hest_dir, tmp_path):
+def test_hest_visium_and_xenium_into_one_dataset(synth, hest_dir, tmp_path):
     root, v, x = hest_dir
     warned = r"X1: metadata pixel_size_um_estimated is 0\.525 µm/px, measured 0\.5 µm/px .*-4\.8%"
     with pytest.warns(UserWarning, match=warned) as rec:
@@ -458,7 +445,7 @@ def test_hest_visium_and_xenium_into_one_dataset(hest_dir, tmp_path):
     assert ids[names == "V1"].tolist() == v["ids"]
     np.testing.assert_array_equal(gexp[names == "V1"], v["counts"].toarray())
     for img in np.array(tab.column("image").to_pylist(), dtype=object)[names == "V1"]:  # read from the pyramid
-        assert S.dark_disc_diameter_um(_patch(img), 0.5) == pytest.approx(55.0, abs=1.5)
+        assert synth.dark_disc_diameter_um(_patch(img), 0.5) == pytest.approx(55.0, abs=1.5)
     # Xenium: transcripts with qv >= 20 of real genes within 27.5 µm of each centre (µm = WSI px × 0.5, measured)
     xs = names == "X1"
     tx_um = x["he"][x["good"]] * 0.5
@@ -482,9 +469,9 @@ def test_hest_missing_id_refused(hest_dir, tmp_path, capsys):
     assert not (tmp_path / "ds").exists()
 
 
-def test_hest_visium_pixel_size_off_by_5_percent_warned(tmp_path, capsys):
+def test_hest_visium_pixel_size_off_by_5_percent_warned(synth, tmp_path, capsys):
     root = tmp_path / "hest"
-    _hest_visium(root, "V2", meta_mpp=0.84, seed=7)  # the metadata says 0.84, the spots say 0.8
+    _hest_visium(synth, root, "V2", meta_mpp=0.84, seed=7)  # the metadata says 0.84, the spots say 0.8
     assert main(["build", "hest", str(root), "--ids", "all", "--out", str(tmp_path / "ds"), "--quiet",
                  "--no-qc", "--fov-um", "16", "--um-per-px", "1"]) == 0
     err = capsys.readouterr().err
@@ -496,9 +483,9 @@ def test_hest_visium_pixel_size_off_by_5_percent_warned(tmp_path, capsys):
     np.testing.assert_allclose(pairs[pairs < 150], 100.0, atol=0.5)  # spots 100 µm apart with the lattice
 
 
-def test_hest_xenium_pseudo_spots_cells_and_missing_transcripts(tmp_path):
+def test_hest_xenium_pseudo_spots_cells_and_missing_transcripts(synth, tmp_path):
     root = tmp_path / "hest"
-    x = _hest_xenium(root, "X2", mpp=0.5, meta_mpp=0.5, seed=8)
+    x = _hest_xenium(synth, root, "X2", mpp=0.5, meta_mpp=0.5, seed=8)
     # --geometry hest: HEST's own 100 µm pseudo-spots, kept as they are (control probes left out)
     out = build_hest_dataset(root, tmp_path / "spots", ids="X2", geometry="hest", **QUICK)
     tab = _table(out)
@@ -526,7 +513,7 @@ def test_hest_xenium_pseudo_spots_cells_and_missing_transcripts(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
-def test_hest_unknown_technology_and_mixed_genes_refused(hest_dir, tmp_path):
+def test_hest_unknown_technology_and_mixed_genes_refused(synth, hest_dir, tmp_path):
     root, _, _ = hest_dir
     meta = json.loads((root / "metadata" / "V1.json").read_text())
     meta["st_technology"] = "Spatial Transcriptomics"
@@ -539,7 +526,7 @@ def test_hest_unknown_technology_and_mixed_genes_refused(hest_dir, tmp_path):
                for w in rec)
     m = read_manifest(out)
     assert [s["name"] for s in m["samples"]] == ["X1"] and m["geometry"]["name"] == "hescape"
-    _hest_xenium(root, "X3", mpp=0.5, meta_mpp=0.5, seed=9)
+    _hest_xenium(synth, root, "X3", mpp=0.5, meta_mpp=0.5, seed=9)
     a = ad.read_h5ad(root / "st" / "X3.h5ad")
     a.var_names = [f"{g}_v2" if g in GENES[:2] else g for g in a.var_names]
     a.write_h5ad(root / "st" / "X3.h5ad")

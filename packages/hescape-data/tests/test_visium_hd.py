@@ -6,11 +6,9 @@ pixels and its counts, the image's true µm per pixel, and dark discs of exactly
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +23,6 @@ from matplotlib.path import Path as PolyPath
 from PIL import Image
 from scipy.spatial import cKDTree
 
-
-def _load_helpers():
-    """Import ``_spaceranger_synth.py`` by path (under importlib mode the tests folder is not on sys.path)."""
-    name = "_hescape_data_spaceranger_synth"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_spaceranger_synth.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-S = _load_helpers()
 HESCAPE = GEOMETRY_PRESETS["hescape"]  # 55 µm pointy-top hexagons, centres 55·√3/2 = 47.63 µm apart
 
 
@@ -53,13 +39,13 @@ def _true_um(coords_um: np.ndarray, m: dict, true_mpp: float) -> np.ndarray:
 
 
 @pytest.fixture
-def hd8(tmp_path) -> dict:
-    return S.write_visium_hd_outs(tmp_path / "run" / "outs", bin_um=8, mpp_error=0.03)
+def hd8(synth, tmp_path) -> dict:
+    return synth.write_visium_hd_outs(tmp_path / "run" / "outs", bin_um=8, mpp_error=0.03)
 
 
 @pytest.mark.parametrize("bin_um", [8, 2])
-def test_pooled_counts_are_the_bins_inside_each_spot(bin_um, tmp_path):
-    truth = S.write_visium_hd_outs(tmp_path / "outs", bin_um=bin_um, n_bins=320 // bin_um, n_genes=5)
+def test_pooled_counts_are_the_bins_inside_each_spot(synth, bin_um, tmp_path):
+    truth = synth.write_visium_hd_outs(tmp_path / "outs", bin_um=bin_um, n_bins=320 // bin_um, n_genes=5)
     out = build_visium_hd_dataset(tmp_path / "outs", tmp_path / "ds", image=truth["image"], bin_size_um=bin_um,
                                   progress=False, qc=False)
     m, coords, gexp, n_bins, _ = _table(out)
@@ -91,7 +77,7 @@ def test_spots_on_the_hescape_lattice(hd8, tmp_path):
     np.testing.assert_allclose(d[interior, 1:], HESCAPE.pitch_um, atol=0.3)
 
 
-def test_55um_disc_measures_55um(hd8, tmp_path):
+def test_55um_disc_measures_55um(synth, hd8, tmp_path):
     out = build_visium_hd_dataset(hd8["outs"], tmp_path / "ds", image=hd8["image"], progress=False, qc=False)
     m, coords, _, _, images = _table(out)
     assert m["samples"][0]["source_um_per_px"] == pytest.approx(hd8["um_per_px"], rel=1e-6)  # not the +3 % file
@@ -99,11 +85,11 @@ def test_55um_disc_measures_55um(hd8, tmp_path):
     for disc in hd8["discs_px"]:
         k = int(np.argmin(np.linalg.norm(px - disc, axis=1)))  # the spot whose patch holds this disc
         patch = np.asarray(Image.open(io.BytesIO(images[k]["bytes"])).convert("RGB"))
-        assert S.dark_disc_diameter_um(patch, 0.5) == pytest.approx(55.0, abs=2.0)
+        assert synth.dark_disc_diameter_um(patch, 0.5) == pytest.approx(55.0, abs=2.0)
 
 
-def test_microns_per_pixel_cross_check(tmp_path):
-    truth = S.write_visium_hd_outs(tmp_path / "a" / "outs", mpp_error=0.08)
+def test_microns_per_pixel_cross_check(synth, tmp_path):
+    truth = synth.write_visium_hd_outs(tmp_path / "a" / "outs", mpp_error=0.08)
     with pytest.warns(UserWarning, match="bin lattice gives"):
         out = build_visium_hd_dataset(truth["outs"], tmp_path / "ds", image=truth["image"], progress=False,
                                       qc=False)
@@ -111,7 +97,7 @@ def test_microns_per_pixel_cross_check(tmp_path):
     assert m["ingest"]["metadata"]["scale_disagreement"] == pytest.approx(0.08, abs=1e-6)
     xy = _true_um(coords, m, truth["um_per_px"])
     np.testing.assert_allclose(cKDTree(xy).query(xy, k=2)[0][:, 1], HESCAPE.pitch_um, atol=0.3)
-    bad = S.write_visium_hd_outs(tmp_path / "b" / "outs", mpp_error=0.5)
+    bad = synth.write_visium_hd_outs(tmp_path / "b" / "outs", mpp_error=0.5)
     with pytest.raises(InputFormatError, match="microns_per_pixel"):
         read_visium_hd(bad["outs"], image=bad["image"])
 
@@ -135,13 +121,13 @@ def test_bin_folder_or_outs_and_bin_size(hd8, tmp_path):
         read_visium_hd(hd8["outs"], image=hd8["image"])
 
 
-def test_visium_spot_output_refused_by_hd_reader(tmp_path):
-    vis = S.write_visium_outs(tmp_path / "outs")
+def test_visium_spot_output_refused_by_hd_reader(synth, tmp_path):
+    vis = synth.write_visium_outs(tmp_path / "outs")
     with pytest.raises(InputFormatError, match="hescape-data build visium`"):
         read_visium_hd(vis["outs"], image=vis["image"])
 
 
-def test_cli_build_visium_hd(hd8, tmp_path, capsys):
+def test_cli_build_visium_hd(synth, hd8, tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["build", "visium-hd", str(hd8["outs"]), "--image", str(hd8["image"]), "--out", str(out),
                  "--quiet", "--no-qc"]) == 0
@@ -155,7 +141,7 @@ def test_cli_build_visium_hd(hd8, tmp_path, capsys):
     assert "Visium HD" in err and "hescape-data build visium-hd" in err
     assert not (tmp_path / "ds2").exists()
     # a coarse bin for a 55 µm spot is allowed with a warning (the pooled area is quantised to whole bins)
-    truth16 = S.write_visium_hd_outs(tmp_path / "r16" / "outs", bin_um=16, n_bins=20)
+    truth16 = synth.write_visium_hd_outs(tmp_path / "r16" / "outs", bin_um=16, n_bins=20)
     assert main(["build", "visium-hd", str(truth16["outs"]), "--bin-size", "16", "--image", str(truth16["image"]),
                  "--out", str(tmp_path / "ds16"), "--quiet", "--no-qc"]) == 0
     assert "hescape-data: warning:" in capsys.readouterr().err

@@ -19,7 +19,8 @@ Genes
 Pixel size (µm per pixel of the image)
     In this order: ``image_um_per_px`` given by the user; the Visium spot lattice (spots are 100 µm centre to
     centre, :func:`~hescape.data.readers.spaceranger.fit_lattice` on ``obs["array_row"/"array_col"]``, or the
-    median nearest-neighbour spacing of the spots when those columns are absent); Visium HD's
+    median nearest-neighbour spacing of the spots when those columns are absent, from at least 7 spots, 80 % of
+    them regular: :func:`~hescape.data.readers.visium.visium_um_per_px_from_spots`); Visium HD's
     ``microns_per_pixel``; Space Ranger's ``spot_diameter_fullres`` (the pixel diameter of a theoretical 65 µm spot;
     55 µm in HEST-1k files, recognised by HEST's ``tissue_downscaled_fullres_scalef`` key, HEST ``utils.py``
     ``register_downscale_img``). Without any of them the build is refused, naming ``--image-um-per-px``. A given
@@ -49,13 +50,15 @@ from ..counts import check_counts
 from ..errors import HescapeDataError, InputFormatError
 from ..patches import scale_matrix
 from .image import ArrayImage, SlideImage, check_not_blank, open_image
-from .spaceranger import HD_BARCODE, LatticeFit, fit_lattice
+from .spaceranger import HD_BARCODE, LatticeFit
 from .visium import (
-    ANISOTROPY_REFUSE_FRACTION,
     SCALE_REFUSE_FRACTION,
     SPOT_DIAMETER_FULLRES_UM,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
+    fit_visium_lattice,
+    spacing_px,
+    visium_um_per_px_from_spots,
 )
 from .xenium import SpatialSample
 
@@ -78,6 +81,10 @@ HEST_SPOT_DIAMETER_FULLRES_UM = 55.0
 CELL_SPACING_WARN_UM = 40.0
 _ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids")
 _SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol", "gene_names")
+#: The manifest's ``lattice_source`` for each way :func:`~hescape.data.readers.visium.visium_um_per_px_from_spots`
+#: measures the pixel size.
+_SPOT_SCALE_SOURCES = {"lattice": "obs array_row/array_col, 100 µm pitch",
+                       "spacing": "median nearest-neighbour spot spacing, 100 µm pitch"}
 
 
 def import_anndata():
@@ -216,18 +223,6 @@ def anndata_genes(adata, where) -> tuple[list[str], list[str], np.ndarray]:
     return symbols, ids, keep
 
 
-def spacing_px(xy_px: np.ndarray) -> tuple[float, float]:
-    """Median nearest-neighbour distance (px) and the fraction of points whose nearest neighbour is within 5 % of it."""
-    from scipy.spatial import cKDTree
-
-    if len(xy_px) < 3:
-        return float("nan"), 0.0
-    d, _ = cKDTree(xy_px).query(xy_px, k=2)
-    nn = d[:, 1]
-    med = float(np.median(nn))
-    return med, float(np.mean(np.abs(nn / med - 1.0) < 0.05)) if med > 0 else 0.0
-
-
 def visium_lattice_from_obs(obs, xy_px: np.ndarray, where) -> LatticeFit | None:
     """The Visium lattice fitted on ``obs["array_col"/"array_row"]`` and ``xy_px``; None without those columns.
 
@@ -243,16 +238,13 @@ def visium_lattice_from_obs(obs, xy_px: np.ndarray, where) -> LatticeFit | None:
     if not np.isfinite(rc).all() or (rc != np.round(rc)).any():
         msg = f"{where}: expected integer obs['array_row'] and obs['array_col'] (Visium array indices), found other values"
         raise InputFormatError(msg)
-    fit = fit_lattice(rc[:, 1].astype(np.int64), rc[:, 0].astype(np.int64), xy_px,
-                      step_um=(VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2), probe=(2, 2),
-                      pitch_um=VISIUM_PITCH_UM, where=str(where))
-    if abs(math.log(fit.anisotropy)) > math.log(1 + ANISOTROPY_REFUSE_FRACTION) or abs(fit.skew_deg) > 5:
+    fit, problem = fit_visium_lattice(rc[:, 1].astype(np.int64), rc[:, 0].astype(np.int64), xy_px, where)
+    if problem == "shape":
         msg = (f"{where}: expected obs['array_row'/'array_col'] of Visium's hexagonal spot array (100 µm between "
                f"neighbours), found another lattice (µm/px along rows / across rows = {fit.anisotropy:.3f}, axes "
                f"skewed by {fit.skew_deg:.1f}°); if the observations are Visium HD bins or cells, pass --level cells")
         raise InputFormatError(msg)
-    a = fit.matrix[:, :2]
-    if fit.mirrored and abs(a[1, 0]) > abs(a[0, 0]):
+    if problem == "transposed":
         msg = (f"{where}: expected obsm['spatial'] as (x = image column, y = image row), found the columns swapped "
                "(array_col runs down the image and the array appears mirrored); use "
                "adata.obsm['spatial'] = adata.obsm['spatial'][:, ::-1] and save again")
@@ -463,13 +455,10 @@ def read_anndata(path: str | os.PathLike, *, image: str | os.PathLike | None, im
 
     lattice = None
     if level_used == "spots":
-        fit = visium_lattice_from_obs(adata.obs, xy_px, where)
-        if fit is not None:
-            lattice = (fit.um_per_px, "obs array_row/array_col, 100 µm pitch")
-        else:
-            med, frac = spacing_px(xy_px)
-            if frac >= 0.8 and len(xy_px) >= 7:
-                lattice = (VISIUM_PITCH_UM / med, "median nearest-neighbour spot spacing, 100 µm pitch")
+        scale = visium_um_per_px_from_spots(xy_px, visium_lattice_from_obs(adata.obs, xy_px, where), where=where,
+                                            required=False)
+        if scale is not None:
+            lattice = (scale.um_per_px, _SPOT_SCALE_SOURCES[scale.method])
     px = choose_pixel_size(where, given=image_um_per_px, lattice=lattice, scalefactor=_scalefactor_um_per_px(sf))
     med_um = spacing_px(xy_px)[0] * px.um_per_px
     if level_used == "spots" and lattice is None and not abs(med_um / VISIUM_PITCH_UM - 1) < 0.1:

@@ -29,7 +29,9 @@ and add ``he_x``/``he_y``, the position on the WSI in pixels (``readers.py`` ``_
 Pixel-size check. HEST's pixel size is estimated (Visium: from one row of spots, ``find_pixel_size_from_spot_coords``;
 Xenium: from the alignment matrix), and on some samples the pseudo-spot spacing disagrees with it by several per
 cent (HEST issue #122). Each sample is therefore measured independently: Visium from the whole spot lattice
-(:func:`~hescape.data.readers.spaceranger.fit_lattice`, spots 100 µm apart); Xenium from the transcripts' own µm
+(:func:`~hescape.data.readers.spaceranger.fit_lattice`, spots 100 µm apart), or without ``array_row``/``array_col``
+from the spots' nearest-neighbour spacing (at least 7 spots, 80 % regular:
+:func:`~hescape.data.readers.visium.visium_um_per_px_from_spots`); Xenium from the transcripts' own µm
 coordinates fitted against their WSI pixels (an affine least-squares fit, when the transcripts are read), else
 from the pseudo-spot grid (100 µm squares). A disagreement above 2 % is warned about; ``pixel_size="lattice"``
 uses the measured value instead of the metadata's.
@@ -61,14 +63,13 @@ from .anndata import (
     anndata_genes,
     check_positions_on_image,
     read_h5ad,
-    spacing_px,
     spatial_px,
     visium_lattice_from_obs,
 )
 from .image import check_not_blank, open_image
 from .spaceranger import fit_lattice
 from .tenx import read_json
-from .visium import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM
+from .visium import VISIUM_SPOT_DIAMETER_UM, visium_um_per_px_from_spots
 from .xenium import SpatialSample
 
 __all__ = ["HEST_TECHNOLOGIES", "HEST_PSEUDO_SPOT_UM", "HestPaths", "HestSample", "hest_available_ids",
@@ -85,6 +86,10 @@ _CONTROL = re.compile(r"BLANK|Control|Codeword|Intergenic")
 #: At most this many transcripts enter the µm → WSI pixel fit (an evenly strided subset).
 _FIT_SAMPLE = 200_000
 _HINT = "download it from the Hugging Face dataset MahmoodLab/hest"
+#: The manifest's ``measured_source`` for each way :func:`~hescape.data.readers.visium.visium_um_per_px_from_spots`
+#: measures a Visium sample's pixel size.
+_SPOT_SCALE_SOURCES = {"lattice": "spot lattice (array_row/array_col, spots 100 µm apart)",
+                       "spacing": "spot spacing (median nearest neighbour = 100 µm)"}
 
 
 def is_control_feature(name: str) -> bool:
@@ -426,13 +431,9 @@ def read_hest_sample(root: str | os.PathLike, sample_id: str, *, counts_from: st
 
     tx = None
     if tech == "Visium":
-        fit = visium_lattice_from_obs(adata.obs, xy_px, where)
-        if fit is not None:
-            measured = (fit.um_per_px, "spot lattice (array_row/array_col, spots 100 µm apart)")
-        else:
-            med, frac = spacing_px(xy_px)
-            measured = (VISIUM_PITCH_UM / med, "spot spacing (median nearest neighbour = 100 µm)") if frac >= 0.8 \
-                else None
+        scale = visium_um_per_px_from_spots(xy_px, visium_lattice_from_obs(adata.obs, xy_px, where), where=where,
+                                            required=False)
+        measured = None if scale is None else (scale.um_per_px, _SPOT_SCALE_SOURCES[scale.method])
     elif counts_from == "spots":
         grid = _xenium_grid_um_per_px(adata.obs, xy_px, where)
         measured = (grid, "pseudo-spot grid (HEST's 100 µm squares)") if grid is not None else None

@@ -27,7 +27,9 @@ the user), or from stores written by spatialdata-io, recognised by ``sdata.attrs
   1 µm: µm per unit = 1 / scale of the shapes' transformation.
 * ``"visium"``: the coordinate system is full-resolution pixels and the spots lie 100 µm apart centre to centre
   (Visium spec; the formats fact sheet §2), so µm per unit = 100 / the median nearest-neighbour distance of the
-  spot centres (the spot lattice, as :mod:`hescape.data.readers.visium` measures it).
+  spot centres (2 or more circles; coincident centres are refused). Unlike
+  :func:`~hescape.data.readers.visium.visium_um_per_px_from_spots` (AnnData, HEST: at least 7 spots, 80 % regular)
+  no regularity is asked for: here the store's own reader attribute says the circles are Visium spots.
 
 Anything else is refused with a message asking for ``--um-per-unit``.
 """
@@ -44,12 +46,10 @@ from ..counts import check_counts
 from ..errors import InputFormatError
 from ..patches import check_affine, um_per_px
 from .image import SlideImage, check_not_blank
+from .visium import VISIUM_PITCH_UM  # 100 µm between Visium spot centres: µm per unit in a spatialdata-io Visium store
 from .xenium import SpatialSample
 
 __all__ = ["read_spatialdata", "SpatialDataImage", "require_spatialdata", "VISIUM_PITCH_UM"]
-
-#: Centre-to-centre distance of Visium spots (µm): the lattice giving µm per unit in a spatialdata-io Visium store.
-VISIUM_PITCH_UM = 100.0
 
 _INSTALL = 'pip install "hescape-data[spatialdata]"'
 

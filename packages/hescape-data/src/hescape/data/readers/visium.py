@@ -12,7 +12,10 @@ positions against ``(array_col, array_row)`` (:func:`~hescape.data.readers.space
 row of the positions file) gives µm per full-resolution pixel. ``spot_diameter_fullres`` is *not* the 55 µm
 spot: Space Ranger defines it as the pixel diameter of a theoretical 65 µm spot, so ``65 / spot_diameter_fullres``
 is only recorded as a cross-check (a warning above 5 % disagreement; real outputs disagree by a few per cent).
-The old rule ``55 / spot_diameter_fullres`` was 18 % too small (65/55).
+The old rule ``55 / spot_diameter_fullres`` was 18 % too small (65/55). Readers of spots without array indices
+(AnnData, HEST-1k) measure the same pitch from the spots' nearest-neighbour spacing instead, under one acceptance
+rule (:func:`visium_um_per_px_from_spots`: at least 7 spots, 80 % of them with their nearest neighbour within 5 %
+of the median spacing).
 
 Tissue µm are full-resolution pixels times that size, with x = ``pxl_col_in_fullres`` and
 y = ``pxl_row_in_fullres``. The image is the user's full-resolution image (not part of ``outs/``), or the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +44,8 @@ from .tenx import read_10x_matrix, read_json
 from .xenium import SpatialSample
 
 __all__ = ["VISIUM_SPOT_DIAMETER_UM", "VISIUM_PITCH_UM", "SPOT_DIAMETER_FULLRES_UM", "read_visium",
-           "read_positions", "read_scalefactors", "visium_lattice"]
+           "read_positions", "read_scalefactors", "visium_lattice", "fit_visium_lattice", "SpotScale", "spacing_px",
+           "visium_um_per_px_from_spots", "SPACING_MIN_SPOTS", "SPACING_REGULAR_FRACTION", "SPACING_TOLERANCE"]
 
 #: Diameter of a Visium capture spot, µm (10x Visium spec; HEST ``spot_diameter=55.``).
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -54,6 +59,15 @@ SCALE_WARN_FRACTION = 0.05
 SCALE_REFUSE_FRACTION = 0.25
 #: Refuse when µm/px along array columns and across rows differ by more than this fraction (not a hex lattice).
 ANISOTROPY_REFUSE_FRACTION = 0.10
+#: Fewest spots whose nearest-neighbour spacing is taken as the 100 µm pitch: one spot and its full ring of six
+#: neighbours, the smallest patch of the hexagonal array (with 3-6 points the regularity test below is met by any
+#: near-equilateral handful, e.g. three cells 10 µm apart).
+SPACING_MIN_SPOTS = 7
+#: A spot's nearest neighbour is "at the pitch" when its distance is within this fraction of the median spacing.
+SPACING_TOLERANCE = 0.05
+#: At least this fraction of the spots must have their nearest neighbour at the pitch (edge and missing spots of a
+#: real array have theirs at the pitch too; cells or random points do not).
+SPACING_REGULAR_FRACTION = 0.8
 
 
 def _hd_refusal(where, found: str) -> InputFormatError:
@@ -109,6 +123,46 @@ def read_scalefactors(spatial: Path) -> dict:
     return sf
 
 
+def fit_visium_lattice(array_col: np.ndarray, array_row: np.ndarray, xy_px: np.ndarray,
+                       where) -> tuple[LatticeFit, str | None]:
+    """Fit the Visium spot array to pixel positions and say what, if anything, is wrong with its shape.
+
+    Parameters
+    ----------
+    array_col, array_row
+        ``(n,)`` integer capture-array indices.
+    xy_px
+        ``(n, 2)`` spot centres, x then y, in pixels.
+    where
+        Named in :func:`~hescape.data.readers.spaceranger.fit_lattice`'s errors.
+
+    Returns
+    -------
+    tuple
+        The fit (:func:`~hescape.data.readers.spaceranger.fit_lattice` with Visium's steps: 50 µm per
+        ``array_col``, 50·√3 µm per ``array_row``, i.e. neighbours :data:`VISIUM_PITCH_UM` = 100 µm apart) and
+        ``None`` when it is Visium's hexagonal array, ``"shape"`` when it is not (µm/px along columns and rows
+        differ by more than :data:`ANISOTROPY_REFUSE_FRACTION`, or the axes are skewed by more than 5°: a square
+        lattice, Visium HD bins, damaged columns), or ``"transposed"`` when the array appears mirrored with
+        ``array_col`` running down the image (x and y pixel columns swapped). Each reader words its own refusal.
+
+    Raises
+    ------
+    InputFormatError
+        From :func:`~hescape.data.readers.spaceranger.fit_lattice`: too few spots, a degenerate layout, positions
+        that do not follow the array indices.
+    """
+    fit = fit_lattice(array_col, array_row, xy_px,
+                      step_um=(VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2), probe=(2, 2),
+                      pitch_um=VISIUM_PITCH_UM, where=str(where))
+    a = fit.matrix[:, :2]
+    if abs(math.log(fit.anisotropy)) > math.log(1 + ANISOTROPY_REFUSE_FRACTION) or abs(fit.skew_deg) > 5:
+        return fit, "shape"
+    if fit.mirrored and abs(a[1, 0]) > abs(a[0, 0]):
+        return fit, "transposed"
+    return fit, None
+
+
 def visium_lattice(pos: SpotPositions) -> LatticeFit:
     """The Visium spot lattice fitted to ``pos``; refuses lattices that are not Visium's.
 
@@ -119,23 +173,128 @@ def visium_lattice(pos: SpotPositions) -> LatticeFit:
         image), a square lattice (Visium HD bins) or any other shape than the 100 µm hexagonal array.
     """
     where = pos.path
-    fit = fit_lattice(pos.array_col, pos.array_row, pos.xy_px,
-                      step_um=(VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2), probe=(2, 2),
-                      pitch_um=VISIUM_PITCH_UM, where=str(where))
-    a = fit.matrix[:, :2]
-    if abs(math.log(fit.anisotropy)) > math.log(1 + ANISOTROPY_REFUSE_FRACTION) or abs(fit.skew_deg) > 5:
+    fit, problem = fit_visium_lattice(pos.array_col, pos.array_row, pos.xy_px, where)
+    if problem == "shape":
         shape = ("a square lattice, as Visium HD bins" if abs(fit.anisotropy - math.sqrt(3)) < 0.15 * math.sqrt(3)
                  else "another lattice")
         msg = (f"{where}: expected Visium's hexagonal spot array (100 µm between neighbours in a row and across "
                f"rows), found {shape} (µm/px along rows / across rows = {fit.anisotropy:.3f}, axes skewed by "
                f"{fit.skew_deg:.1f}°); if this is Visium HD, {HD_HINT}; otherwise the positions file is damaged")
         raise InputFormatError(msg)
-    if fit.mirrored and abs(a[1, 0]) > abs(a[0, 0]):
+    if problem == "transposed":
         msg = (f"{where}: expected pxl_row_in_fullres in column 5 and pxl_col_in_fullres in column 6, found them "
                "swapped (array_col runs down the image and the array appears mirrored, i.e. transposed); put the "
                "columns back in Space Ranger's order (or, if the image really is transposed, transpose the image)")
         raise InputFormatError(msg)
     return fit
+
+
+def spacing_px(xy_px: np.ndarray) -> tuple[float, float]:
+    """Median nearest-neighbour distance of points and how regular it is.
+
+    Parameters
+    ----------
+    xy_px
+        ``(n, 2)`` positions (any one unit, e.g. full-resolution pixels).
+
+    Returns
+    -------
+    tuple of float
+        The median distance from each point to its nearest other point (same unit as ``xy_px``; NaN for fewer
+        than 3 points) and the fraction of points whose nearest-neighbour distance is within
+        :data:`SPACING_TOLERANCE` (5 %) of that median (0 for fewer than 3 points or coincident ones).
+    """
+    from scipy.spatial import cKDTree
+
+    if len(xy_px) < 3:
+        return float("nan"), 0.0
+    d, _ = cKDTree(xy_px).query(xy_px, k=2)
+    nn = d[:, 1]
+    med = float(np.median(nn))
+    return med, float(np.mean(np.abs(nn / med - 1.0) < SPACING_TOLERANCE)) if med > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SpotScale:
+    """µm per pixel measured from Visium spot positions (:func:`visium_um_per_px_from_spots`).
+
+    ``method`` is ``"lattice"`` (the affine fit on ``array_row``/``array_col``) or ``"spacing"`` (the median
+    nearest-neighbour distance); ``regular_fraction`` is the fraction of spots whose nearest neighbour lies at the
+    median spacing (``"spacing"`` only, else None).
+    """
+
+    um_per_px: float
+    method: str
+    spots: int
+    regular_fraction: float | None = None
+
+
+def visium_um_per_px_from_spots(xy_px: np.ndarray, lattice: LatticeFit | None = None, *, where: object = "spots",
+                                required: bool = True) -> SpotScale | None:
+    """µm per pixel of Visium spot positions: from the spot lattice, else from the spots' nearest-neighbour spacing.
+
+    Visium spots lie on a hexagonal array 100 µm centre to centre (:data:`VISIUM_PITCH_UM`; 10x Visium spec,
+    OSTA "Spots are 55 µm in diameter and spaced 100 µm center-to-center"; HEST
+    ``_find_pixel_size_from_spot_coords(inter_spot_dist=100.)``), so the pixel distance between neighbouring spots
+    gives the pixel size.
+
+    Parameters
+    ----------
+    xy_px
+        ``(n, 2)`` spot centres, x then y, in pixels of the image they refer to (float; finite).
+    lattice
+        The Visium lattice fitted to these spots' ``array_col``/``array_row`` (:func:`visium_lattice`, or
+        :func:`hescape.data.readers.anndata.visium_lattice_from_obs`), already checked to be Visium's hexagonal
+        array; None when the array indices are unknown. When given, its ``um_per_px`` is the answer (the fit uses
+        every spot and rejects outliers: the better measurement).
+    where
+        Named in error messages (a file, a sample).
+    required
+        False: return None instead of raising when the spacing cannot be measured (callers that have other
+        sources of the pixel size, e.g. scale factors or metadata).
+
+    Returns
+    -------
+    SpotScale or None
+        ``um_per_px`` in µm per pixel of ``xy_px``. Without ``lattice`` it is ``100 / median nearest-neighbour
+        distance (px)``, accepted when there are at least :data:`SPACING_MIN_SPOTS` (7) spots, at distinct
+        positions, and at least :data:`SPACING_REGULAR_FRACTION` (80 %) of them have their nearest neighbour within
+        :data:`SPACING_TOLERANCE` (5 %) of the median (a lattice, not scattered cells). None only when
+        ``required`` is False and that rule fails.
+
+    Raises
+    ------
+    InputFormatError
+        ``xy_px`` is not a finite ``(n, 2)`` array; or (``required`` only, no ``lattice``) fewer than 7 spots,
+        coincident spot centres, or spacing that is not regular enough to be the 100 µm array.
+    """
+    xy = np.asarray(xy_px, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        msg = f"{where}: expected spot centres as a finite (n, 2) array of x, y pixels, found shape {xy.shape}"
+        if xy.ndim == 2 and xy.shape[1] == 2:
+            msg += f" with {int((~np.isfinite(xy)).any(1).sum())} NaN/inf rows"
+        raise InputFormatError(msg)
+    n = len(xy)
+    if lattice is not None:
+        return SpotScale(float(lattice.um_per_px), "lattice", n)
+    fix = "give the spots' array_row/array_col (the spot lattice) or the image's µm per pixel"
+    if n < SPACING_MIN_SPOTS:
+        msg = (f"{where}: expected at least {SPACING_MIN_SPOTS} Visium spots (a spot and its ring of six neighbours) "
+               f"to measure µm per pixel from their spacing, found {n}; {fix}")
+    else:
+        med, frac = spacing_px(xy)
+        if not med > 0:
+            msg = (f"{where}: expected distinct Visium spot centres to measure µm per pixel from their spacing, found "
+                   f"coincident ones (median nearest-neighbour distance {med:g} px); {fix}")
+        elif frac < SPACING_REGULAR_FRACTION:
+            msg = (f"{where}: expected Visium spots on the 100 µm array (at least {SPACING_REGULAR_FRACTION:.0%} with "
+                   f"their nearest neighbour within {SPACING_TOLERANCE:.0%} of the median spacing), found "
+                   f"{frac:.0%} (median {med:.4g} px): these are not Visium spots, or {fix}")
+        else:
+            return SpotScale(VISIUM_PITCH_UM / med, "spacing", n, frac)
+    if not required:
+        return None
+    raise InputFormatError(msg)
 
 
 def visium_um_per_px(fit: LatticeFit, sf: dict, where) -> tuple[float, dict]:
