@@ -137,3 +137,12 @@ def test_too_few_slides_of_a_class_for_the_folds_is_one_message():
     """6 sites, 3 positive and 3 negative slides cannot fill 5 stratified folds: one message, not sklearn's."""
     with pytest.raises(HescapeEvalError, match="at least 5 slides of one class"):
         site_folds([1, 1, 1, 0, 0, 0], ["a", "b", "c", "d", "e", "f"], n_folds=5)
+
+
+def test_one_class_labels_are_one_message():
+    """All slides negative: said as such, not as a fold without both classes."""
+    with pytest.raises(HescapeEvalError, match=r"slide labels: expected both classes.*only label \[0\] in all 10"):
+        site_folds([0] * 10, [f"s{i}" for i in range(10)], n_folds=5)
+    bags, _, sites = _bags(n=10)
+    with pytest.raises(HescapeEvalError, match="only label \\[1\\]"):
+        cross_validate_mil(bags, np.ones(10, dtype=int), sites, **FAST)

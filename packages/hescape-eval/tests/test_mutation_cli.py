@@ -253,11 +253,60 @@ def test_refusals_before_any_work(cohort, tmp_path, capsys):
     assert _ColourStats.calls == 0 and not out.exists()  # nothing was encoded or written
 
 
+def test_unusable_slides_named_before_folds_and_any_work(cohort, tmp_path, capsys):
+    """A missing slide, a text file, a folder and a truncated copy in a table that would also fail the fold checks
+    (3 sites < 5 folds): one error naming the first bad CSV row and path, listing the other bad rows; exit 2; nothing
+    tiled, encoded or written."""
+    root, _ = cohort
+    out = tmp_path / "out"
+    _ColourStats.calls, _ColourStats.fail_after = 0, None
+    notes = tmp_path / "notes.svs"
+    notes.write_text("not a slide\n")
+    data = (root / "slides" / "slide00.ome.tif").read_bytes()
+    cut = tmp_path / "cut.ome.tif"
+    cut.write_bytes(data[:len(data) // 2])
+    rows = [f"{root}/slides/slide{i:02d}.ome.tif,P{i:02d},TSS-{i % 3},{i % 2}" for i in range(3)]
+    rows += [f"{tmp_path}/missing.svs,P10,TSS-0,1", f"{notes},P11,TSS-1,0", f"{tmp_path},P12,TSS-2,1",
+             f"{cut},P13,TSS-0,0"]
+    table = _table(tmp_path, root, rows)  # CSV lines: header 1, good slides 2-4, bad 5-8
+    code, _, err = _run(capsys, "mutation", str(table), "--encoder", ENCODER, "--out", str(out))
+    _one_line_error(code, err, "slide table row 5", "(also unusable: rows 6, 7, 8)", f"'{tmp_path}/missing.svs'",
+                    "found no such file")
+    assert "sites" not in err
+    # each bad row alone: its own cause, under its own row number
+    for k, words in [(4, ("notes.svs", "not a TIFF file")), (5, ("found a folder",)),
+                     (6, ("cut.ome.tif", "found a truncated file"))]:
+        code, _, err = _run(capsys, "mutation", str(_table(tmp_path, root, rows[:3] + [rows[k]])), "--encoder",
+                            ENCODER, "--out", str(out))
+        _one_line_error(code, err, "slide table row 5:", *words)
+    assert _ColourStats.calls == 0 and not out.exists()
+
+
+def test_table_refusals_empty_and_one_class(cohort, tmp_path, capsys):
+    root, _ = cohort
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    _one_line_error(*_run(capsys, "mutation", str(empty), "--encoder", ENCODER, "--out", str(out))[::2],
+                    "empty.csv", "found an empty file")
+    header = tmp_path / "header.csv"
+    header.write_text("path,patient,site,label\n")
+    _one_line_error(*_run(capsys, "mutation", str(header), "--encoder", ENCODER, "--out", str(out))[::2],
+                    "found a header only")
+    rows = [f"{root}/slides/slide{i:02d}.ome.tif,P{i:02d},TSS-{i // 2:02d},0" for i in range(20)]
+    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                          str(out))[::2], "slide labels", "only label [0] in all 20 slides", "label column")
+    assert not out.exists()
+
+
 def test_slide_without_tiles_refused_before_encoding(cohort, tmp_path, capsys):
     root, _ = cohort
-    small = tmp_path / "small.ome.tif"  # 100 µm of tissue: smaller than one 128 µm tile
-    tifffile.imwrite(small, _slide_pixels(1, np.random.default_rng(1))[:200, :200], photometric="rgb",
-                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    # A 100 x 100 µm slide with 50 x 50 µm of tissue: its one (edge) tile of 128 µm holds (50/128)² = 15 % tissue.
+    img = np.clip(242 + np.random.default_rng(1).normal(0, 2, (200, 200, 3)), 0, 255).astype(np.uint8)
+    img[:100, :100] = _slide_pixels(1, np.random.default_rng(1))[:100, :100]
+    small = tmp_path / "small.ome.tif"
+    tifffile.imwrite(small, img, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.5,
+                                                              "PhysicalSizeY": 0.5})
     rows = _good_rows(root)
     rows[-1] = f"{small},P19,TSS-09,1"
     _ColourStats.calls = 0

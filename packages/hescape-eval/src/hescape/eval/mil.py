@@ -179,10 +179,22 @@ def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.nda
 
 
 def site_folds(labels: Sequence[int], sites: Sequence, n_folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold index (0…n_folds−1) of every slide; all slides of a site share a fold (``StratifiedGroupKFold``)."""
+    """Fold index (0…n_folds−1) of every slide; all slides of a site share a fold (``StratifiedGroupKFold``).
+
+    Raises
+    ------
+    HescapeEvalError
+        Labels of one class only; fewer sites than ``n_folds``; no class with ``n_folds`` slides.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels, sites = np.asarray(labels), np.asarray(sites)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        msg = "slide labels"
+        raise HescapeEvalError.build(msg, expected="both classes, 0 (wild type) and 1 (mutated)",
+                                     found=f"only label {classes.tolist()} in all {len(labels)} slides",
+                                     fix="check the label column (F1 and AUROC need positive and negative slides)")
     n_sites = len(np.unique(sites))
     if n_sites < n_folds:
         msg = "site-preserving folds"

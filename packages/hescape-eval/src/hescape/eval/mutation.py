@@ -5,11 +5,14 @@ The pipeline of the HESCAPE paper §8.4 (Tables 3–5), wired from :mod:`hescape
 1. **Slide table** (:func:`read_slide_table`): a CSV with columns ``path`` (an Aperio SVS or OME-TIFF; relative paths
    are taken from the CSV's folder), ``patient``, ``site`` (tissue source site, the unit the folds keep together) and
    ``label`` (0/1, 1 = mutated); optional ``um_per_px`` (level-0 µm/px of slides whose file does not record it).
-2. **Checks before any work**: every slide opens and has a level at 20× or finer (:func:`hescape.eval.wsi.
-   read_slide_info`, :func:`~hescape.eval.wsi.choose_level`); the five site-preserving folds
-   (:func:`hescape.eval.mil.site_folds`) each hold both classes, no patient spans two sites
+2. **Checks before any work**, in this order: the table (columns, at least one row, 0/1 labels); every slide exists,
+   opens as a complete TIFF and has a level at 20× or finer (:func:`check_slides`: one error naming the first bad
+   row's line number and path, and the rows of the others); the labels hold both classes and the five
+   site-preserving folds (:func:`hescape.eval.mil.site_folds`) each hold both classes, no patient spans two sites
    (:func:`~hescape.eval.mil.check_folds`); the encoder builds; existing results are refused unless ``overwrite``.
-3. **Tiling** (:func:`hescape.eval.wsi.tile_slide`): 256 px tiles at 0.5 µm/px with ≥ 50 % tissue; a slide without a
+   Nothing is written before all of these pass.
+3. **Tiling** (:func:`hescape.eval.wsi.tile_slide`): 256 px tiles at 0.5 µm/px with ≥ 50 % tissue, tiles at the
+   slide's right/bottom edge included (padded with white; the padding counts as background); a slide without a
    single tile is refused.
 4. **Tile features** (:func:`hescape.eval.wsi.slide_features`): batched through the encoder, one ``.npz`` per slide in
    the feature folder (``DIR/features`` by default), written atomically and reused when present, so an interrupted
@@ -103,8 +106,9 @@ def read_slide_table(csv_path: str | os.PathLike) -> SlideTable:
     Raises
     ------
     HescapeEvalError
-        A missing file or column, no rows, an empty ``path``/``patient``/``site``, a label other than 0/1, a
-        ``um_per_px`` that is not a positive number, a slide listed twice.
+        A missing or empty file, a missing column, no rows, an empty ``path``/``patient``/``site``, a label other than
+        0/1, a ``um_per_px`` that is not a positive number, a slide listed twice. (Slide files are checked by
+        :func:`check_slides`, the classes by :func:`hescape.eval.mil.site_folds`.)
     """
     csv_path = Path(csv_path)
     try:
@@ -113,6 +117,10 @@ def read_slide_table(csv_path: str | os.PathLike) -> SlideTable:
         raise HescapeEvalError.build(what=f"slide table {str(csv_path)!r}", expected="a readable CSV file",
                                      found=f"{type(exc).__name__}: {exc.strerror or exc}",
                                      fix="check the path of SLIDES.csv") from None
+    if not text.strip():
+        raise HescapeEvalError.build(what=f"slide table {str(csv_path)!r}",
+                                     expected=f"a header {','.join(REQUIRED_COLUMNS)} and one row per slide",
+                                     found="an empty file", fix="write the header and list the slides under it")
     reader = csv.DictReader(io.StringIO(text))
     cols = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
@@ -167,24 +175,36 @@ def read_slide_table(csv_path: str | os.PathLike) -> SlideTable:
 def check_slides(table: SlideTable, *, um_per_px: float | None = None):
     """Open every slide (header only) and check it has a level at 20× or finer; returns their ``SlideInfo``.
 
-    ``um_per_px`` applies to slides whose row gives none.
+    Run before any tiling or encoding: every row is checked, so one run names every unusable slide. ``um_per_px``
+    applies to slides whose row gives none.
 
     Raises
     ------
     HescapeEvalError
-        The first slide that cannot be opened, has no µm/px, or is coarser than 0.5 µm/px (the row is named).
+        One error for all unusable slides: the first one's CSV line number, path and cause (no such file, a folder,
+        an empty, unreadable, non-TIFF or truncated file, no µm/px, coarser than 0.5 µm/px), and the line numbers of
+        the others.
     """
     from .wsi import choose_level, read_slide_info
 
-    infos = []
+    infos, bad = [], []
     for p, mpp, line in zip(table.paths, table.um_per_px, table.rows, strict=True):
         try:
             info = read_slide_info(p, um_per_px=mpp if mpp is not None else um_per_px)
             choose_level(info.level_um_per_px)
         except HescapeEvalError as exc:
-            msg = f"slide table row {line}: {exc}"
-            raise HescapeEvalError(msg) from None
+            bad.append((line, str(exc)))
+            continue
         infos.append(info)
+    if bad:
+        line, first = bad[0]
+        others = [str(b[0]) for b in bad[1:]]
+        more = ""
+        if others:
+            shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+            more = f" (also unusable: row{'s' if len(others) > 1 else ''} {shown})"
+        msg = f"slide table row {line}{more}: {first}"
+        raise HescapeEvalError(msg)
     return infos
 
 
@@ -516,7 +536,7 @@ def run_mutation(slides_csv: str | os.PathLike, encoder: str, out: str | os.Path
         (before any tile is encoded); a feature file of another encoder or tiling.
     """
     from .mil import TransformerMIL
-    from .wsi import TARGET_UM_PER_PX, _progress, slide_features, tile_slide
+    from .wsi import EDGE_FILL, TARGET_UM_PER_PX, _progress, slide_features, tile_slide
 
     if batch_size < 1 or epochs < 1 or val_every < 1 or lr <= 0 or weight_decay < 0 or n_folds < 3:
         raise HescapeEvalError.build(what="options",
@@ -532,9 +552,9 @@ def run_mutation(slides_csv: str | os.PathLike, encoder: str, out: str | os.Path
         refuse_existing([out / name for name in OUTPUT_FILES])
     device = resolve_device(device)
     table = read_slide_table(slides_csv)
+    infos = check_slides(table, um_per_px=um_per_px)  # every slide first: a bad path is named, not hidden by folds
     folds = site_folds(table.labels, table.sites, n_folds, seed)
     check_folds(folds, table.labels, table.sites, table.patients)
-    infos = check_slides(table, um_per_px=um_per_px)
     tile_px = 256
     enc = load_encoder(encoder, weights, options=encoder_options, device=device, tile_px=tile_px,
                        tile_um_per_px=TARGET_UM_PER_PX, seed=seed)
@@ -565,7 +585,11 @@ def run_mutation(slides_csv: str | os.PathLike, encoder: str, out: str | os.Path
     n_tiles = [len(t) for t in tiles]
     cache = Path(features_dir) if features_dir is not None else out / "features"
     done = [(cache / f"{t.slide_id}.npz").exists() for t in tiles]
-    _log(f"{sum(n_tiles):,} tiles; {sum(done)} of {len(tiles)} slides already encoded in {cache}", quiet)
+    n_edge = sum(int(t.edge.sum()) for t in tiles)
+    n_edge_cells = sum(int(t.edge_cells.sum()) for t in tiles)
+    _log(f"{sum(n_tiles):,} tiles, {n_edge:,} of them at a slide's right/bottom edge (padded with white; "
+         f"{n_edge_cells - n_edge:,} edge tiles dropped with < {min_tissue:.0%} tissue); {sum(done)} of {len(tiles)} "
+         f"slides already encoded in {cache}", quiet)
     bar = _progress(sum(n_tiles), "tiles encoded", progress and not quiet)
 
     def counted(x):
@@ -594,7 +618,9 @@ def run_mutation(slides_csv: str | os.PathLike, encoder: str, out: str | os.Path
     result = cross_validate_mil(bags, table.labels, table.sites, table.patients, folds=folds, epochs=epochs, lr=lr,
                                 weight_decay=weight_decay, val_every=val_every, seed=seed, model_kwargs=mk or None,
                                 device=device, verbose=not quiet, progress=progress and not quiet)
-    params = {"tile_px": tile_px, "tile_um_per_px": TARGET_UM_PER_PX, "min_tissue": min_tissue, **arch,
+    params = {"tile_px": tile_px, "tile_um_per_px": TARGET_UM_PER_PX, "min_tissue": min_tissue,
+              "edge_tiles": f"kept with >= min_tissue over the whole tile, padded with {EDGE_FILL} (white)",
+              "n_edge_tiles": n_edge, **arch,
               "lr": lr, "weight_decay": weight_decay, "batch_size": 1, "epochs": epochs, "val_every": val_every,
               "n_folds": n_folds, "seed": seed, "feature_dim": dim, "features_dir": str(cache),
               "fold_assignment": "sklearn StratifiedGroupKFold(shuffle=True, random_state=seed) by site"}

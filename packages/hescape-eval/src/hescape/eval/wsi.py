@@ -20,11 +20,22 @@ The paper (§8.4) extracts "embeddings from patches of size 256×256 pixels at 2
    (default 8 µm/px; else the finest level), block-averaged by an integer factor to about ``mask_um_per_px``.
    Otsu uses scikit-image's ``threshold_otsu`` when installed, else :func:`otsu_threshold` (NumPy, 256 bins).
 4. **Tiles**. A grid of non-overlapping ``tile_px × tile_px`` tiles at ``target_um_per_px`` (256 px at 0.5 µm/px =
-   128 µm) anchored at the slide's top-left corner; only whole tiles inside the slide. A tile is kept when the
-   fraction of mask pixels whose centres fall inside it that are tissue is at least ``min_tissue`` (0.5). Its
-   pixels are read from the chosen level (window ``round(tile_um / level_um_per_px)`` px) and resampled to
-   ``tile_px`` by area averaging (``torch.nn.functional.interpolate(mode="area")``); when the level is exactly
-   0.5 µm/px the tile is the level's pixels unchanged.
+   128 µm) anchored at the slide's top-left corner, with every tile whose top-left corner lies inside the slide:
+   ``ceil(width / tile)`` columns and ``ceil(height / tile)`` rows, so the last column and row may reach past the
+   slide's right and bottom edges (*edge tiles*). This is what the field's tools do: TRIDENT
+   (``trident/wsi_objects/WSIPatcher.py``, ``_compute_cols_rows`` adds columns while ``x < width``), HEST
+   (``src/hest/wsi.py``, ``ceil`` of width over patch size) and CLAM (``WholeSlideImage.process_contour``, default
+   ``use_padding=True``: candidates up to the tissue's bounding box, not only whole patches). A tile is kept when
+   its tissue fraction is at least ``min_tissue`` (0.5): tissue mask pixels whose centres fall inside the tile over
+   *all* mask-pixel positions inside it, the mask grid continued past the slide, so the part of an edge tile beyond
+   the slide counts as background (TRIDENT's rule: tissue area ≥ threshold · the whole patch's area). The mask
+   covers whole mask pixels only; a strip narrower than one mask pixel at the right/bottom edge also counts as
+   background. Pixels are read from the chosen level (window ``round(tile_um / level_um_per_px)`` px) and
+   resampled to ``tile_px`` by area averaging (``torch.nn.functional.interpolate(mode="area")``); when the level is
+   exactly 0.5 µm/px the tile is the level's pixels unchanged. The part of an edge tile beyond the slide is filled
+   with :data:`EDGE_FILL` = 255 (white, a brightfield slide's background) before resampling. (TRIDENT and CLAM read
+   it through OpenSlide, which returns transparent ``(0, 0, 0, 0)`` pixels outside the slide that
+   ``.convert("RGB")`` makes black; white is used here so the padding looks like glass, not like dark tissue.)
 
 Positions are ``(x, y)`` of each tile's top-left corner in µm from the slide's top-left corner (level-0 frame);
 :attr:`SlideTiles.positions_px0` gives the same in level-0 pixels (TRIDENT/CLAM's coordinate convention).
@@ -36,6 +47,8 @@ hescape-data in the workspace).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -50,12 +63,16 @@ import numpy as np
 from .errors import HescapeEvalError
 
 __all__ = [
-    "TARGET_UM_PER_PX", "SlideInfo", "SlideTiles", "read_slide_info", "choose_level", "otsu_threshold",
+    "TARGET_UM_PER_PX", "EDGE_FILL", "SlideInfo", "SlideTiles", "read_slide_info", "choose_level", "otsu_threshold",
     "tissue_mask", "tile_slide", "plot_tiles", "slide_features", "extract_features",
 ]
 
 #: 20× magnification as µm per pixel (paper §8.4 "256×256 pixels at 20× magnification"; TRIDENT's 20× = 0.5 µm/px).
 TARGET_UM_PER_PX = 0.5
+#: Value (``uint8``, every channel) of the pixels of an edge tile that lie beyond the slide: white background.
+EDGE_FILL = 255
+#: Tolerance in µm when comparing tile edges with the slide's edges (floating-point products of µm/px and pixels).
+_EDGE_TOL_UM = 1e-6
 
 _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -132,8 +149,40 @@ def _series_axes(series) -> tuple[str, tuple[int, ...]]:
     return "".join(axes[i] for i in keep), tuple(shape[i] for i in keep)
 
 
+def _check_file(path: str) -> None:
+    """Refuse, naming the cause, a path that is no file, a folder, an unreadable or an empty file."""
+    what = f"slide {path!r}"
+    if not os.path.exists(path):
+        found = "a broken symbolic link" if os.path.islink(path) else "no such file"
+        raise HescapeEvalError.build(what, expected="an existing Aperio SVS or OME-TIFF file", found=found,
+                                     fix="correct the path (relative paths in a slide table start from the table's "
+                                         "folder) or remove the slide")
+    if os.path.isdir(path):
+        raise HescapeEvalError.build(what, expected="a slide file (.svs, .ome.tif)", found="a folder",
+                                     fix="give the slide file inside it")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise HescapeEvalError.build(what, expected="a readable file", found=f"{type(exc).__name__}: {exc.strerror}",
+                                     fix="check the file's permissions") from None
+    if not head:
+        raise HescapeEvalError.build(what, expected="an Aperio SVS or OME-TIFF file", found="an empty file (0 bytes)",
+                                     fix="copy or download the slide again")
+
+
+def _data_end(series) -> int:
+    """Largest ``offset + bytecount`` of the image data of every level of ``series`` (bytes)."""
+    end = 0
+    for lvl in series.levels:
+        for page in lvl.pages:
+            if page is not None and len(page.dataoffsets):
+                end = max(end, int(np.max(np.add(page.dataoffsets, page.databytecounts, dtype=np.int64))))
+    return end
+
+
 def read_slide_info(path: str | os.PathLike, *, um_per_px: float | None = None) -> SlideInfo:
-    """Open a slide and read its pyramid geometry and µm/px.
+    """Open a slide and read its pyramid geometry and µm/px (the header only; no image data is decoded).
 
     Parameters
     ----------
@@ -143,30 +192,61 @@ def read_slide_info(path: str | os.PathLike, *, um_per_px: float | None = None) 
     Raises
     ------
     HescapeEvalError
-        The file cannot be opened as a TIFF; it has no µm/px and none was given; the image is not RGB.
+        No such file, a folder, an unreadable or empty file; a file that cannot be opened as a TIFF or whose image
+        data end beyond the end of the file (truncated: an interrupted copy or download); no µm/px and none given;
+        an image that is not RGB.
     """
     tifffile = _tifffile()
     path = str(path)
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:
-        msg = f"slide {path!r}"
-        raise HescapeEvalError.build(
-            msg, expected="a readable Aperio SVS or OME-TIFF file",
-            found=f"{type(exc).__name__}: {exc}", fix="check the path and that the file is a complete TIFF") from exc
-    with tif:
-        series = tif.series[0]
-        fmt = "svs" if tif.is_svs else "ome" if tif.is_ome else "tiff"
-        file_mpp = None
-        if tif.is_svs:
-            file_mpp = _svs_mpp(tif.pages[0].description)
-        elif tif.is_ome:
-            file_mpp = _ome_mpp(tif.ome_metadata or "")
-        axes, _ = _series_axes(series)
-        if axes not in ("YXS", "CYX"):
-            msg = f"slide {path!r}"
+    _check_file(path)
+    what = f"slide {path!r}"
+    # tifffile logs what it skips in a damaged file; the problem is reported below as one error instead.
+    with _quiet_tifffile():
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:
             raise HescapeEvalError.build(
-                msg, expected="an RGB image (axes YXS or CYX)", found=f"axes {series.axes!r} "
+                what, expected="a readable Aperio SVS or OME-TIFF file", found=f"{type(exc).__name__}: {exc}",
+                fix="check the path and that the file is a complete TIFF") from exc
+        return _read_info(tif, path, what, um_per_px)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _read_info(tif, path: str, what: str, um_per_px: float | None) -> SlideInfo:
+    with tif:
+        try:
+            series = tif.series[0]
+            fmt = "svs" if tif.is_svs else "ome" if tif.is_ome else "tiff"
+            file_mpp = None
+            if tif.is_svs:
+                file_mpp = _svs_mpp(tif.pages[0].description)
+            elif tif.is_ome:
+                file_mpp = _ome_mpp(tif.ome_metadata or "")
+            axes, _ = _series_axes(series)
+            end, size = _data_end(series), tif.filehandle.size
+        except Exception as exc:  # a damaged header: tifffile fails on its tags or pages
+            raise HescapeEvalError.build(
+                what, expected="a readable Aperio SVS or OME-TIFF file",
+                found=f"a damaged TIFF ({type(exc).__name__}: {exc})",
+                fix="copy or download the slide again (it may be truncated)") from exc
+        if end > size:
+            raise HescapeEvalError.build(
+                what, expected="a complete TIFF file",
+                found=f"a truncated file: its image data end at byte {end:,} but it has {size:,} bytes",
+                fix="copy or download the slide again (compare its size with the source)")
+        if axes not in ("YXS", "CYX"):
+            raise HescapeEvalError.build(
+                what, expected="an RGB image (axes YXS or CYX)", found=f"axes {series.axes!r} "
                 f"shape {series.shape}", fix="convert the slide to RGB OME-TIFF")
         shapes = []
         for lvl in series.levels:
@@ -181,9 +261,8 @@ def read_slide_info(path: str | os.PathLike, *, um_per_px: float | None = None) 
     elif file_mpp is not None and file_mpp > 0:
         mpp, source = file_mpp, ("svs MPP" if fmt == "svs" else "ome PhysicalSizeX")
     else:
-        msg = f"slide {path!r}"
         raise HescapeEvalError.build(
-            msg, expected="a µm/px in the file (SVS 'MPP = …' or OME PhysicalSizeX)",
+            what, expected="a µm/px in the file (SVS 'MPP = …' or OME PhysicalSizeX)",
             found=f"none in this {fmt.upper()} file", fix="pass um_per_px=<level-0 µm per pixel> if you know it")
     w0 = shapes[0][1]
     level_mpp = tuple(mpp * w0 / w for _, w in shapes)
@@ -297,11 +376,12 @@ class SlideTiles:
     positions_um : (N, 2) float64
         ``(x, y)`` of each kept tile's top-left corner, µm from the slide's top-left corner.
     tissue_fraction : (N,) float64
-        Tissue fraction of each kept tile (from the mask).
+        Tissue fraction of each kept tile (from the mask; the part beyond the slide counts as background).
     mask : (h, w) bool
         Tissue mask at ``mask_um_per_px``; ``thumbnail`` the RGB image it was computed on; ``otsu`` its threshold.
     grid_fraction : (rows, cols) float64
-        Tissue fraction of every whole grid cell (kept or not).
+        Tissue fraction of every grid cell (kept or not), edge cells included: ``rows = ceil(height / tile_um)``,
+        ``cols = ceil(width / tile_um)``.
     """
 
     info: SlideInfo
@@ -330,26 +410,63 @@ class SlideTiles:
         """``(N, 2)`` ``int64`` top-left corners in level-0 pixels (``round(µm / um_per_px)``)."""
         return np.round(self.positions_um / self.info.um_per_px).astype(np.int64)
 
+    @property
+    def edge(self) -> np.ndarray:
+        """``(N,)`` bool: the kept tile reaches past the slide's right or bottom edge (padded with :data:`EDGE_FILL`)."""
+        h_um, w_um = self.info.shape_um
+        far = self.positions_um + self.tile_um
+        return (far[:, 0] > w_um + _EDGE_TOL_UM) | (far[:, 1] > h_um + _EDGE_TOL_UM)
+
+    @property
+    def edge_cells(self) -> np.ndarray:
+        """``(rows, cols)`` bool: grid cells that reach past the slide's right or bottom edge."""
+        h_um, w_um = self.info.shape_um
+        rows, cols = self.grid_fraction.shape
+        right = np.arange(cols) * self.tile_um + self.tile_um > w_um + _EDGE_TOL_UM
+        bottom = np.arange(rows) * self.tile_um + self.tile_um > h_um + _EDGE_TOL_UM
+        return bottom[:, None] | right[None, :]
+
+    def summary(self) -> str:
+        """One line: tiles kept of the grid, and how many edge tiles were kept (padded) and dropped (< min_tissue)."""
+        rows, cols = self.grid_fraction.shape
+        edge = self.edge_cells
+        kept_edge = int(self.edge.sum())
+        return (f"{self.slide_id}: {len(self)} of {rows * cols} tiles ({rows} x {cols} grid of {self.tile_um:g} µm) "
+                f"with >= {self.min_tissue:.0%} tissue; edge tiles: {kept_edge} kept (padded with white), "
+                f"{int(edge.sum()) - kept_edge} dropped (< {self.min_tissue:.0%} tissue)")
+
     def __len__(self) -> int:
         return len(self.positions_um)
 
     def read(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """Pixels of the tiles ``indices`` (all by default): ``(n, tile_px, tile_px, 3)`` ``uint8``."""
+        """Pixels of the tiles ``indices`` (all by default): ``(n, tile_px, tile_px, 3)`` ``uint8``.
+
+        The part of an edge tile beyond the slide is :data:`EDGE_FILL` (white) in the level's pixels, then resampled
+        with the rest.
+        """
         import torch
         import torch.nn.functional as F
 
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
         win = int(round(self.tile_um / self.level_um_per_px))
         out = np.empty((len(idx), self.tile_px, self.tile_px, 3), dtype=np.uint8)
+        edge = self.edge
         tifffile = _tifffile()
         with tifffile.TiffFile(self.info.path) as tif:
             reader = _LevelReader(tif, self.info, self.level)
             lh, lw = self.info.level_shapes[self.level]
             for n, i in enumerate(idx):
                 x_um, y_um = self.positions_um[i]
-                x0 = min(int(round(x_um / self.level_um_per_px)), lw - win)
-                y0 = min(int(round(y_um / self.level_um_per_px)), lh - win)
-                patch = reader.read(y0, x0, win, win)
+                x0, y0 = int(round(x_um / self.level_um_per_px)), int(round(y_um / self.level_um_per_px))
+                if not edge[i]:  # a whole tile: keep the window inside the level despite rounding
+                    x0, y0 = min(x0, lw - win), min(y0, lh - win)
+                h, w = max(0, min(win, lh - y0)), max(0, min(win, lw - x0))
+                if (h, w) == (win, win):
+                    patch = reader.read(y0, x0, win, win)
+                else:
+                    patch = np.full((win, win, 3), EDGE_FILL, dtype=np.uint8)
+                    if h and w:
+                        patch[:h, :w] = reader.read(y0, x0, h, w)
                 if win != self.tile_px:
                     t = torch.from_numpy(patch).permute(2, 0, 1)[None].float()
                     t = F.interpolate(t, size=(self.tile_px, self.tile_px), mode="area")
@@ -375,12 +492,16 @@ def tile_slide(path: str | os.PathLike, *, um_per_px: float | None = None, tile_
     um_per_px : level-0 µm/px when the file has none (or to override it).
     tile_px : tile side in output pixels (256, paper §8.4).
     target_um_per_px : output resolution (0.5 µm/px = 20×).
-    min_tissue : minimum tissue fraction of a kept tile (0.5).
+    min_tissue : minimum tissue fraction of a kept tile (0.5), over the whole tile: the part of an edge tile beyond
+        the slide counts as background.
     mask_um_per_px : resolution of the tissue mask (about 8 µm/px).
 
     Returns
     -------
     SlideTiles
+        Its grid has ``ceil(height / tile_um)`` rows and ``ceil(width / tile_um)`` columns: tiles reaching past the
+        right/bottom edge are kept when they hold enough tissue (:attr:`SlideTiles.edge`; counts in
+        :meth:`SlideTiles.summary`).
 
     Raises
     ------
@@ -413,13 +534,20 @@ def tile_slide(path: str | os.PathLike, *, um_per_px: float | None = None, tile_
 
     tile_um = tile_px * target_um_per_px
     h_um, w_um = info.shape_um
-    rows, cols = int(np.floor(h_um / tile_um + 1e-9)), int(np.floor(w_um / tile_um + 1e-9))
-    # Tissue fraction of each grid cell: mask pixels whose centres fall in the cell.
-    cy = np.floor((np.arange(mask.shape[0]) + 0.5) * mask_mpp / tile_um).astype(np.int64)
-    cx = np.floor((np.arange(mask.shape[1]) + 0.5) * mask_mpp / tile_um).astype(np.int64)
+    # Every tile whose top-left corner is inside the slide (edge tiles included).
+    rows = max(1, int(np.ceil((h_um - _EDGE_TOL_UM) / tile_um)))
+    cols = max(1, int(np.ceil((w_um - _EDGE_TOL_UM) / tile_um)))
+    # Tissue fraction of each grid cell: tissue mask pixels whose centres fall in the cell over all mask-pixel
+    # positions in it, the mask grid continued (as background) past the mask to cover the whole grid.
+    ny = max(mask.shape[0], int(np.ceil(rows * tile_um / mask_mpp)) + 1)
+    nx = max(mask.shape[1], int(np.ceil(cols * tile_um / mask_mpp)) + 1)
+    grid_mask = np.zeros((ny, nx), dtype=bool)
+    grid_mask[:mask.shape[0], :mask.shape[1]] = mask
+    cy = np.floor((np.arange(ny) + 0.5) * mask_mpp / tile_um).astype(np.int64)
+    cx = np.floor((np.arange(nx) + 0.5) * mask_mpp / tile_um).astype(np.int64)
     inside = (cy[:, None] < rows) & (cx[None, :] < cols)
     cell = (cy[:, None] * cols + cx[None, :])[inside]
-    tissue = np.bincount(cell, weights=mask[inside].astype(np.float64), minlength=rows * cols)
+    tissue = np.bincount(cell, weights=grid_mask[inside].astype(np.float64), minlength=rows * cols)
     count = np.bincount(cell, minlength=rows * cols).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(count > 0, tissue / count, 0.0).reshape(rows, cols)
@@ -433,7 +561,10 @@ def tile_slide(path: str | os.PathLike, *, um_per_px: float | None = None, tile_
 
 
 def plot_tiles(tiles: SlideTiles, path: str | os.PathLike) -> str:
-    """Save a PNG: the low-resolution slide, the tissue mask (tinted) and the kept tiles (rectangles). Needs matplotlib."""
+    """Save a PNG: the low-resolution slide, the tissue mask and the kept tiles (rectangles; edge tiles in orange).
+
+    Needs matplotlib.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -444,12 +575,13 @@ def plot_tiles(tiles: SlideTiles, path: str | os.PathLike) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 6))
     ext = (0, tiles.thumbnail.shape[1] * s, tiles.thumbnail.shape[0] * s, 0)
     axes[0].imshow(tiles.thumbnail, extent=ext)
-    axes[0].set_title(f"{tiles.slide_id}: {len(tiles)} tiles of {tiles.tile_um:g} µm")
+    axes[0].set_title(f"{tiles.slide_id}: {len(tiles)} tiles of {tiles.tile_um:g} µm ({int(tiles.edge.sum())} edge)")
     axes[1].imshow(tiles.mask, extent=ext, cmap="gray")
     axes[1].set_title(f"mask (Otsu S>{tiles.otsu}), {s:.2f} µm/px")
     for ax in axes:
-        for x, y in tiles.positions_um:
-            ax.add_patch(Rectangle((x, y), tiles.tile_um, tiles.tile_um, fill=False, edgecolor="lime", lw=0.8))
+        for (x, y), e in zip(tiles.positions_um, tiles.edge, strict=True):
+            ax.add_patch(Rectangle((x, y), tiles.tile_um, tiles.tile_um, fill=False,
+                                   edgecolor="orange" if e else "lime", lw=0.8))
         ax.set_xlabel("x (µm)")
         ax.set_ylabel("y (µm)")
     fig.tight_layout()
