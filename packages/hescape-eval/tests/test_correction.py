@@ -28,6 +28,8 @@ def test_centre_by_sample_matches_a_loop():
         v = x[i] - same.mean(axis=0)
         assert np.allclose(out[i], v / np.linalg.norm(v), atol=1e-6)
     assert out.dtype == np.float32 and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-6)
+    lone = centre_by_sample(x[:4], ["a", "a", "a", "b"])  # a sample of one spot: only normalised
+    assert np.allclose(lone[3], x[3] / np.linalg.norm(x[3]), atol=1e-6)
 
 
 def test_corrections_remove_a_planted_batch_shift():

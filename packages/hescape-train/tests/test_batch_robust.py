@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hescape.eval.correction import centre_within
 from hescape.train.errors import HescapeConfigError
 from hescape.train.sampler import EpochBatchSampler
-from hescape.train.trainer import centre_within
 
 # four samples of unequal size (the smallest 23 rows), rows of a sample not contiguous
 _SIZES = {"A": 61, "B": 40, "C": 23, "D": 50}

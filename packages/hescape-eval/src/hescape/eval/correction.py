@@ -7,7 +7,8 @@ Two corrections, each taking an ``(N, d)`` embedding and the ``N`` batch labels 
   iterations), the standard baseline for integrating single-cell embeddings.
 * :func:`centre_by_sample` — subtract each batch's mean embedding (the first moment only; no clusters, no
   parameters), then L2-normalise again. It is what HESCAPE's ``sample_centring`` training option applies to every
-  minibatch, and at evaluation to every sample.
+  minibatch (:func:`centre_within`, differentiable), and at evaluation to every sample. A batch of one row is left
+  as it is (its centred row would be zero).
 
 Both are *transductive within a sample*: the correction of a spot uses the other spots of the same sample (never
 a label, never the other modality). The corrected rows are L2-normalised again (retrieval compares cosines).
@@ -16,10 +17,11 @@ a label, never the other modality). The corrected rows are L2-normalised again (
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .errors import HescapeEvalError
 
-__all__ = ["harmony", "centre_by_sample"]
+__all__ = ["harmony", "centre_by_sample", "centre_within"]
 
 
 def _inputs(x, batch, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +46,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
+def centre_within(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(B, d)`` minus the mean of the rows with the same code ``(B,)`` (int), L2-normalised again;
+    differentiable (``sample_centring`` applies it to every training minibatch). A code with a single row is left
+    as it is."""
+    uniq, inverse, counts = torch.unique(codes, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(uniq), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    means = sums / counts.to(x.dtype).unsqueeze(1)
+    centred = torch.where((counts[inverse] > 1).unsqueeze(1), x - means[inverse], x)
+    return torch.nn.functional.normalize(centred, dim=-1)
+
+
 def centre_by_sample(x, batch) -> np.ndarray:
     """Subtract each batch's mean row, then L2-normalise every row.
 
@@ -57,7 +70,7 @@ def centre_by_sample(x, batch) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(N, d)`` float32, unit rows (a row equal to its batch mean stays 0).
+        ``(N, d)`` float32, unit rows (a row equal to its batch mean stays 0; a batch of one row is only normalised).
 
     Raises
     ------
@@ -65,11 +78,9 @@ def centre_by_sample(x, batch) -> np.ndarray:
         Not a non-empty 2-D array, NaN/inf, or labels of another length.
     """
     arr, labels = _inputs(x, batch, "centre_by_sample")
-    out = arr.copy()
-    for b in np.unique(labels):
-        sel = labels == b
-        out[sel] -= arr[sel].mean(axis=0)
-    return _normalise(out)
+    _, codes = np.unique(labels, return_inverse=True)
+    out = centre_within(torch.from_numpy(arr), torch.from_numpy(codes.reshape(-1)))
+    return out.numpy().astype(np.float32)
 
 
 def harmony(x, batch, *, seed: int = 0, theta: float = 2.0, max_iter: int = 10) -> np.ndarray:

@@ -31,6 +31,7 @@ from hescape.data import PairedSpotDataset, SyntheticConfig, default_dataset, re
 from hescape.data.errors import HescapeDataError
 from hescape.eval import retrieval_metrics
 from hescape.eval.baselines import colour_statistics, ridge_probe
+from hescape.eval.correction import centre_within
 from hescape.models import HescapeCLIP, TowerCfg, cfg_from_dict, cfg_to_dict, create_loss, create_model
 from tqdm.auto import tqdm
 
@@ -110,16 +111,6 @@ def _collate(items: list[dict] | dict) -> dict:
     return {"image": torch.stack([i["image"] for i in items]), "gexp": torch.stack([i["gexp"] for i in items]),
             "index": torch.tensor([int(i["index"]) for i in items], dtype=torch.int64)}
 
-
-def centre_within(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` ``(B, d)`` minus the mean of the rows with the same code (a sample), L2-normalised again
-    (``sample_centring``; differentiable). A code with a single row in the batch is left as it is (its centred row
-    would be zero)."""
-    uniq, inverse, counts = torch.unique(codes, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(uniq), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-    means = sums / counts.to(x.dtype).unsqueeze(1)
-    centred = torch.where((counts[inverse] > 1).unsqueeze(1), x - means[inverse], x)
-    return torch.nn.functional.normalize(centred, dim=-1)
 
 
 def _batch_len(batch: dict) -> int:
