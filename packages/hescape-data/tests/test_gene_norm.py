@@ -39,6 +39,13 @@ def test_sample_mean_scaling_removes_a_known_per_sample_scale():
     f = sample_mean_factors(counts, samples, reference)
     assert np.allclose(f["A"][:3], f["B"][:3] * scale[:3], rtol=1e-6)
     assert f["B"][3] == 1.0  # never detected: zeros stay zeros
+    # a gene seen in only a few spots of a sample is not scaled by that noise (a stray count would become ~100)
+    rare = counts.copy()
+    rare[400:, 2] = 0
+    rare[[401, 402], 2] = 1
+    assert sample_mean_factors(rare, samples, rare.mean(axis=0))["B"][2] == 1.0
+    rare[400:420, 2] = 1  # 20 spots: scaled
+    assert sample_mean_factors(rare, samples, rare.mean(axis=0))["B"][2] > 1.0
     ds = ScaledCounts(_Counts(counts, samples), f)
     out = ds.raw_counts()
     assert np.array_equal(out, np.round(out)) and (out >= 0).all()  # still counts

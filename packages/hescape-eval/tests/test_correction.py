@@ -67,3 +67,9 @@ def test_one_batch_and_bad_input():
         harmony(bad, ["a"] * 900)
     with pytest.raises(HescapeEvalError, match="non-empty \\(N, d\\) embedding"):
         centre_by_sample(np.zeros(5), ["a"] * 5)
+    with pytest.raises(HescapeEvalError, match="a 1-D sequence, found labels of shape \\(450, 2\\)"):
+        centre_by_sample(x, np.zeros((450, 2)))
+    with pytest.raises(HescapeEvalError, match="at least 16 spots, found 15"):
+        harmony(x[:15], ["a"] * 8 + ["b"] * 7)
+    with pytest.raises(HescapeEvalError, match="real-valued"):
+        centre_by_sample(x.astype(complex), ["a"] * 900)

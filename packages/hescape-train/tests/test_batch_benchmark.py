@@ -38,7 +38,29 @@ def test_refusals_are_one_line(tmp_path, capsys):
     assert "--n-test >= 2" in capsys.readouterr().err
     assert main(["batch-benchmark", str(tmp_path / "b"), "--methods", "within_sample"]) == 2
     assert "post-hoc corrections apply to the plain CLIP runs" in capsys.readouterr().err
+    assert main(["batch-benchmark", str(tmp_path / "b"), "--seeds", "0,0"]) == 2
+    assert "0 listed twice" in capsys.readouterr().err
+    assert main(["batch-benchmark", str(tmp_path / "b"), "--methods", "", "--post-hoc", ""]) == 2
+    assert "expected at least one method" in capsys.readouterr().err
+    assert main(["batch-benchmark", str(tmp_path / "b"), "--size-um", "0"]) == 2
+    assert "at least 300 µm" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything is written
+    (tmp_path / "afile").write_text("x")
+    assert main(["batch-benchmark", str(tmp_path / "afile")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_other_fixed_options_in_the_same_folder_are_refused(tmp_path, capsys):
+    from hescape.train.batch_benchmark import BenchmarkConfig, _claim
+
+    _claim(BenchmarkConfig(out=tmp_path / "b", epochs=1, n_donors=5))
+    assert main(["batch-benchmark", str(tmp_path / "b"), "--epochs", "3", "--n-donors", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "made with other options (epochs 1 -> 3)" in err and err.count("\n") == 1
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mine.txt").write_text("x")
+    assert main(["batch-benchmark", str(tmp_path / "c")]) == 2
+    assert "not empty and holds no benchmark.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -75,3 +75,9 @@ def test_corrections_apply_at_evaluation_and_in_hescape_eval(five_donors, tmp_pa
     raw = embed_split(model, five_donors, "test")
     assert np.abs(saved["gene"] - raw["gene"]).max() > 1e-3
     assert np.abs(saved["image"] - raw["image"]).max() < 1e-4
+
+
+def test_a_batch_of_one_is_refused(five_donors, tmp_path, capsys):
+    assert main(_args(five_donors, tmp_path, "one", "batch_size=1")) == 2
+    assert "a contrastive step needs at least 2 pairs" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()

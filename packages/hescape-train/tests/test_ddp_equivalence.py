@@ -73,3 +73,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_dataset, tmp_pa
         assert val["val_i2g_n"] == val_one["val_i2g_n"]
         assert val["val_i2g_mean_rank"] == pytest.approx(val_one["val_i2g_mean_rank"], rel=0.02)
     print(f"DDP equivalence, max |Δparam| after {one['step']} steps: {errors}")
+
+
+@pytest.mark.slow
+def test_sample_centring_uses_the_global_minibatch(tiny_dataset, tmp_path):
+    """With sample_centring, the sample means are those of the whole step's rows (all processes): two processes
+    log the same losses and reach the same weights as one."""
+    torch.set_num_threads(1)
+    extra = ("sample_centring=true", "epochs=2")
+    assert main(_args(tiny_dataset, tmp_path, "one", *extra)) == 0
+    _torchrun(_args(tiny_dataset, tmp_path, "two", *extra))
+    steps = {n: [json.loads(x)["loss"] for x in (tmp_path / n / "steps.jsonl").read_text().splitlines()]
+             for n in ("one", "two")}
+    assert len(steps["one"]) >= 4
+    assert steps["two"] == pytest.approx(steps["one"], abs=1e-4)
+    one, two = read_checkpoint(tmp_path / "one", "last"), read_checkpoint(tmp_path / "two", "last")
+    worst = max(float((one["state_dict"][k] - v).abs().max()) for k, v in two["state_dict"].items())
+    assert worst < 1e-4, worst

@@ -4,7 +4,9 @@
 mean count of ``g`` over the spots of ``s`` and ``m_g`` its mean over all spots of the training split. Afterwards
 every sample has the training split's gene means. It removes what a batch effect does to a sample as a whole —
 per-gene capture efficiency, library size, background — and keeps every difference between spots of one sample.
-A gene a sample never detects (``m_sg = 0``) keeps its zeros. The scaled values are rounded stochastically to
+A gene detected (count > 0) in fewer than :data:`MIN_DETECTED_SPOTS` spots of a sample keeps factor 1: a mean
+of one or two counts is no estimate of the sample's capture of the gene, and scaling by it would turn a stray
+count into hundreds (a gene dropped from a sample's panel is exactly that case). The scaled values are rounded stochastically to
 integers (``floor(x + u)``, ``u ~ U(0, 1)`` drawn from a generator seeded by the row, so a spot always gets the same
 counts and the expected count is exactly ``x``), because every gene encoder takes raw counts and refuses
 non-integers (a guard against log-normalised input).
@@ -22,7 +24,10 @@ import hashlib
 import numpy as np
 import torch
 
-__all__ = ["sample_mean_factors", "ScaledCounts", "round_counts"]
+__all__ = ["sample_mean_factors", "ScaledCounts", "round_counts", "MIN_DETECTED_SPOTS"]
+
+#: A gene is scaled in a sample only when detected in at least this many of its spots (else factor 1).
+MIN_DETECTED_SPOTS = 10
 
 
 def round_counts(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -32,8 +37,10 @@ def round_counts(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.floor(x + u).astype(np.float32)
 
 
-def sample_mean_factors(counts: np.ndarray, samples, reference: np.ndarray) -> dict[str, np.ndarray]:
-    """``{sample: (G,) factors}`` scaling each sample's gene means in ``counts`` to ``reference``.
+def sample_mean_factors(counts: np.ndarray, samples, reference: np.ndarray, *,
+                        min_detected: int = MIN_DETECTED_SPOTS) -> dict[str, np.ndarray]:
+    """``{sample: (G,) factors}`` scaling each sample's gene means in ``counts`` to ``reference``; 1 for a gene
+    detected in fewer than ``min_detected`` spots of the sample.
 
     Parameters
     ----------
@@ -47,8 +54,10 @@ def sample_mean_factors(counts: np.ndarray, samples, reference: np.ndarray) -> d
     labels = np.asarray(samples, dtype=object).astype(str)
     out = {}
     for s in np.unique(labels):
-        mean = counts[labels == s].mean(axis=0, dtype=np.float64)
-        out[str(s)] = np.where(mean > 0, reference / np.where(mean > 0, mean, 1.0), 1.0).astype(np.float32)
+        rows = counts[labels == s]
+        mean = rows.mean(axis=0, dtype=np.float64)
+        ok = (rows > 0).sum(axis=0) >= min_detected
+        out[str(s)] = np.where(ok, reference / np.where(ok, mean, 1.0), 1.0).astype(np.float32)
     return out
 
 

@@ -90,6 +90,16 @@ def _log(bc: BenchmarkConfig, msg: str) -> None:
 
 
 def _check(bc: BenchmarkConfig) -> None:
+    """Every option before any work (one line each: expected, found, fix)."""
+    for what, values in (("--strengths", bc.strengths), ("--seeds", bc.seeds), ("--methods", bc.methods),
+                         ("--post-hoc", bc.post_hoc)):
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:
+            msg = f"batch-benchmark {what}: {', '.join(twice)} listed twice; give each once (repeats are not seeds)"
+            raise HescapeConfigError(msg)
+    if not bc.methods:
+        msg = f"batch-benchmark --methods: expected at least one method, found none; e.g. --methods {','.join(METHODS)}"
+        raise HescapeConfigError(msg)
     unknown = [m for m in bc.methods if m not in METHODS]
     if unknown:
         msg = f"batch-benchmark --methods: unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}"
@@ -102,15 +112,73 @@ def _check(bc: BenchmarkConfig) -> None:
         msg = "batch-benchmark: post-hoc corrections apply to the plain CLIP runs; add clip to --methods or --post-hoc ''"
         raise HescapeConfigError(msg)
     if not bc.strengths or any(not (0 <= s <= 20) or not math.isfinite(s) for s in bc.strengths):
-        msg = f"batch-benchmark --strengths: expected values in [0, 20], found {bc.strengths}"
+        found = ",".join(map(str, bc.strengths)) or "none"
+        msg = f"batch-benchmark --strengths: expected values in [0, 20], found {found}; e.g. --strengths 0,1,2"
+        raise HescapeConfigError(msg)
+    inexact = [s for s in bc.strengths if float(f"{s:g}") != s]
+    if inexact:
+        msg = (f"batch-benchmark --strengths: {inexact[0]!r} has more than 6 significant digits (its dataset folder "
+               "would be another strength's); round it")
         raise HescapeConfigError(msg)
     if bc.n_test < 2 or bc.n_donors < bc.n_test + 2:
         msg = (f"batch-benchmark: expected --n-test >= 2 held-out donors and --n-donors >= n_test + 2 (one val, one "
                f"train), found n_test={bc.n_test}, n_donors={bc.n_donors}")
         raise HescapeConfigError(msg)
-    if not bc.seeds or min(bc.epochs, bc.pretrain_epochs, bc.drvi_epochs) < 1:
-        msg = "batch-benchmark: expected at least one seed and --epochs, --pretrain-epochs, --drvi-epochs >= 1"
+    if not bc.seeds or min(bc.seeds) < 0 or max(bc.seeds) >= 2**32:
+        msg = f"batch-benchmark --seeds: expected seeds in [0, 2**32), found {list(bc.seeds) or 'none'}; e.g. --seeds 0,1,2"
         raise HescapeConfigError(msg)
+    for what, v in (("--epochs", bc.epochs), ("--pretrain-epochs", bc.pretrain_epochs),
+                    ("--drvi-epochs", bc.drvi_epochs), ("--batch-size", bc.batch_size)):
+        if v < 1:
+            msg = f"batch-benchmark {what}: expected a positive integer, found {v}"
+            raise HescapeConfigError(msg)
+    if not (math.isfinite(bc.size_um) and bc.size_um >= 300):
+        msg = (f"batch-benchmark --size-um: expected a section of at least 300 µm (several spots per side), found "
+               f"{bc.size_um}; e.g. --size-um 1000")
+        raise HescapeConfigError(msg)
+    import importlib.util
+
+    needed = ["scanpy", "scib_metrics", "leidenalg", "matplotlib"] + (["harmonypy"] if "harmony" in bc.post_hoc else [])
+    needed += ["drvi"] if any(m in _DRVI_COVARIATE for m in bc.methods) else []
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        msg = (f"batch-benchmark: expected {', '.join(missing)} installed, found none; pip install "
+               "'hescape-train[batch]' (hescape-eval[batch] and hescape-models[drvi])")
+        raise HescapeConfigError(msg)
+    if bc.out.exists() and not bc.out.is_dir():
+        msg = f"batch-benchmark: {bc.out} exists and is not a folder; give a new or an earlier benchmark's folder"
+        raise HescapeConfigError(msg)
+
+
+#: The options every run, dataset and score in an output folder depend on (strengths, seeds and methods may grow).
+_FIXED = ("epochs", "pretrain_epochs", "drvi_epochs", "n_donors", "n_test", "size_um", "batch_size")
+
+
+def _claim(bc: BenchmarkConfig) -> None:
+    """Create ``OUT`` and record the fixed options in ``OUT/benchmark.json``; an earlier benchmark there with other
+    fixed options is refused (its datasets, runs and scores would be reused under the new options' name)."""
+    from hescape.data.build import GENERATOR_VERSION
+
+    record = {"format": "hescape-batch-benchmark/1", "generator_version": GENERATOR_VERSION,
+              **{k: getattr(bc, k) for k in _FIXED}}
+    path = bc.out / "benchmark.json"
+    try:
+        bc.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"batch-benchmark: cannot create {bc.out} ({e.strerror}); give a writable folder"
+        raise HescapeConfigError(msg) from None
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k} {old.get(k)} -> {v}" for k, v in record.items() if old.get(k) != v]
+        if diff:
+            msg = (f"batch-benchmark: {bc.out} holds a benchmark made with other options ({'; '.join(diff)}); its "
+                   "datasets and runs would be reused: give a new output folder, or the same options")
+            raise HescapeConfigError(msg)
+        return
+    if any(bc.out.iterdir()):
+        msg = (f"batch-benchmark: {bc.out} is not empty and holds no benchmark.json; give a new output folder")
+        raise HescapeConfigError(msg)
+    atomic_write_json(path, record)
 
 
 # -- datasets and the image trunk ----------------------------------------------------------------------------------
@@ -130,10 +198,18 @@ def build_dataset(path: Path, strength: float, *, n_donors: int, n_test: int, si
 
     if (path / "manifest.json").is_file():
         return path
+    import os
+    import shutil
+
     cfg = SyntheticConfig(n_donors=n_donors, sample_size_um=size_um, seed=seed, batch=BatchEffects.at(strength))
-    build_synthetic_dataset(path, cfg, overwrite=True, progress=progress, truth=True)
-    samples = read_manifest(path)["samples"]
-    apply_splits(path, donor_split_assignment(samples, n_val=1, n_test=n_test, seed=0))
+    tmp = path.with_name(f".{path.name}.building")  # built and split aside, then renamed: a kill leaves no half
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_synthetic_dataset(tmp, cfg, overwrite=True, progress=progress, truth=True)
+    samples = read_manifest(tmp)["samples"]
+    apply_splits(tmp, donor_split_assignment(samples, n_val=1, n_test=n_test, seed=0))
+    if path.exists():  # an empty or partial folder of an older version
+        shutil.rmtree(path)
+    os.replace(tmp, path)
     return path
 
 
@@ -275,7 +351,7 @@ def run_benchmark(bc: BenchmarkConfig) -> list[dict]:
     from hescape.eval.io import load_embeddings
 
     _check(bc)
-    bc.out.mkdir(parents=True, exist_ok=True)
+    _claim(bc)
     trunk = pretrain_trunk(bc)
     rows = []
     for s in bc.strengths:
@@ -317,7 +393,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if len(v) == 0:
         return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -366,7 +442,7 @@ def write_report(rows: list[dict], bc: BenchmarkConfig) -> None:
                     cells.append("")
                     continue
                 mu, sd = r[f"{key}_mean"], r[f"{key}_std"]
-                text = f"{mu:.3f} ({sd:.3f})"
+                text = f"{mu:.3f} ({sd:.3f})" if r["n_seeds"] > 1 else f"{mu:.3f} (n/a)"
                 cells.append(f"**{text}**" if higher_better[key] and mu == best[s] else text)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -403,7 +479,8 @@ def plot(summ: list[dict], path: Path) -> Path:
         for i, m in enumerate(methods):
             rs = sorted((r for r in summ if r["method"] == m), key=lambda r: r["strength"])
             x = np.array([r["strength"] for r in rs]) + (i - len(methods) / 2) * 0.012
-            ax.errorbar(x, [r[f"{key}_mean"] for r in rs], yerr=[r[f"{key}_std"] for r in rs], marker="o",
+            sd = [r[f"{key}_std"] if math.isfinite(r[f"{key}_std"]) else 0.0 for r in rs]  # one seed: no bar
+            ax.errorbar(x, [r[f"{key}_mean"] for r in rs], yerr=sd, marker="o",
                         ms=3.5, lw=1.2, capsize=2, label=m, ls="-" if "+" not in m or "within" in m else "--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("batch strength")
@@ -459,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-donors", type=int, default=10, help="donors per dataset (default 10)")
     p.add_argument("--n-test", type=int, default=3, help="held-out test donors (default 3)")
     p.add_argument("--size-um", type=float, default=1000.0, help="side of each synthetic section in µm (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="spots per training step (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -468,9 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     bc = BenchmarkConfig(out=args.out, strengths=args.strengths, seeds=args.seeds, methods=args.methods,
                          post_hoc=args.post_hoc, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
                          drvi_epochs=args.drvi_epochs,
-                         n_donors=args.n_donors, n_test=args.n_test, size_um=args.size_um, progress=not args.quiet)
+                         n_donors=args.n_donors, n_test=args.n_test, size_um=args.size_um, batch_size=args.batch_size,
+                         progress=not args.quiet)
     try:
         run_benchmark(bc)
+    except KeyboardInterrupt:
+        print(f"hescape-train batch-benchmark: interrupted; finished runs and scores in {bc.out} are kept: run the "
+              "same command again to continue", file=sys.stderr)
+        return 130
     except Exception as e:
         from .cli import _user_error_types
 

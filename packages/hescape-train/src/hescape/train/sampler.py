@@ -98,14 +98,14 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
             if self.n_batches == 0:
                 msg = (f"data.batch_sampling=within_sample: every batch comes from one sample, but the largest "
                        f"training sample has {max(sizes)} spots, fewer than a batch of {self.global_batch}; lower "
-                       "batch_size or use data.batch_sampling=balanced")
+                       "batch_size / global_batch_size or use data.batch_sampling=balanced")
                 raise HescapeConfigError(msg)
         else:
             self.n_batches = (min(sizes) * len(sizes)) // self.global_batch
             if self.n_batches == 0:
                 msg = (f"data.batch_sampling=balanced: each epoch takes {min(sizes)} spots (the smallest training "
                        f"sample) from each of the {len(sizes)} samples, fewer than a batch of {self.global_batch}; "
-                       "lower batch_size")
+                       "lower batch_size / global_batch_size")
                 raise HescapeConfigError(msg)
 
     def __len__(self) -> int:

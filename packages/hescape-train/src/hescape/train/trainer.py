@@ -88,6 +88,10 @@ def _device(name: str) -> torch.device:
 def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
     """Spots per step in each process: ``global_batch_size / world_size`` when a global batch is given (it must
     divide evenly), else ``batch_size``."""
+    if (cfg.global_batch_size or cfg.batch_size * world_size) < 2:
+        msg = ("a contrastive step needs at least 2 pairs (each is the other's negative), found a batch of 1 over "
+               f"{world_size} process(es); use batch_size >= 2 (e.g. batch_size=64)")
+        raise HescapeConfigError(msg)
     if cfg.global_batch_size <= 0:
         return cfg.batch_size
     if cfg.global_batch_size % world_size:
@@ -493,6 +497,7 @@ class Trainer:
                                          mode=cfg.data.batch_sampling, groups=self.train_ds.samples)
         names = {s: i for i, s in enumerate(dict.fromkeys(self.train_ds.samples))}
         self.train_codes = torch.tensor([names[s] for s in self.train_ds.samples], dtype=torch.int64)
+        self.n_train_samples = len(names)
         if len(self.sampler) == 0:
             msg = (f"a batch of {self.batch_size} spots per process is larger than the training split "
                    f"({len(self.train_ds)} spots{f' over {info.world_size} processes' if info.enabled else ''}); "
@@ -579,10 +584,15 @@ class Trainer:
                            gene_features=dev(batch.get("gene_feat")))
         # the loss in fp32 whatever the towers ran in (the paper: bf16 towers, fp32 loss accumulation)
         out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
-        if cfg.sample_centring:
+        if cfg.sample_centring:  # the means of the global minibatch: W processes centre as one would
             codes = self.train_codes[batch["index"]].to(self.device)
-            out["image_features"] = centre_within(out["image_features"], codes)
-            out["gene_features"] = centre_within(out["gene_features"], codes)
+            reduce = None
+            if self.info.enabled:
+                import torch.distributed.nn.functional as dist_fn  # all_reduce that passes gradients
+
+                reduce = dist_fn.all_reduce
+            for key in ("image_features", "gene_features"):
+                out[key] = centre_within(out[key], codes, n_codes=self.n_train_samples, all_reduce=reduce)
         terms = self.model.loss(out)
         loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
         st.optimizer.zero_grad(set_to_none=True)
