@@ -51,6 +51,7 @@ REFUSED = [
     ("model.gene_finetune=partial", "model.gene_finetune: unknown finetune mode 'partial'"),
     ("device=gpu", "device='gpu' is not a device"),
     ("recall_ks=0,5", "recall_ks must list positive k values"),
+    ("recall_ks=5,5", "recall_ks lists 5 twice"),
     ("model.init_checkpoint=/nonexistent/run", "model.init_checkpoint='/nonexistent/run' does not exist"),
 ]
 

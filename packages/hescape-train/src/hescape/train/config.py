@@ -172,6 +172,9 @@ def _check_device(key: str, value: str) -> str | None:
 def _check_recall_ks(key: str, value: tuple) -> str | None:
     if not value or min(value) < 1:
         return f"recall_ks must list positive k values (e.g. recall_ks=1,5,10), found {value!r}"
+    if len(set(value)) != len(value):
+        twice = sorted({k for k in value if value.count(k) > 1})
+        return f"recall_ks lists {', '.join(map(str, twice))} twice; give each k once (e.g. recall_ks=1,5,10)"
     return None
 
 
