@@ -471,7 +471,8 @@ def plot(summ: list[dict], path: Path) -> Path:
     # the chance level of each panel (grey, dotted): a random ranking, permuted batches, the training-mean predictor
     chance = {"r5_full": "r5_full_chance", "r5_batch": "r5_batch_chance", "sil_gene": "sil_chance",
               "probe_r": "probe_mean_baseline_r"}
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.8))
+    colours = plt.get_cmap("tab20").colors
     for ax, (key, title) in zip(axes, panels, strict=True):
         ref = sorted((r for r in summ if r["method"] == methods[0]), key=lambda r: r["strength"])
         ax.plot([r["strength"] for r in ref], [r[f"{chance[key]}_mean"] for r in ref], ls=":", color="grey", lw=1.5,
@@ -480,13 +481,14 @@ def plot(summ: list[dict], path: Path) -> Path:
             rs = sorted((r for r in summ if r["method"] == m), key=lambda r: r["strength"])
             x = np.array([r["strength"] for r in rs]) + (i - len(methods) / 2) * 0.012
             sd = [r[f"{key}_std"] if math.isfinite(r[f"{key}_std"]) else 0.0 for r in rs]  # one seed: no bar
-            ax.errorbar(x, [r[f"{key}_mean"] for r in rs], yerr=sd, marker="o",
-                        ms=3.5, lw=1.2, capsize=2, label=m, ls="-" if "+" not in m or "within" in m else "--")
+            ax.errorbar(x, [r[f"{key}_mean"] for r in rs], yerr=sd, marker="o", color=colours[(2 * i) % 20 + (i >= 10)],
+                        ms=3.5, lw=1.2, capsize=2, label=m, ls="--" if m.startswith("clip+") else "-")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("batch strength")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best", ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     import io
 
     buf = io.BytesIO()
