@@ -42,6 +42,8 @@ def test_refusals_are_one_line(tmp_path, capsys):
     assert "0 listed twice" in capsys.readouterr().err
     assert main(["batch-benchmark", str(tmp_path / "b"), "--methods", "", "--post-hoc", ""]) == 2
     assert "expected at least one method" in capsys.readouterr().err
+    assert main(["batch-benchmark", str(tmp_path / "b"), "--batch-size", "1"]) == 2
+    assert "--batch-size: expected an integer >= 2, found 1" in capsys.readouterr().err
     assert main(["batch-benchmark", str(tmp_path / "b"), "--size-um", "0"]) == 2
     assert "at least 300 µm" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything is written

@@ -127,10 +127,10 @@ def _check(bc: BenchmarkConfig) -> None:
     if not bc.seeds or min(bc.seeds) < 0 or max(bc.seeds) >= 2**32:
         msg = f"batch-benchmark --seeds: expected seeds in [0, 2**32), found {list(bc.seeds) or 'none'}; e.g. --seeds 0,1,2"
         raise HescapeConfigError(msg)
-    for what, v in (("--epochs", bc.epochs), ("--pretrain-epochs", bc.pretrain_epochs),
-                    ("--drvi-epochs", bc.drvi_epochs), ("--batch-size", bc.batch_size)):
-        if v < 1:
-            msg = f"batch-benchmark {what}: expected a positive integer, found {v}"
+    for what, v, least in (("--epochs", bc.epochs, 1), ("--pretrain-epochs", bc.pretrain_epochs, 1),
+                           ("--drvi-epochs", bc.drvi_epochs, 1), ("--batch-size", bc.batch_size, 2)):
+        if v < least:
+            msg = f"batch-benchmark {what}: expected an integer >= {least}, found {v}; e.g. {what} 64"
             raise HescapeConfigError(msg)
     if not (math.isfinite(bc.size_um) and bc.size_um >= 300):
         msg = (f"batch-benchmark --size-um: expected a section of at least 300 µm (several spots per side), found "
