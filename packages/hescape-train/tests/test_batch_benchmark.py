@@ -55,6 +55,9 @@ def test_refusals_are_one_line(tmp_path, capsys):
 def test_other_fixed_options_in_the_same_folder_are_refused(tmp_path, capsys):
     from hescape.train.batch_benchmark import BenchmarkConfig, _claim
 
+    for extra in ("scanpy", "scib_metrics", "leidenalg", "harmonypy", "drvi"):  # checked before the folder
+        pytest.importorskip(extra)
+
     _claim(BenchmarkConfig(out=tmp_path / "b", epochs=1, n_donors=5))
     assert main(["batch-benchmark", str(tmp_path / "b"), "--epochs", "3", "--n-donors", "5"]) == 2
     err = capsys.readouterr().err

@@ -136,6 +136,9 @@ def _check(bc: BenchmarkConfig) -> None:
         msg = (f"batch-benchmark --size-um: expected a section of at least 300 µm (several spots per side), found "
                f"{bc.size_um}; e.g. --size-um 1000")
         raise HescapeConfigError(msg)
+    if bc.out.exists() and not bc.out.is_dir():
+        msg = f"batch-benchmark: {bc.out} exists and is not a folder; give a new or an earlier benchmark's folder"
+        raise HescapeConfigError(msg)
     import importlib.util
 
     needed = ["scanpy", "scib_metrics", "leidenalg", "matplotlib"] + (["harmonypy"] if "harmony" in bc.post_hoc else [])
@@ -144,9 +147,6 @@ def _check(bc: BenchmarkConfig) -> None:
     if missing:
         msg = (f"batch-benchmark: expected {', '.join(missing)} installed, found none; pip install "
                "'hescape-train[batch]' (hescape-eval[batch] and hescape-models[drvi])")
-        raise HescapeConfigError(msg)
-    if bc.out.exists() and not bc.out.is_dir():
-        msg = f"batch-benchmark: {bc.out} exists and is not a folder; give a new or an earlier benchmark's folder"
         raise HescapeConfigError(msg)
 
 
