@@ -24,7 +24,7 @@ import hashlib
 import numpy as np
 import torch
 
-__all__ = ["sample_mean_factors", "ScaledCounts", "round_counts", "MIN_DETECTED_SPOTS"]
+__all__ = ["sample_mean_factors", "ScaledCounts", "scale_to_reference", "round_counts", "MIN_DETECTED_SPOTS"]
 
 #: A gene is scaled in a sample only when detected in at least this many of its spots (else factor 1).
 MIN_DETECTED_SPOTS = 10
@@ -59,6 +59,13 @@ def sample_mean_factors(counts: np.ndarray, samples, reference: np.ndarray, *,
         ok = (rows > 0).sum(axis=0) >= min_detected
         out[str(s)] = np.where(ok, reference / np.where(ok, mean, 1.0), 1.0).astype(np.float32)
     return out
+
+
+def scale_to_reference(ds, reference: np.ndarray, counts: np.ndarray | None = None) -> ScaledCounts:
+    """``ds`` with every sample's counts scaled to the gene means ``reference`` ``(G,)`` (its raw counts, read
+    here unless given as ``counts``)."""
+    counts = ds.raw_counts() if counts is None else counts
+    return ScaledCounts(ds, sample_mean_factors(counts, ds.samples, reference))
 
 
 class ScaledCounts(torch.utils.data.Dataset):

@@ -164,10 +164,9 @@ def embed_split(model, dataset: str | os.PathLike, split: str | None = "test", *
     inference = getattr(model, "hescape_inference", None) or {}
     norm = inference.get("gene_normalisation")
     if norm:
-        from hescape.data.gene_norm import ScaledCounts, sample_mean_factors
+        from hescape.data.gene_norm import scale_to_reference
 
-        reference = np.asarray(norm["reference"], dtype=np.float64)
-        ds = ScaledCounts(ds, sample_mean_factors(ds.raw_counts(), ds.samples, reference))
+        ds = scale_to_reference(ds, np.asarray(norm["reference"], dtype=np.float64))
     if rows is not None:
         ds = torch.utils.data.Subset(ds, index.tolist())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,

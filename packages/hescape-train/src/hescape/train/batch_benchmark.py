@@ -500,20 +500,19 @@ def plot(summ: list[dict], path: Path) -> Path:
 
 # -- the command ----------------------------------------------------------------------------------------------------
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        msg = f"expected comma-separated numbers, found {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
+def _numbers(cast, noun: str):
+    """An argparse type: comma-separated values of ``cast`` (``float``/``int``)."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            msg = f"expected comma-separated {noun}, found {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+
+    return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        msg = f"expected comma-separated integers, found {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
+_floats, _ints = _numbers(float, "numbers"), _numbers(int, "integers")
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -186,11 +186,9 @@ def cached_features(model, tower: str, ds, device: torch.device, amp_dtype: torc
 
 def _file_sha256(path: Path) -> str:
     """SHA-256 of a cache file (checked at every use: a changed or damaged cache is never trained on)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from hescape.models.weights import file_digest
+
+    return file_digest(path)
 
 
 class FeatureSource(torch.utils.data.Dataset):

@@ -450,19 +450,13 @@ class Trainer:
     def _scale_counts(self) -> None:
         """``data.gene_normalisation=sample_mean`` (:mod:`hescape.data.gene_norm`): every split's counts scaled per
         sample to the training split's gene means."""
-        from hescape.data.gene_norm import ScaledCounts, sample_mean_factors
+        from hescape.data.gene_norm import scale_to_reference
 
         train_counts = self.train_ds.raw_counts()
-        reference = train_counts.mean(axis=0, dtype=np.float64)
-        self.gene_reference = reference
-        wrapped = []
-        for ds in (self.train_ds, self.val_ds, self.test_ds):
-            if ds is None:
-                wrapped.append(None)
-                continue
-            counts = train_counts if ds is self.train_ds else ds.raw_counts()
-            wrapped.append(ScaledCounts(ds, sample_mean_factors(counts, ds.samples, reference)))
-        self.train_ds, self.val_ds, self.test_ds = wrapped
+        self.gene_reference = reference = train_counts.mean(axis=0, dtype=np.float64)
+        self.train_ds = scale_to_reference(self.train_ds, reference, train_counts)
+        self.val_ds = None if self.val_ds is None else scale_to_reference(self.val_ds, reference)
+        self.test_ds = scale_to_reference(self.test_ds, reference)
 
     def _setup_model(self) -> None:
         cfg, info = self.cfg, self.info
