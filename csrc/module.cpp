@@ -105,6 +105,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("g"), py::arg("bf16"), py::arg("nq"), py::arg("ng"), py::arg("d"),
         py::arg("query_labels"), py::arg("gallery_labels"), py::arg("ranks"), py::arg("best_score"),
         py::arg("best_index"), py::arg("device"), py::arg("stream"), "Enqueue both passes on `stream` (device pointers as ints).");
+  m.def("rank_cuda_both", [](uintptr_t q, uintptr_t g, bool bf16, int64_t nq, int64_t ng, int64_t d, uintptr_t ql,
+                             uintptr_t gl, uintptr_t f_ranks, uintptr_t f_score, uintptr_t f_index, uintptr_t r_ranks,
+                             uintptr_t r_score, uintptr_t r_index, int device, uintptr_t stream) {
+          py::gil_scoped_release release;
+          hescape::rank_cuda_both(q, g, bf16, nq, ng, d, ql, gl, {f_ranks, f_score, f_index},
+                                  {r_ranks, r_score, r_index}, device, stream);
+        },
+        py::arg("q"), py::arg("g"), py::arg("bf16"), py::arg("nq"), py::arg("ng"), py::arg("d"),
+        py::arg("query_labels"), py::arg("gallery_labels"), py::arg("f_ranks"), py::arg("f_score"),
+        py::arg("f_index"), py::arg("r_ranks"), py::arg("r_score"), py::arg("r_index"), py::arg("device"),
+        py::arg("stream"),
+        "Enqueue both directions on `stream`: forward (queries ranked against the gallery, length nq) and reverse "
+        "(gallery rows ranked against the queries, length ng) from one counting pass.");
 #else
   m.def("has_cuda", [] { return false; });
 #endif

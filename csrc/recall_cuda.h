@@ -16,4 +16,16 @@ void rank_cuda(uintptr_t q, uintptr_t g, bool bf16, int64_t nq, int64_t ng, int6
                uintptr_t g_labels, uintptr_t ranks, uintptr_t best_score, uintptr_t best_index, int device,
                uintptr_t stream);
 
+// Device outputs of one direction: ranks (int64), best_score (fp32), best_index (int64, -1 when no positive).
+struct RankBuffers {
+  uintptr_t ranks, best_score, best_index;
+};
+
+// Both directions from one counting pass (and, with labels, one threshold pass): fwd ranks g for every row of q
+// (length nq), rev ranks q for every row of g (length ng), equal integer for integer to rank_cuda(q, g, ...) and
+// rank_cuda(g, q, ...) with the labels swapped (every score has the same bits: the canonical dot is symmetric).
+// Needs nq, ng < 2^32 - 1. Same device, stream and error contract as rank_cuda.
+void rank_cuda_both(uintptr_t q, uintptr_t g, bool bf16, int64_t nq, int64_t ng, int64_t d, uintptr_t q_labels,
+                    uintptr_t g_labels, const RankBuffers& fwd, const RankBuffers& rev, int device, uintptr_t stream);
+
 }  // namespace hescape

@@ -6,9 +6,11 @@ default ``benchmarks/out``). Steps, each recorded in ``$OUT/gpu_recall.json``:
 1. build ``hescape.eval._C`` with ``HESCAPE_CUDA=ON``: ``uv sync --offline`` when uv and its cache are there,
    else a plain CMake build of ``packages/hescape-eval`` (needs cmake, nvcc, and pybind11 importable),
    installed in-tree under ``packages/hescape-eval/src`` and put first on ``PYTHONPATH``;
-2. the ``gpu``-marked recall tests (``pytest -m gpu``), plus an exactness check against the C++ kernel;
+2. the ``gpu``-marked recall tests (``pytest -m gpu``), plus exactness checks against the C++ kernel (one
+   direction, and both directions from ``compute_ranks_both``'s fused pass);
 3. timings of the CUDA kernel at N in {100k, 1M}, d = 128 (fp32 and bf16; labels at 100k), and of the
-   torch fallback on the GPU at 100k, with GFLOP/s (2 N^2 d per pass).
+   torch fallback on the GPU at 100k, with GFLOP/s (2 N^2 d per pass); both directions fused vs one direction
+   vs two calls at each N.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ for pos in (None, lab):
     a = E.compute_ranks(q.cuda(), gal.cuda(), positives=pos, backend="cuda").ranks.cpu()
     b = E.compute_ranks(q, gal, positives=pos, backend="cpp").ranks
     out.setdefault("exact_vs_cpp", []).append(bool(torch.equal(a, b)))
+    fwd, rev = E.compute_ranks_both(q.cuda(), gal.cuda(), positives=None if pos is None else pos.cuda(), backend="cuda")
+    cf, cr = E.compute_ranks_both(q, gal, positives=pos, backend="cpp")
+    out.setdefault("fused_exact_vs_cpp", []).append(bool(torch.equal(fwd.ranks.cpu(), cf.ranks)
+                                                         and torch.equal(rev.ranks.cpu(), cr.ranks) and fwd.fused))
 def timed(fn, reps):
     fn(); torch.cuda.synchronize()
     best = float("inf")
@@ -102,6 +108,14 @@ for n in (100_000, 1_000_000):
                             "seconds": sec, "gflops": passes * 2 * n * n * d / sec / 1e9,
                             "recall@10": float((r.ranks < 10).double().mean())})
         print(out["runs"][-1], flush=True)
+    # both directions: one fused call vs two one-direction calls (target: fused <= 1.1x one direction)
+    reps = 3 if n <= 100_000 else 1
+    one, _ = timed(lambda: E.compute_ranks(x, y, backend="cuda"), reps)
+    two, _ = timed(lambda: (E.compute_ranks(x, y, backend="cuda"), E.compute_ranks(y, x, backend="cuda")), reps)
+    both, (f, r) = timed(lambda: E.compute_ranks_both(x, y, backend="cuda"), reps)
+    out.setdefault("directions", []).append({"n": n, "d": d, "one_s": one, "two_calls_s": two, "fused_s": both,
+                                             "fused_over_one": both / one, "fused": f.fused})
+    print(out["directions"][-1], flush=True)
 print("JSON" + json.dumps(out))
 """
 

@@ -206,3 +206,35 @@ def test_fused_isas_give_identical_bits(n, d):
     np.testing.assert_array_equal(a.best_score.numpy().view(np.int32), b.best_score.numpy().view(np.int32))
     np.testing.assert_array_equal(a.ranks.numpy(), b.ranks.numpy())
     np.testing.assert_array_equal(a.best_index.numpy(), b.best_index.numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_OK, reason="no CUDA device/extension")
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize(("n", "d"), [(203, 7), (2049, 128), (131, 1536)])
+def test_cuda_fused_directions_equal_separate_calls_and_cpu(n, d, labels):
+    """compute_ranks_both on the GPU (one counting pass) = two compute_ranks calls on the GPU = the stable argsort;
+    on continuous data with duplicated rows, also bit for bit equal to the C++ kernel's FMA path."""
+    q, g = quantised_pair(n, n, d, seed=n + d)
+    lab = np.random.default_rng(n).integers(0, 11, n) if labels else None
+    pos = None if lab is None else torch.from_numpy(lab).cuda()
+    fwd, rev = E.compute_ranks_both(_to(q, torch.float32, "cuda"), _to(g, torch.float32, "cuda"), positives=pos,
+                                    backend="cuda")
+    assert fwd.fused and rev.fused and fwd.backend == "cuda"
+    a = E.compute_ranks(_to(q, torch.float32, "cuda"), _to(g, torch.float32, "cuda"), positives=pos, backend="cuda")
+    b = E.compute_ranks(_to(g, torch.float32, "cuda"), _to(q, torch.float32, "cuda"), positives=pos, backend="cuda")
+    for x, y in ((fwd, a), (rev, b)):
+        np.testing.assert_array_equal(x.ranks.cpu().numpy(), y.ranks.cpu().numpy())
+        np.testing.assert_array_equal(x.best_index.cpu().numpy(), y.best_index.cpu().numpy())
+    np.testing.assert_array_equal(fwd.ranks.cpu().numpy(), reference_ranks(q, g, lab, lab)[0])
+    np.testing.assert_array_equal(rev.ranks.cpu().numpy(), reference_ranks(g, q, lab, lab)[0])
+    if _AVX2_OK:
+        rng = np.random.default_rng(d)
+        qc = rng.standard_normal((n, d)).astype(np.float32)
+        gc = (qc + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
+        gc[rng.permutation(n)[: n // 5]] = gc[rng.permutation(n)[: n // 5]]
+        f_gpu, r_gpu = E.compute_ranks_both(torch.from_numpy(qc).cuda(), torch.from_numpy(gc).cuda(), backend="cuda")
+        f_cpu, r_cpu = E.compute_ranks_both(qc, gc, backend="cpp-avx2", num_threads=2)
+        for x, y in ((f_gpu, f_cpu), (r_gpu, r_cpu)):
+            np.testing.assert_array_equal(x.best_score.cpu().numpy().view(np.int32), y.best_score.numpy().view(np.int32))
+            np.testing.assert_array_equal(x.ranks.cpu().numpy(), y.ranks.numpy())

@@ -55,3 +55,24 @@ def rank_cuda(
     stream: int,
 ) -> None:
     """Enqueue both passes on `stream`; all arrays are device pointers (0 for absent labels). CUDA builds only."""
+
+def rank_cuda_both(
+    q: int,
+    g: int,
+    bf16: bool,
+    nq: int,
+    ng: int,
+    d: int,
+    query_labels: int,
+    gallery_labels: int,
+    f_ranks: int,
+    f_score: int,
+    f_index: int,
+    r_ranks: int,
+    r_score: int,
+    r_index: int,
+    device: int,
+    stream: int,
+) -> None:
+    """Enqueue both directions on `stream` from one counting pass: forward outputs (length nq), reverse outputs
+    (length ng, gallery rows ranked among the queries); device pointers, 0 for absent labels. CUDA builds only."""

@@ -37,7 +37,10 @@ paired data). :func:`compute_ranks_both` therefore scores every pair once and co
   threshold), then each other tile once (see :func:`_torch_ranks_both`). Exact wherever the BLAS gives a pair
   the same bits in any tile position (the assumption the one-direction torch path makes for its columns);
   tested equal to two separate calls on data whose products are exact. With labels it runs two passes.
-* ``"cuda"``: two passes (the CUDA kernel is unchanged).
+* ``"cuda"``: the same fusion in the CUDA kernel (``_C.rank_cuda_both``): the counting pass compares each tile's
+  register scores with the row and the column thresholds (column partials combined by warp shuffle and shared
+  memory, one atomic per column and tile); with labels, the threshold pass tracks both directions' best
+  positives in one sweep too. Same bit-identity argument as the C++ kernel (``__fmaf_rn`` in a fixed order).
 """
 
 from __future__ import annotations
@@ -352,16 +355,37 @@ def compute_ranks_both(image, gene, *, positives=None, backend: str = "auto", bl
         if ql is None:
             return _torch_ranks_both(q.to(work), g.to(work), block_size)
         return _run(q, g, ql, gl, used, block_size, num_threads), _run(g, q, gl, ql, used, block_size, num_threads)
-    if used == "cuda" or not hasattr(_C, "rank_cpu_both"):  # CUDA kernel (unchanged) or an older build: two passes
+    qk, gk = _kernel_input(q), _kernel_input(g)
+    if used == "cuda":
+        return _cuda_both(qk, gk, ql, gl)
+    if not hasattr(_C, "rank_cpu_both"):  # an extension built before the fused pass: two passes
         return (_run(q, g, ql, gl, used, block_size, num_threads),
                 _run(g, q, gl, ql, used, block_size, num_threads))
-    qk, gk = _kernel_input(q), _kernel_input(g)
     out = _C.rank_cpu_both(_np_view(qk), _np_view(gk), None if ql is None else ql.numpy(),
                            None if gl is None else gl.numpy(), _threads(num_threads), _isa(used))
     isa_used = f"cpp-{out[6]}"
     fwd = RankResult(*(torch.from_numpy(a) for a in out[0:3]), isa_used, True)
     rev = RankResult(*(torch.from_numpy(a) for a in out[3:6]), isa_used, True)
     return fwd, rev
+
+
+def _cuda_both(qk: torch.Tensor, gk: torch.Tensor, ql, gl) -> tuple[RankResult, RankResult]:
+    """Both directions on the GPU: ``_C.rank_cuda_both`` (one counting pass), or two passes on an older build."""
+    if not hasattr(_C, "rank_cuda_both"):
+        return _run(qk, gk, ql, gl, "cuda", 0, None), _run(gk, qk, gl, ql, "cuda", 0, None)
+    dev = qk.device
+
+    def buffers(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float32, device=dev),
+                torch.empty(n, dtype=torch.int64, device=dev))
+
+    fwd, rev = buffers(qk.shape[0]), buffers(gk.shape[0])
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _C.rank_cuda_both(qk.data_ptr(), gk.data_ptr(), qk.dtype == torch.bfloat16, qk.shape[0], gk.shape[0],
+                          qk.shape[1], 0 if ql is None else ql.data_ptr(), 0 if gl is None else gl.data_ptr(),
+                          *(t.data_ptr() for t in fwd), *(t.data_ptr() for t in rev), dev.index or 0, stream)
+    return RankResult(*fwd, "cuda", True), RankResult(*rev, "cuda", True)
 
 
 def _torch_ranks_both(q: torch.Tensor, g: torch.Tensor, block_size: int) -> tuple[RankResult, RankResult]:
