@@ -36,7 +36,8 @@ paired data). :func:`compute_ranks_both` therefore scores every pair once and co
 * ``"torch"`` (diagonal positives): square tiles of one shape; diagonal tiles first (they hold every
   threshold), then each other tile once (see :func:`_torch_ranks_both`). Exact wherever the BLAS gives a pair
   the same bits in any tile position (the assumption the one-direction torch path makes for its columns);
-  tested equal to two separate calls on data whose products are exact. With labels it runs two passes.
+  tested equal to two separate calls on data whose products are exact. With labels: row blocks, one product each
+  for both directions' thresholds and one for both directions' counts (see :func:`_torch_ranks_both_labels`).
 * ``"cuda"``: the same fusion in the CUDA kernel (``_C.rank_cuda_both``): the counting pass compares each tile's
   register scores with the row and the column thresholds (column partials combined by warp shuffle and shared
   memory, one atomic per column and tile); with labels, the threshold pass tracks both directions' best
@@ -354,7 +355,7 @@ def compute_ranks_both(image, gene, *, positives=None, backend: str = "auto", bl
         work = q.dtype if q.dtype == torch.float64 else torch.float32
         if ql is None:
             return _torch_ranks_both(q.to(work), g.to(work), block_size)
-        return _run(q, g, ql, gl, used, block_size, num_threads), _run(g, q, gl, ql, used, block_size, num_threads)
+        return _torch_ranks_both_labels(q.to(work), g.to(work), ql, gl, block_size)
     qk, gk = _kernel_input(q), _kernel_input(g)
     if used == "cuda":
         return _cuda_both(qk, gk, ql, gl)
@@ -436,6 +437,47 @@ def _torch_ranks_both(q: torch.Tensor, g: torch.Tensor, block_size: int) -> tupl
                 r_gi[lo_j:lo_j + m_j] += (s >= t_col).sum(0)
     idx = torch.arange(n, device=dev)
     return (RankResult(r_ig, t, idx, "torch", True), RankResult(r_gi, t.clone(), idx.clone(), "torch", True))
+
+
+def _torch_ranks_both_labels(q: torch.Tensor, g: torch.Tensor, ql: torch.Tensor, gl: torch.Tensor,
+                             block_size: int) -> tuple[RankResult, RankResult]:
+    """Both directions with label positives from two products per row block (torch backend), not four.
+
+    Pass 1 computes each row block ``s = q[I] @ g.T`` once: the row thresholds (best positive, lowest gallery index
+    among equal scores) and each column's best positive within the block, merged over blocks in index order (a later
+    block replaces a column's best only with a strictly higher score, so the lowest query index wins ties). Pass 2
+    recomputes the same products and counts rows as :func:`~hescape.eval._reference.torch_ranks` does and columns by
+    the same rule. Every threshold is compared with the bits of the product it came from (same call, same shape).
+    """
+    nq, ng = q.shape[0], g.shape[0]
+    dev, b = q.device, max(1, int(block_size))
+    cols, neg_inf = torch.arange(ng, device=dev), float("-inf")
+    t = torch.empty(nq, dtype=q.dtype, device=dev)
+    p = torch.empty(nq, dtype=torch.int64, device=dev)
+    u = torch.full((ng,), neg_inf, dtype=q.dtype, device=dev)
+    cp = torch.zeros(ng, dtype=torch.int64, device=dev)
+    for lo in range(0, nq, b):  # pass 1: thresholds of both directions
+        hi = min(lo + b, nq)
+        s = q[lo:hi] @ g.T
+        pos = ql[lo:hi].unsqueeze(1) == gl.unsqueeze(0)
+        masked = s.masked_fill(~pos, neg_inf)
+        t[lo:hi] = masked.amax(dim=1)
+        p[lo:hi] = (pos & (s == t[lo:hi].unsqueeze(1))).to(torch.int8).argmax(dim=1)
+        cmax = masked.amax(dim=0)
+        cfirst = (pos & (s == cmax.unsqueeze(0))).to(torch.int8).argmax(dim=0) + lo
+        better = cmax > u
+        u = torch.where(better, cmax, u)
+        cp = torch.where(better, cfirst, cp)
+    r_ig = torch.empty(nq, dtype=torch.int64, device=dev)
+    r_gi = torch.zeros(ng, dtype=torch.int64, device=dev)
+    for lo in range(0, nq, b):  # pass 2: counts of both directions
+        hi = min(lo + b, nq)
+        s = q[lo:hi] @ g.T
+        ti = t[lo:hi].unsqueeze(1)
+        r_ig[lo:hi] = ((s > ti) | ((s == ti) & (cols.unsqueeze(0) < p[lo:hi].unsqueeze(1)))).sum(dim=1)
+        rows = torch.arange(lo, hi, device=dev).unsqueeze(1)
+        r_gi += ((s > u.unsqueeze(0)) | ((s == u.unsqueeze(0)) & (rows < cp.unsqueeze(0)))).sum(dim=0)
+    return RankResult(r_ig, t, p, "torch", True), RankResult(r_gi, u, cp, "torch", True)
 
 
 @dataclass(frozen=True)
