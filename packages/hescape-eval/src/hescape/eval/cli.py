@@ -8,8 +8,9 @@ runs over seeds into the paper's Table 2 layout (:mod:`hescape.eval.report`). ``
 --out FILE.npz`` embeds a dataset split with a trained model (:mod:`hescape.eval.embed`; an existing file is refused
 unless ``--overwrite``). ``hescape-eval mutation SLIDES.csv --encoder NAME --out DIR`` runs slide-level mutation
 prediction (:mod:`hescape.eval.mutation`), ``hescape-eval batch-effects RUN_DIR... --out DIR`` silhouette-batch
-against Recall@5 (:mod:`hescape.eval.batch_report`). Every output file is written atomically. Bad input is one line
-on stderr, ``hescape-eval: error: …``, and exit status 2.
+against Recall@5 (:mod:`hescape.eval.batch_report`). Every output file is written atomically, and an existing one is
+refused unless ``--overwrite``. Bad input (and an unwritable or unreadable path) is one line on stderr,
+``hescape-eval: error: …``, and exit status 2; Ctrl-C is one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ks", type=_ks, default=[1, 5, 10], metavar="K,K,..", help="Recall@k values (default 1,5,10)")
     r.add_argument("--split", default="test", help="which embeddings file of RUN_DIR/embeddings/ (default test)")
     r.add_argument("--backend", default="auto", help="rank backend: auto, cpp, torch, ... (default auto)")
-    r.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    r.add_argument("--out", metavar="FILE.json", help="also write the results as JSON (an existing file is refused "
+                   "unless --overwrite)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     t = sub.add_parser(
         "report", help="aggregate runs over seeds into the paper's Table 2 layout (Markdown, CSV, PNG)",
@@ -100,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
             """), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="hescape-train run directories")
     t.add_argument("--out", required=True, metavar="DIR",
-                   help="folder for report.md, report.csv, report_long.csv, recall_at_K.png")
+                   help="folder for report.md, report.csv, report_long.csv, recall_at_K.png (existing files are "
+                        "refused unless --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace existing report files in --out")
     t.add_argument("--k", type=int, default=5, help="the k of Recall@k (default 5, as in the paper's Table 2)")
     t.add_argument("--protocol", metavar="P", help="recompute from saved embeddings: full, batch:B or batch:BxW")
     t.add_argument("--backend", default="auto", help="rank backend when recomputing (default auto)")
@@ -281,6 +286,31 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_error(exc: OSError) -> str:
+    """An :class:`OSError` in the package's message shape (what / expected / found / fix)."""
+    where = exc.filename if exc.filename is not None else "a file of this command"
+    found = exc.strerror or type(exc).__name__
+    if exc.filename2 is not None:
+        found += f" (moving to {exc.filename2})"
+    return str(HescapeEvalError.build(what=str(where), expected="a path this command can read or write",
+                                      found=found, fix="check the path, its permissions and free disk space, or "
+                                                       "choose another --out"))
+
+
+def _check_out_file(out: Path, suffix: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` file with the wrong suffix, that is a directory, or exists (unless ``overwrite``)."""
+    from ._write import refuse_existing
+
+    if out.suffix != suffix:
+        raise HescapeEvalError.build(what=f"--out {out}", expected=f"a file name ending in {suffix}",
+                                     found=repr(out.name), fix=f"e.g. --out results/retrieval{suffix}")
+    if out.is_dir():
+        raise HescapeEvalError.build(what=f"--out {out}", expected=f"a file path ending in {suffix}",
+                                     found="a directory", fix=f"name a file, e.g. --out {out / ('retrieval' + suffix)}")
+    if not overwrite:
+        refuse_existing([out])
+
+
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -301,6 +331,8 @@ def _retrieval(args: argparse.Namespace) -> int:
     from .retrieval import retrieval_reports
 
     protocols = [RetrievalProtocol.parse(p) for p in (args.protocol or ["full", "batch:64"])]  # fail fast
+    if args.out:
+        _check_out_file(Path(args.out), ".json", args.overwrite)
     emb = load_embeddings(args.run_dir, split=args.split)
     groups = emb.labels(args.by) if args.by else None
     reports = retrieval_reports(emb.image, emb.gene, protocols=protocols, ks=args.ks, groups=groups,
@@ -323,6 +355,15 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise HescapeEvalError.build(what="--k", expected="a positive integer", found=str(args.k), fix="e.g. --k 5")
+    from ._write import refuse_existing
+    from .report import report_files
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HescapeEvalError.build(what=f"--out {out}", expected="a folder (or a path where one can be made)",
+                                     found="a file", fix="name a folder, e.g. --out reports/table2")
+    if not args.overwrite:  # before any run is read: a refused command costs nothing
+        refuse_existing(report_files(out, args.k, figures=not args.no_figures))
     res = write_report(args.run_dirs, args.out, k=args.k, protocol=args.protocol, backend=args.backend,
                        figures=not args.no_figures, title=args.title)
     print(res["table"].to_markdown())
@@ -352,9 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     except HescapeEvalError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # e.g. --out in a folder we may not write
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # e.g. --out in a folder we may not write, a full disk
+        print(f"{PROG}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every output is written atomically: nothing half-written is left behind
+        print(f"{PROG}: interrupted; files already finished are complete, none is half-written (rerun the same "
+              "command; mutation reuses the tile features it cached)", file=sys.stderr)
+        return 130
     return 2  # unreachable: argparse requires a command
 
 

@@ -181,6 +181,16 @@ def _labels(x, n: int, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------- genes
 
 
+def _check_selection(n_genes, min_cells_pct) -> None:
+    """Refuse a gene count that is not a positive integer, or a detection fraction outside [0, 1]."""
+    if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1:
+        raise _err(what="n_genes", expected="a positive integer (HEST: 50)", found=repr(n_genes),
+                   fix="e.g. n_genes=50, or pass genes= explicitly")
+    if not (isinstance(min_cells_pct, int | float | np.floating) and 0 <= min_cells_pct <= 1):
+        raise _err(what="min_cells_pct", expected="a fraction in [0, 1] (HEST: 0.10)", found=repr(min_cells_pct),
+                   fix="e.g. min_cells_pct=0.1")
+
+
 def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes: int = HEST_N_GENES,
                           min_cells_pct: float = HEST_MIN_CELLS_PCT, rows=None) -> list[str]:
     """The ``n_genes`` most variable genes as HEST-Benchmark selects them (``src/hest/utils.py`` ``get_k_genes``).
@@ -210,9 +220,11 @@ def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes
     Raises
     ------
     HescapeEvalError
-        Fewer than ``n_genes`` genes pass the filter, or inputs do not line up, or scanpy is not installed
+        ``n_genes`` not a positive integer, ``min_cells_pct`` outside [0, 1], fewer than ``n_genes`` genes pass
+        the filter, inputs that do not line up, or scanpy not installed
         (the dispersion ranking is scanpy's ``highly_variable_genes(flavor="seurat")``, as in HEST).
     """
+    _check_selection(n_genes, min_cells_pct)
     cnt = counts if isinstance(counts, _Counts) else _Counts(counts)
     names = _gene_names(gene_names, cnt.shape[1])
     samples = _labels(samples, cnt.shape[0], "samples")
@@ -536,6 +548,8 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
     names = _gene_names(gene_names, cnt.shape[1])
     patients_all = _labels(patients, n, "patients")
     samples_all = patients_all if samples is None else _labels(samples, n, "samples")
+    if genes is None:
+        _check_selection(n_genes, min_cells_pct)
     if gene_selection not in ("all", "train"):
         raise _err(what="gene_selection", expected="'all' or 'train'",
                    found=repr(gene_selection), fix="pick one of the two")

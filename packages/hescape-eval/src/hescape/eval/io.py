@@ -178,6 +178,37 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def read_npz(path: str | os.PathLike, *, what: str, fix: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` archive ``path`` (``allow_pickle=False``), read in full.
+
+    A damaged file fails here with one :class:`HescapeEvalError` instead of whatever NumPy or :mod:`zipfile` raise
+    (``BadZipFile`` for a truncated archive, ``EOFError`` for an empty file, ``zlib.error`` or a CRC ``BadZipFile``
+    for a corrupt member, a bare array for an ``.npy`` file renamed ``.npz``, ``ValueError`` for pickled objects).
+
+    Raises
+    ------
+    HescapeEvalError
+        ``<what>: expected an .npz archive of arrays, found unreadable (<cause>); fix: <fix>``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                msg = f"a single {type(z).__name__} (an .npy file, not an .npz archive)"
+                raise _NotNpz(msg)
+            with z:
+                return {k: np.asarray(z[k]) for k in z.files}
+    except _NotNpz as exc:
+        found = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any damage (zipfile, zlib, EOF, format) is one clear error
+        found = f"unreadable ({type(exc).__name__}: {exc})"
+    raise HescapeEvalError.build(what=what, expected="an .npz archive of arrays", found=found, fix=fix)
+
+
+class _NotNpz(Exception):
+    pass
+
+
 def load_embeddings(source: str | os.PathLike, split: str = "test") -> Embeddings:
     """Read embeddings from a run directory (``RUN_DIR/embeddings/<split>.npz``) or an ``.npz`` file.
 
@@ -196,13 +227,7 @@ def load_embeddings(source: str | os.PathLike, split: str = "test") -> Embedding
             what=f"embeddings of {where}", expected=f"the file {path}", found=found,
             fix=f"rerun training with a hescape-train that saves embeddings (embeddings/{path.name}), or write them "
                 "with hescape.eval.io.save_embeddings(path, image=..., gene=..., index=..., sample=..., donor=...)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise HescapeEvalError.build(what=f"embeddings file {path}", expected="an .npz written by save_embeddings",
-                                     found=f"unreadable ({type(exc).__name__}: {exc})",
-                                     fix="write it again with hescape.eval.io.save_embeddings") from None
+    data = read_npz(path, what=f"embeddings file {path}", fix="write it again with hescape.eval.io.save_embeddings")
     fmt = str(data.get("format", ""))
     missing = [k for k in ("image", "gene", "index", "sample", "donor") if k not in data]
     if fmt != EMBEDDINGS_FORMAT or missing:

@@ -40,12 +40,10 @@ both classes are refused.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -143,39 +141,52 @@ def parse_label(text: str, what: str = "label") -> int:
 def load_bags_csv(csv_path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Read ``path, patient, site, label`` rows; returns ``(bags, labels, sites, patients)``.
 
+    The table is read and checked by :func:`hescape.eval.mutation.read_slide_table` (the same rules as
+    ``hescape-eval mutation``): relative paths are taken from the CSV's folder; ``path`` names an ``.npz`` holding a
+    ``features`` array ``(N_i, D)`` (as :func:`hescape.eval.wsi.slide_features` writes, or ``features.csv`` of a
+    mutation run lists).
+
     Raises
     ------
     HescapeEvalError
-        A missing column, a label other than 0/1, a missing or unreadable feature file.
+        A missing, empty or header-only file, a missing column, an empty ``path``/``patient``/``site`` cell, a label
+        other than 0/1, a slide listed twice, a missing or unreadable feature file, features that are not a
+        non-empty ``(N, D)`` array of finite numbers.
     """
-    csv_path = Path(csv_path)
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in cols]
-        if missing:
-            msg = f"slide table {str(csv_path)!r}"
-            raise HescapeEvalError.build(
-                msg, expected=f"columns {list(REQUIRED_COLUMNS)}",
-                found=f"columns {cols} (missing {missing})", fix="add the missing columns to the CSV header")
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
-    bags, labels, sites, patients = [], [], [], []
-    for i, r in enumerate(rows):
-        label = parse_label(r["label"], f"slide table row {i + 2} label")
-        p = Path(r["path"])
-        p = p if p.is_absolute() else csv_path.parent / p
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                bags.append(np.asarray(z["features"], dtype=np.float32))
-        except Exception as exc:
-            msg = f"slide table row {i + 2} features"
-            raise HescapeEvalError.build(msg, expected="an .npz with 'features'",
-                                         found=f"{str(p)!r}: {type(exc).__name__}: {exc}",
-                                         fix="run hescape.eval.wsi.extract_features first") from exc
-        labels.append(label)
-        sites.append(r["site"])
-        patients.append(r["patient"])
-    return bags, np.asarray(labels), np.asarray(sites), np.asarray(patients)
+    from .io import read_npz
+    from .mutation import read_slide_table
+
+    table = read_slide_table(csv_path)
+    bags = []
+    for p, line in zip(table.paths, table.rows, strict=True):
+        what = f"slide table row {line} features {str(p)!r}"
+        fix = "run hescape.eval.wsi.extract_features (or hescape-eval mutation) first"
+        if not p.is_file():
+            raise HescapeEvalError.build(what, expected="an .npz with 'features'",
+                                         found="no such file" if not p.exists() else "a directory", fix=fix)
+        data = read_npz(p, what=what, fix=fix)
+        if "features" not in data:
+            raise HescapeEvalError.build(what, expected="an .npz with 'features'",
+                                         found=f"arrays {sorted(data)}", fix=fix)
+        bags.append(_check_bag(data["features"], what))
+    return bags, table.labels, table.sites, table.patients
+
+
+def _check_bag(bag, what: str) -> np.ndarray:
+    """``bag`` as float32 after checking it is a non-empty ``(N, D)`` array of finite numbers."""
+    b = np.asarray(bag)
+    if b.ndim != 2 or b.shape[0] == 0 or b.shape[1] == 0 or b.dtype.kind not in "fiu":
+        raise HescapeEvalError.build(what, expected="a non-empty (N tiles, D) numeric array",
+                                     found=f"shape {b.shape}, dtype {b.dtype}",
+                                     fix="extract every slide with one encoder (one row per tile)")
+    b = b.astype(np.float32, copy=False)
+    bad = ~np.isfinite(b).all(axis=1)
+    if bad.any():
+        raise HescapeEvalError.build(what, expected="finite features",
+                                     found=f"NaN or inf in {int(bad.sum())} of {len(b)} tiles, first at tile "
+                                           f"{int(np.argmax(bad))}",
+                                     fix="check the encoder (its weights, precision) and extract the slide again")
+    return b
 
 
 def site_folds(labels: Sequence[int], sites: Sequence, n_folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -346,12 +357,16 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
     Raises
     ------
     HescapeEvalError
-        Bags of different widths or empty; labels not 0/1; fewer sites than folds; a patient in two sites; a site in
-        two folds; a fold without both classes.
+        No bags; bags of different widths, empty or holding NaN/inf; labels not 0/1; fewer sites than folds; a
+        patient in two sites; a site in two folds; a fold without both classes.
     """
     labels = np.asarray(labels)
     sites = np.asarray(sites)
     patients = np.arange(len(labels)).astype(str) if patients is None else np.asarray(patients)
+    if len(bags) == 0:
+        msg = "MIL inputs"
+        raise HescapeEvalError.build(msg, expected="one bag per slide", found="no slides",
+                                     fix="pass the bags, labels and sites of every slide")
     if not (len(bags) == len(labels) == len(sites) == len(patients)):
         msg = "MIL inputs"
         raise HescapeEvalError.build(msg, expected="as many bags, labels, sites and patients",
@@ -361,11 +376,12 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
         msg = "labels"
         raise HescapeEvalError.build(msg, expected="0/1", found=f"values {np.unique(labels)[:5].tolist()}",
                                      fix="binarise the target (1 = mutated)")
-    dims = {np.asarray(b).shape[1] if np.asarray(b).ndim == 2 else -1 for b in bags}
-    if len(dims) != 1 or -1 in dims or any(len(b) == 0 for b in bags):
+    bags = [_check_bag(b, f"bag {i}") for i, b in enumerate(bags)]
+    dims = sorted({b.shape[1] for b in bags})
+    if len(dims) != 1:
         msg = "bags"
-        raise HescapeEvalError.build(msg, expected="non-empty (N_i, D) arrays of one width D",
-                                     found=f"widths {sorted(dims)}", fix="extract every slide with one encoder")
+        raise HescapeEvalError.build(msg, expected="(N_i, D) arrays of one width D",
+                                     found=f"widths {dims}", fix="extract every slide with one encoder")
     folds = site_folds(labels, sites, n_folds, seed) if folds is None else np.asarray(folds)
     check_folds(folds, labels, sites, patients)
     k_all = np.unique(folds)
@@ -373,7 +389,6 @@ def cross_validate_mil(bags: Sequence[np.ndarray], labels: Sequence[int], sites:
         msg = "folds"
         raise HescapeEvalError.build(msg, expected="at least 3 (train, validation, test)",
                                      found=f"{len(k_all)}", fix="use n_folds >= 3")
-    bags = [np.asarray(b, dtype=np.float32) for b in bags]
     from .wsi import _progress
 
     total = sum(epochs * int(((folds != k) & (folds != k_all[(i - 1) % len(k_all)])).sum())

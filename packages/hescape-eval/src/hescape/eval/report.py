@@ -34,6 +34,7 @@ Aggregation rules (all stated in the table caption):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -46,7 +47,8 @@ import numpy as np
 
 from .errors import HescapeEvalError
 
-__all__ = ["ReportTable", "RunRecord", "build_table", "load_run", "load_runs", "plot_recall", "write_report"]
+__all__ = ["ReportTable", "RunRecord", "build_table", "config_variants", "load_run", "load_runs", "plot_recall",
+           "report_files", "write_report"]
 
 DIRECTIONS = ("i2g", "g2i")
 _DIR_LABEL = {"i2g": "I2G", "g2i": "G2I"}
@@ -268,10 +270,71 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
                      pool=int(pool) if isinstance(pool, int) else None, source="results.json")
 
 
+#: ``config.json`` keys that never set a run apart in a report: the seed (aggregated over), where the run was written,
+#: and the options hescape-train documents as not changing results (its ``RESUMABLE_KEYS``: progress bars, loader
+#: workers, the feature-cache folder, loggers).
+_NOT_A_VARIANT = frozenset({"seed", "out_dir", "run_name", "format", "progress", "data.num_workers",
+                            "data.feature_cache", "data.feature_cache_dir", "log.tensorboard", "log.wandb",
+                            "log.wandb_project"})
+
+
+def _flat_config(run: Path) -> dict[str, str]:
+    """``config.json`` flattened to dotted keys with JSON-text values (``{"optim": {"lr": 0.001}}`` →
+    ``{"optim.lr": "0.001"}``), without the keys of :data:`_NOT_A_VARIANT`; ``data.path`` gives way to
+    ``data_resolved`` (the same dataset named by a relative and an absolute path is one dataset)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}{key}.", sub)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+    walk("", _read_json(run / "config.json", f"config of run {run}"))
+    if "data_resolved" in flat:
+        flat.pop("data.path", None)
+    return {k: v for k, v in flat.items() if k not in _NOT_A_VARIANT}
+
+
+def config_variants(records: Sequence[RunRecord]) -> list[str]:
+    """What sets each record apart from the other runs of its row, from the runs' ``config.json``.
+
+    Runs of the same encoders, panel and ``variant`` (one row of the table, aggregated over seeds) must differ in
+    nothing but their seed, else a mean over "seeds" would average, say, a CLIP and a SigLIP run. For each such group
+    the keys of ``config.json`` (flattened, :func:`_flat_config`) whose values differ between its runs are returned
+    for each run as ``key=value`` joined by ``", "`` in key order (the key's last part, ``loss=siglip``, when that is
+    unambiguous); ``""`` for a run whose group agrees on every key. One string per record, in order. A record whose
+    ``config.json`` cannot be read counts as having no settings.
+    """
+    configs = []
+    for r in records:
+        try:
+            configs.append(_flat_config(Path(r.path)))
+        except HescapeEvalError:
+            configs.append({})
+    out = [""] * len(records)
+    groups: dict[tuple[str, str, str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r.gene, r.image, r.panel, r.variant), []).append(i)
+    for members in groups.values():
+        keys = sorted({k for i in members for k in configs[i]})
+        varying = [k for k in keys if len({configs[i].get(k, "<unset>") for i in members}) > 1]
+        if not varying:
+            continue
+        tails = [k.rsplit(".", 1)[-1] for k in varying]
+        names = [t if tails.count(t) == 1 else k for k, t in zip(varying, tails, strict=True)]
+        for i in members:
+            out[i] = ", ".join(f"{name}={configs[i].get(key, '<unset>')}"
+                               for key, name in zip(varying, names, strict=True))
+    return out
+
+
 def load_runs(run_dirs: Sequence[str | os.PathLike], *, variants: Sequence[str] | None = None,
               **kwargs) -> list[RunRecord]:
     """:func:`load_run` of every directory (same keyword arguments; ``variants``: one ``variant`` per directory, in
-    the same order); an empty list is an error."""
+    the same order); an empty list is an error. (:func:`build_table` adds to each variant the settings that still
+    set runs of one row apart, :func:`config_variants`.)"""
     if not run_dirs:
         raise _fail(what="report", expected="at least one run directory", found="none", fix="pass RUN_DIR ...")
     if variants is None:
@@ -320,6 +383,7 @@ class ReportTable:
     k: int
     encoders: dict[str, tuple[str, str]]
     marks: dict[tuple[str, tuple[str, str]], str] = field(default_factory=dict)
+    has_variants: bool = False
 
     # ------------------------------------------------------------------ labels
     @staticmethod
@@ -362,9 +426,11 @@ class ReportTable:
                 parts.append(f"`{p}` ({RetrievalProtocol.parse(p).describe()}; {pools(cols)}) for "
                              + ", ".join(self.column_label(c) for c in cols))
             where = "Protocols differ between columns: " + "; ".join(parts) + "."
+        variants = (" Rows marked [key=value] are runs of the same encoders that differ in those settings (of "
+                    "config.json, or as given); each is aggregated over its own seeds." if self.has_variants else "")
         return (f"Test Recall@{self.k} for image-to-gene (I2G) and gene-to-image (G2I) retrieval, mean(std) over "
-                f"seeds (sample std, ddof=1; n shown when fewer than 3 seeds; — for a single seed or a missing run). "
-                f"{where} Chance Recall@{self.k} is in the last row. Best results are in **bold**, second-best are "
+                f"seeds (sample std, ddof=1; n shown when fewer than 3 seeds; — for a single seed or a missing run)."
+                f"{variants} {where} Chance Recall@{self.k} is in the last row. Best results are in **bold**, second-best are "
                 f"<u>underlined</u> (per column, on the printed means).")
 
     # ------------------------------------------------------------------ outputs
@@ -437,14 +503,21 @@ def build_table(records: Sequence[RunRecord]) -> ReportTable:
     Raises
     ------
     HescapeEvalError
-        Two runs of the same model, panel and seed (a duplicate would count twice); a column mixing protocols,
-        pool sizes or ``k``.
+        Two runs of the same model, panel, seed and settings (a duplicate would count twice); a column mixing
+        protocols, pool sizes or ``k``.
+
+    Runs of the same encoders and panel whose ``config.json`` differ in more than the seed (and the settings that do
+    not change results) are told apart by those settings (:func:`config_variants`), never averaged together.
     """
     if not records:
         raise _fail(what="report", expected="at least one run", found="none", fix="pass RUN_DIR ...")
     ks = sorted({r.k for r in records})
     if len(ks) > 1:
         raise _fail(what="report", expected="one k for every run", found=f"k in {ks}", fix="report one --k at a time")
+    # runs of one row that differ in a setting (a sweep over the loss, the learning rate, two datasets of one
+    # panel) get that setting appended to their variant: rows are never a mean over different experiments
+    records = [dataclasses.replace(r, variant=", ".join(x for x in (r.variant, extra) if x))
+               for r, extra in zip(records, config_variants(records), strict=True)]
     seen: dict[tuple[str, str, int], Path] = {}
     for r in records:
         key = (r.model, r.panel, r.seed)
@@ -476,7 +549,8 @@ def build_table(records: Sequence[RunRecord]) -> ReportTable:
             if runs:
                 cells[(m, col)] = Cell([r.recall[col[1]] for r in runs], [r.seed for r in runs],
                                        float(np.mean([r.chance[col[1]] for r in runs])))
-    table = ReportTable(rows, columns, cells, protocol, pool, chance, ks[0], encoders)
+    table = ReportTable(rows, columns, cells, protocol, pool, chance, ks[0], encoders,
+                        has_variants=any(r.variant for r in records))
     for col in columns:
         means = {m: round(cells[(m, col)].mean, _DIGITS) for m in rows if (m, col) in cells}
         distinct = sorted(set(means.values()), reverse=True)
@@ -537,19 +611,26 @@ def plot_recall(table: ReportTable, path: str | os.PathLike) -> Path | None:
     axes[0][-1].legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .io import atomic_write
+
+    try:  # atomic: an interrupted or failed save leaves no half-written PNG
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from .io import _umask as umask
+def report_files(out: str | os.PathLike, k: int = 5, *, figures: bool = True) -> list[Path]:
+    """The files :func:`write_report` writes into ``out`` (the PNG only with ``figures``)."""
+    out = Path(out)
+    names = ["report.md", "report.csv", "report_long.csv"] + ([f"recall_at_{k}.png"] if figures else [])
+    return [out / n for n in names]
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o666 & ~umask())
-    os.replace(tmp, path)
+
+def _atomic_text(path: Path, text: str) -> None:
+    from ._write import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, k: int = 5,

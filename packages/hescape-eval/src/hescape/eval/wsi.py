@@ -52,7 +52,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -615,26 +614,21 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .io import atomic_write  # temporary file, fsync, rename: a kill never leaves a half-written cache file
+
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _load_cache(path: Path, encoder_name: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as exc:
-        msg = f"feature cache {str(path)!r}"
-        raise HescapeEvalError.build(msg, expected="a readable .npz",
-                                     found=f"{type(exc).__name__}: {exc}", fix="delete the file to recompute") from exc
+    from .io import read_npz
+
+    what = f"feature cache {str(path)!r}"
+    data = read_npz(path, what=what, fix="delete the file to recompute")
+    missing = [k for k in ("features", "positions_um", "encoder") if k not in data]
+    if missing:
+        raise HescapeEvalError.build(what, expected="features, positions_um and encoder arrays",
+                                     found=f"arrays {sorted(data)} (missing {missing})",
+                                     fix="delete the file to recompute")
     if str(data.get("encoder", "")) != encoder_name:
         msg = f"feature cache {str(path)!r}"
         raise HescapeEvalError.build(
@@ -666,7 +660,8 @@ def slide_features(tiles: SlideTiles, encoder: Callable, batch_size: int = 64,
     Raises
     ------
     HescapeEvalError
-        A cache from another encoder or another tiling; an encoder returning the wrong number of rows.
+        A cache from another encoder or another tiling, or damaged; an encoder returning the wrong number of rows or
+        NaN/inf (nothing is cached then).
     """
     import torch
 
@@ -692,6 +687,14 @@ def slide_features(tiles: SlideTiles, encoder: Callable, batch_size: int = 64,
                 msg = "encoder output"
                 raise HescapeEvalError.build(msg, expected=f"shape ({len(idx)}, D)",
                                              found=f"shape {out.shape}", fix="return one embedding per tile")
+            bad = ~np.isfinite(out).all(axis=1)
+            if bad.any():  # never cached: a rerun would reuse the NaN features without a word
+                msg = f"encoder output on slide {tiles.slide_id!r}"
+                raise HescapeEvalError.build(msg, expected="finite features",
+                                             found=f"NaN or inf for {int(bad.sum())} of {len(idx)} tiles of a batch, "
+                                                   f"first at tile {int(idx[int(np.argmax(bad))])}",
+                                             fix="check the encoder's weights and precision (e.g. --device cpu for "
+                                                 "fp32)")
             feats.append(out.astype(np.float32))
             if bar is not None:
                 bar.update(len(idx))
