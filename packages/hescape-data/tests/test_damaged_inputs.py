@@ -451,6 +451,43 @@ CASES: list[Case] = [
                                                str(c.root / "outs"), "--overwrite"], "is the input"),
     C("visium-outs-missing", lambda c: ["build", "visium", str(c.root / "outs"), "--image", "lowres", "--out", c.out],
       "no such directory"),
+    # ---- scale factors that are not positive JSON numbers (each once crashed or built silently)
+    C("lowres-scalef-string", lambda c: _sf(c, _set("tissue_lowres_scalef", "0.045004502")),
+      "'tissue_lowres_scalef' to be a positive number"),
+    C("lowres-scalef-null", lambda c: _sf(c, _set("tissue_lowres_scalef", None)),
+      "'tissue_lowres_scalef' to be a positive number"),
+    C("lowres-scalef-zero", lambda c: _sf(c, _set("tissue_lowres_scalef", 0)),
+      "'tissue_lowres_scalef' to be a positive number"),
+    C("hires-scalef-negative", lambda c: _sf(c, _set("tissue_hires_scalef", -0.15)),
+      "'tissue_hires_scalef' to be a positive number"),
+    C("lowres-scalef-missing", lambda c: _sf(c, _del("tissue_lowres_scalef")), "found none"),
+    # ---- positions file in another encoding / not text
+    C("positions-latin-1", lambda c: _positions_bytes(c, lambda b: b.replace(b"ACGCCTGACACGCGCT", b"ACGCCTGAC\xe9CGCGCT")),
+      "expected a UTF-8 CSV file"),
+    C("positions-utf-16", lambda c: _positions_bytes(c, lambda b: b.decode().encode("utf-16")), "not UTF-8 text"),
+    C("positions-nul-bytes", lambda c: _positions_bytes(c, lambda b: b.replace(b",0,0,0,", b",0\x00,0,0,", 1)),
+      "expected numbers in columns 2–6"),
+    # ---- feature tables: names that match nothing, counts float32 cannot hold
+    C("gene-name-empty", lambda c: _vh5(c, lambda g: _replace(g, "features/name", _first(g["features/name"], b""))),
+      "expected gene names and ids as non-empty printable text"),
+    C("gene-name-padded", lambda c: _vh5(c, lambda g: _replace(g, "features/name", _first(g["features/name"],
+                                                                                           b" MIR1302-2HG "))),
+      "without surrounding spaces"),
+    C("gene-name-line-break", lambda c: _xh5(c, lambda g: _replace(g, "features/name",
+                                                                   _first(g["features/name"], b"GENE\nX"))),
+      "expected gene names and ids"),
+    C("gene-id-empty", lambda c: _vh5(c, lambda g: _replace(g, "features/id", _first(g["features/id"], b""))),
+      "1 ids (e.g. ['']"),
+    C("counts-beyond-float32", lambda c: _vh5(c, lambda g: _replace(g, "data", g["data"][:].astype(np.int64) * 2**25)),
+      "at most 16,777,216 per entry"),
+    C("xenium-counts-uint64-max", lambda c: _xh5(c, lambda g: _replace(g, "data", np.full(g["data"].shape, 2**63,
+                                                                                         np.uint64))),
+      "at most 16,777,216 per entry"),
+    # ---- transcripts.parquet without a column / with text coordinates (once a multi-line pyarrow dump)
+    C("transcripts-without-qv", lambda c: _transcripts(c, qv=False), "missing ['qv']"),
+    C("transcripts-x-as-text", lambda c: _transcripts(c, x_text=True), "expected numeric columns"),
+    # ---- an RGBA image whose alpha says "nothing here" (once read as the black under the alpha)
+    C("visium-image-fully-transparent", lambda c: _lowres(c, _transparent), "found a uniform one"),
     # ---- damaged datasets: info / info --verify / split
     C("manifest-without-samples", lambda c: _manifest(c, _del("samples")), "missing ['samples']"),
     C("manifest-n-rows-wrong", lambda c: _manifest(c, lambda m: {**m, "n_rows": m["n_rows"] + 1}), "n_rows says"),
@@ -566,6 +603,44 @@ def _aln_bytes(ctx: Ctx, data: bytes) -> list[str]:
     b = ctx.xenium()
     (b / ALN).write_bytes(data)
     return _x(ctx, bundle=b)
+
+
+def _positions_bytes(ctx: Ctx, fn: Callable[[bytes], bytes]) -> list[str]:
+    o = ctx.visium()
+    p = o / "spatial" / "tissue_positions_list.csv"
+    p.write_bytes(fn(p.read_bytes()))
+    return _v(ctx, outs=o)
+
+
+def _first(ds: h5py.Dataset, value: bytes) -> np.ndarray:
+    """The dataset's values with the first one replaced by ``value`` (bytes)."""
+    v = ds[:].astype(object)
+    v[0] = value
+    return v.astype("S")
+
+
+def _transcripts(ctx: Ctx, *, qv: bool = True, x_text: bool = False) -> list[str]:
+    """A bundle with a small transcripts.parquet in XOA's columns, damaged as asked."""
+    b = ctx.xenium()
+    cells = pq.read_table(b / "cells.parquet")
+    from hescape.data.readers.tenx import read_10x_h5
+
+    gene = read_10x_h5(b / "cell_feature_matrix.h5").feature_names[0]
+    x = cells.column("x_centroid").to_numpy()[:50].astype(np.float32)
+    cols = {"feature_name": pa.array([gene] * len(x)),
+            "x_location": pa.array([f"{v:.2f}" for v in x]) if x_text else pa.array(x),
+            "y_location": pa.array(cells.column("y_centroid").to_numpy()[:50].astype(np.float32))}
+    if qv:
+        cols["qv"] = pa.array(np.full(len(x), 40.0, np.float32))
+    pq.write_table(pa.table(cols), b / "transcripts.parquet")
+    return _x(ctx, "--counts-from", "transcripts", bundle=b)
+
+
+def _transparent(path: Path) -> None:
+    """The image as RGBA with alpha 0 everywhere: its colours are still there, but nothing is to be seen."""
+    rgba = np.array(Image.open(path).convert("RGBA"))
+    rgba[..., 3] = 0
+    Image.fromarray(rgba).save(path)
 
 
 def _sf_text(ctx: Ctx, text: str) -> list[str]:

@@ -131,22 +131,10 @@ def test_ids_survive_dropped_spots(xenium_ds, bundle_copy, tmp_path):
     assert read_manifest(part)["filters"]["outside_image"] > 0
 
 
-def _spaceranger_synth():
-    import importlib.util
-    import sys
-
-    name = "_hescape_data_spaceranger_synth"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_spaceranger_synth.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-def test_visium_hd_pseudo_spots_have_lattice_ids(tmp_path):
+def test_visium_hd_pseudo_spots_have_lattice_ids(tmp_path, synth):
     from hescape.data.ingest import build_visium_hd_dataset
 
-    truth = _spaceranger_synth().write_visium_hd_outs(tmp_path / "outs", bin_um=8, n_bins=40)
+    truth = synth.write_visium_hd_outs(tmp_path / "outs", bin_um=8, n_bins=40)
     out = build_visium_hd_dataset(tmp_path / "outs", tmp_path / "ds", image=truth["image"], progress=False, qc=False)
     ids, xy, _ = _rows(out)
     rec = read_manifest(out)["samples"][0]["spot_ids"]

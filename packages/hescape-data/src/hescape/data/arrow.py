@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .errors import DatasetFormatError, HescapeDataError, PanelMismatchError
+from .errors import DatasetFormatError, HescapeDataError, PanelMismatchError, brief
 from .outputs import (
     MANIFEST,
     _interrupted_hint,
@@ -463,7 +463,7 @@ def check_shards(path: str | os.PathLike, manifest: dict) -> None:
         try:
             width = _gexp_width(f)
         except (OSError, pa.ArrowInvalid, IndexError) as e:
-            msg = f"shard {f} cannot be read ({e}); it is missing, truncated or corrupt: rebuild the dataset"
+            msg = f"shard {f} cannot be read ({brief(e, 200)}); it is missing, truncated or corrupt: rebuild the dataset"
             raise DatasetFormatError(msg) from None
         if width is None and s["rows"] > 0:
             msg = f"shard {f}: manifest says {s['rows']} rows, found none; rebuild the dataset"
@@ -504,10 +504,10 @@ def read_manifest(path: str | os.PathLike, *, check: bool = True) -> dict:
     try:
         manifest = json.loads(mf.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        msg = f"{mf} is not valid JSON ({type(e).__name__}: {str(e)[:80]}); rebuild the dataset"
+        msg = f"{mf} is not valid JSON ({type(e).__name__}: {brief(e, 80)}); rebuild the dataset"
         raise DatasetFormatError(msg) from None
     except OSError as e:
-        msg = f"{mf} cannot be read ({e}); check its permissions"
+        msg = f"{mf} cannot be read ({brief(e, 200)}); check its permissions"
         raise DatasetFormatError(msg) from None
     manifest = _check_manifest(manifest, mf)
     if check:
@@ -530,7 +530,7 @@ def open_shard(path: Path, expected_rows: int | None = None) -> pa.Table:
             src.seek(0)
             table = pa.ipc.open_stream(src).read_all()
     except (OSError, pa.ArrowInvalid) as e:
-        msg = f"shard {path} cannot be read ({e}); it is missing, truncated or corrupt: rebuild the dataset"
+        msg = f"shard {path} cannot be read ({brief(e, 200)}); it is missing, truncated or corrupt: rebuild the dataset"
         raise DatasetFormatError(msg) from None
     if expected_rows is not None and table.num_rows != expected_rows:
         msg = f"shard {path}: manifest says {expected_rows} rows, found {table.num_rows}; rebuild the dataset"

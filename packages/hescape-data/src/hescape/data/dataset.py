@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .arrow import gexp_matrix, iter_split_names, open_shard, read_manifest, string_column
-from .errors import DatasetFormatError, PanelMismatchError
+from .errors import DatasetFormatError, PanelMismatchError, brief
 from .splits import check_no_donor_leakage
 
 __all__ = ["PairedSpotDataset", "decode_image"]
@@ -180,7 +180,7 @@ class PairedSpotDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError) as e:
             shard = self.manifest["shards"][int(self._shard[idx])]["file"]
             msg = (f"dataset {self.path}: the image of row {r} of {shard} (sample {self._samples[idx]}, spot "
-                   f"{self._spot_ids[idx]}) cannot be decoded ({type(e).__name__}: {str(e)[:80]}); the shard is damaged "
+                   f"{self._spot_ids[idx]}) cannot be decoded ({type(e).__name__}: {brief(e, 80)}); the shard is damaged "
                    f"(check with `hescape-data info {self.path} --verify`) — rebuild the dataset")
             raise DatasetFormatError(msg) from None
         gexp = torch.from_numpy(gexp_matrix(t.column("gexp").slice(r, 1), self.n_genes)[0].copy())

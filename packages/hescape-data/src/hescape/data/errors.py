@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
-    "AlignmentError", "OutputLocationError",
+    "AlignmentError", "OutputLocationError", "brief",
 ]
 
 
@@ -34,3 +34,13 @@ class AlignmentError(InputFormatError):
 
 class OutputLocationError(HescapeDataError):
     """An output path that may not be written or replaced (an input, a non-dataset folder, under a file, ...)."""
+
+
+def brief(e: BaseException | str, limit: int = 100) -> str:
+    """The text of another library's exception made fit to quote inside a one-line error message.
+
+    Library messages may span several lines (pyarrow prints whole schemas) or run long; every run of whitespace,
+    line breaks included, becomes one space and the text is cut to ``limit`` characters (``…`` marks a cut).
+    """
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .arrow import DatasetWriter, SpotRecords
 from .counts import check_counts
-from .errors import HescapeDataError, InputFormatError, PanelMismatchError
+from .errors import HescapeDataError, InputFormatError, PanelMismatchError, brief
 from .outputs import check_output_location
 from .panels import list_panels, load_panel, load_split_preset
 from .splits import check_no_donor_leakage, preset_donors, preset_split_assignment
@@ -173,7 +173,7 @@ class _Shard:
 
     def _damaged(self, e: Exception) -> InputFormatError:
         return InputFormatError(f"shard {self.path}: expected a readable {self.kind} file, found it damaged "
-                                f"({str(e)[:120]}); download it again")
+                                f"({brief(e, 120)}); download it again")
 
     @contextlib.contextmanager
     def _open(self):
@@ -325,7 +325,7 @@ def _image_sizes(imgs: pa.BinaryArray, shard: Path, decode: np.ndarray) -> tuple
                     fmt[i] = (im.format or "unknown").lower()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged data; each becomes one line
             msg = (f"shard {shard.name}: expected decodable PNG/JPEG patches, found one that cannot be read "
-                   f"({type(e).__name__}: {str(e)[:80]}); the shard is damaged: download it again")
+                   f"({type(e).__name__}: {brief(e, 80)}); the shard is damaged: download it again")
             raise InputFormatError(msg) from None
     return fmt, sizes
 

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from .arrow import SPLITS, DatasetWriter, SpotRecords, encode_png
+from .counts import check_feature_names
 from .errors import HescapeDataError, InputFormatError, PanelMismatchError
 from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
 from .outputs import check_output_location, safe_filename
@@ -45,7 +46,8 @@ from .readers.xenium import SpatialSample, read_transcripts, read_xenium
 from .splits import known_sample_donor
 
 __all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_dataset", "qc_figure",
-           "build_visium_hd_dataset", "harmonise_genes", "pseudo_spots", "check_build_options", "lattice_id_record"]
+           "build_visium_hd_dataset", "harmonise_genes", "pseudo_spots", "check_build_options", "lattice_id_record",
+           "check_spots_on_image", "cut_patches", "write_qc"]
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,12 @@ def harmonise_genes(sample: SpatialSample, *, panel: str | None = None, duplicat
     Raises
     ------
     InputFormatError, PanelMismatchError
-        Duplicated names without ``"sum"``; panel genes absent (beyond ``max_missing`` when zero-filling).
+        Empty, space-padded or non-printable names, or such ids (an empty id means "unknown" here;
+        :func:`~hescape.data.counts.check_feature_names`); duplicated names without
+        ``"sum"``; panel genes absent (beyond ``max_missing`` when zero-filling).
     """
     counts, genes, gene_ids = sample.counts.tocsc(), list(sample.genes), list(sample.gene_ids)
+    check_feature_names(genes, gene_ids, f"sample {sample.name}", empty_ids=True)
     if duplicate_genes not in ("error", "sum"):
         msg = f"duplicate_genes must be 'error' or 'sum', found {duplicate_genes!r}"
         raise HescapeDataError(msg)
@@ -294,22 +299,20 @@ def check_resolution(sample: SpatialSample, geometry: SpotGeometry, patch: Patch
     return src
 
 
-def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_ids, donor, tissue, source, split,
-           geometry: SpotGeometry, patch: PatchOptions, overwrite: bool, progress: bool, qc: bool,
-           rows_per_shard: int, extra: dict, inputs=(), spot_ids, workers: int | None = None) -> Path:
-    spot_ids = np.asarray([str(i) for i in spot_ids], dtype=object)
-    id_record = extra.get("spot_ids")  # how the ids read: also in the sample's manifest entry (survives a merge)
-    if len(spot_ids) != len(spots_um):
-        msg = f"sample {sample.name}: expected one spot id per spot ({len(spots_um)}), found {len(spot_ids)}"
-        raise HescapeDataError(msg)
-    if len(spots_um) == 0:
-        msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
-               "lower --min-counts / --min-cells or check the input")
-        raise InputFormatError(msg)
-    out = Path(out)
-    if patch.outside_spots not in ("error", "drop"):
-        msg = f"outside_spots must be 'error' or 'drop', found {patch.outside_spots!r}"
-        raise HescapeDataError(msg)
+def check_spots_on_image(sample: SpatialSample, spots_um: np.ndarray, geometry: SpotGeometry, patch: PatchOptions,
+                         *, cause: str, check: str) -> tuple[float, np.ndarray]:
+    """The checks before any patch of a sample is cut; returns the source µm/px and which centres are on the image.
+
+    Refuses a source coarser than ``patch.max_upsample`` × the patch µm/px (:func:`check_resolution`), more than
+    :data:`MAX_OUTPUT_PIXELS` patch pixels, more than :data:`MAX_OUTSIDE_FRACTION` of the spot centres off the
+    level-0 image (``cause`` says why that happens for this input), and, with ``patch.outside_spots == "error"``,
+    any centre off it (``check`` names what to check).
+
+    Returns
+    -------
+    tuple
+        The source µm/px (float) and the ``(n,)`` bool mask of spot centres on the image.
+    """
     src_mpp = check_resolution(sample, geometry, patch)
     pixels = len(spots_um) * geometry.patch_px ** 2
     if pixels > MAX_OUTPUT_PIXELS:
@@ -321,14 +324,34 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
     h, w = sample.image.shape
     if (~inside).mean() > MAX_OUTSIDE_FRACTION:
         msg = (f"sample {sample.name}: expected most spot centres on the H&E image, found {int((~inside).sum())} of "
-               f"{len(spots_um)} outside it ({w} x {h} px); the alignment is wrong (an inverted matrix, another "
-               "image's alignment, a wrong pixel size): check it in Xenium Explorer / the QC figure")
+               f"{len(spots_um)} outside it ({w} x {h} px); {cause}")
         raise InputFormatError(msg)
     if not inside.all() and patch.outside_spots == "error":
         msg = (f"sample {sample.name}: {int((~inside).sum())} of {len(spots_um)} spot centres fall outside the "
-               f"H&E image ({w} x {h} px); check the alignment matrix and pixel size, or, if the H&E covers only "
-               "part of the section, pass outside_spots='drop' (--outside-spots drop) to leave those spots out")
+               f"H&E image ({w} x {h} px); check {check}, or, if the image covers only part of the section, pass "
+               "outside_spots='drop' (--outside-spots drop) to leave those spots out")
         raise InputFormatError(msg)
+    return src_mpp, inside
+
+
+def cut_patches(sample: SpatialSample, spots_um: np.ndarray, inside: np.ndarray, geometry: SpotGeometry,
+                patch: PatchOptions, *, progress: bool, workers: int | None = None) -> tuple[np.ndarray, list, dict]:
+    """PNG-encoded H&E patches of the spots on the image (``inside``), block by block (:func:`iter_patches`).
+
+    Spots off the image get no patch; with ``patch.min_tissue_fraction`` > 0, spots whose patch has less tissue
+    (:func:`tissue_fraction`) are dropped too.
+
+    Returns
+    -------
+    tuple
+        ``keep`` (``(n,)`` bool: spots kept), the PNG bytes of the kept spots in spot order, and the filter counts
+        ``{"outside_image", "low_tissue", "kept"}`` recorded in the manifest.
+
+    Raises
+    ------
+    InputFormatError
+        No spot is left.
+    """
     min_tissue = patch.min_tissue_fraction
 
     def encode(p: np.ndarray) -> bytes | None:  # in the worker thread: the PNG encoder releases the GIL
@@ -348,9 +371,45 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
         msg = (f"sample {sample.name}: expected at least one spot inside the image with tissue fraction >= "
                f"{patch.min_tissue_fraction}, found none; check the image and alignment or lower --min-tissue-fraction")
         raise InputFormatError(msg)
-    extra = {**extra, "geometry": geometry.to_dict(),
-             "filters": {"outside_image": int((~inside).sum()), "low_tissue": int((inside & ~keep).sum()),
-                         "kept": int(keep.sum())}}
+    filters = {"outside_image": int((~inside).sum()), "low_tissue": int((inside & ~keep).sum()),
+               "kept": int(keep.sum())}
+    return keep, images, filters
+
+
+def write_qc(writer: DatasetWriter, sample: SpatialSample, name: str, spots_um: np.ndarray, gexp: np.ndarray,
+             geometry: SpotGeometry, n_genes: int) -> Path:
+    """The sample's QC figure, ``qc/<name>.png`` inside the writer's temporary directory (:func:`qc_figure`): the
+    kept spots as discs of the spot's equal-area diameter, coloured by total counts."""
+    d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
+    return qc_figure(writer.file_path("qc", f"{safe_filename(name)}.png"), sample, spots_um, gexp.sum(1),
+                     d_equal_area, title=f"{name}: {len(spots_um)} spots ({geometry.name}), {n_genes} genes")
+
+
+def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_ids, donor, tissue, source, split,
+           geometry: SpotGeometry, patch: PatchOptions, overwrite: bool, progress: bool, qc: bool,
+           rows_per_shard: int, extra: dict, inputs=(), spot_ids, workers: int | None = None) -> Path:
+    spot_ids = np.asarray([str(i) for i in spot_ids], dtype=object)
+    id_record = extra.get("spot_ids")  # how the ids read: also in the sample's manifest entry (survives a merge)
+    if len(spot_ids) != len(spots_um):
+        msg = f"sample {sample.name}: expected one spot id per spot ({len(spots_um)}), found {len(spot_ids)}"
+        raise HescapeDataError(msg)
+    if len(spots_um) == 0:
+        msg = (f"sample {sample.name}: expected at least one spot after filtering, found none; "
+               "lower --min-counts / --min-cells or check the input")
+        raise InputFormatError(msg)
+    out = Path(out)
+    if patch.outside_spots not in ("error", "drop"):
+        msg = f"outside_spots must be 'error' or 'drop', found {patch.outside_spots!r}"
+        raise HescapeDataError(msg)
+    src_mpp, inside = check_spots_on_image(
+        sample, spots_um, geometry, patch,
+        cause="the alignment is wrong (an inverted matrix, another image's alignment or positions, a wrong pixel "
+              "size or image scale factor): check the image belongs to these positions (Xenium: in Xenium "
+              "Explorer; Visium: scalefactors_json.json) and the QC figure",
+        check="the alignment matrix and pixel size")
+    keep, images, filters = cut_patches(sample, spots_um, inside, geometry, patch, progress=progress,
+                                        workers=workers)
+    extra = {**extra, "geometry": geometry.to_dict(), "filters": filters}
     spots_um, gexp, n_cells, spot_ids = spots_um[keep], gexp[keep], n_cells[keep], spot_ids[keep]
     with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
                        extra=extra, inputs=inputs) as w:
@@ -360,9 +419,7 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
                                 **({} if id_record is None else {"spot_ids": id_record})}),
               split=split)
         if qc:  # written inside the temporary directory: it appears with the dataset, or not at all
-            d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
-            qc_figure(w.file_path("qc", f"{safe_filename(sample.name)}.png"), sample, spots_um, gexp.sum(1),
-                      d_equal_area, title=f"{sample.name}: {len(spots_um)} spots ({geometry.name}), {len(genes)} genes")
+            write_qc(w, sample, sample.name, spots_um, gexp, geometry, len(genes))
     return w.out_dir
 
 

@@ -25,26 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
-from .arrow import DatasetWriter, SpotRecords, encode_png
+from .arrow import DatasetWriter, SpotRecords
 from .errors import HescapeDataError, InputFormatError
 from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
 from .ingest import (
-    MAX_OUTPUT_PIXELS,
-    MAX_OUTSIDE_FRACTION,
     PatchOptions,
     SpotOptions,
     check_build_options,
-    check_resolution,
+    check_spots_on_image,
+    cut_patches,
     harmonise_genes,
     pseudo_spots,
-    qc_figure,
-    spots_inside_image,
-    tissue_fraction,
+    write_qc,
 )
-from .outputs import check_output_location, safe_filename
-from .patches import extract_patches
+from .outputs import check_output_location
 from .readers.xenium import SpatialSample
 from .splits import known_sample_donor
 
@@ -151,41 +146,12 @@ def _records(p: Prepared, geometry: SpotGeometry, patch: PatchOptions, progress:
         msg = (f"sample {s.name}: expected at least one spot after filtering, found none; lower --min-counts / "
                "--min-cells or check the input")
         raise InputFormatError(msg)
-    src_mpp = check_resolution(s, geometry, patch)
-    pixels = len(p.spots_um) * geometry.patch_px ** 2
-    if pixels > MAX_OUTPUT_PIXELS:
-        msg = (f"sample {s.name}: expected at most {MAX_OUTPUT_PIXELS:.0e} patch pixels in one build, found "
-               f"{len(p.spots_um)} spots × {geometry.patch_px}² px = {pixels:.1e}; use smaller patches (--fov-um / "
-               "--um-per-px) or a coarser spot geometry")
-        raise InputFormatError(msg)
-    inside = spots_inside_image(s, p.spots_um)
-    h, w = s.image.shape
-    if (~inside).mean() > MAX_OUTSIDE_FRACTION:
-        msg = (f"sample {s.name}: expected most spot centres on the H&E image, found {int((~inside).sum())} of "
-               f"{len(p.spots_um)} outside it ({w} x {h} px); the positions are not in this image's pixels or the "
-               "pixel size is wrong: check obsm['spatial'], the image and the QC figure")
-        raise InputFormatError(msg)
-    if not inside.all() and patch.outside_spots == "error":
-        msg = (f"sample {s.name}: {int((~inside).sum())} of {len(p.spots_um)} spot centres fall outside the H&E "
-               f"image ({w} x {h} px); check the image and pixel size, or, if the image covers only part of the "
-               "section, pass outside_spots='drop' (--outside-spots drop) to leave those spots out")
-        raise InputFormatError(msg)
-    patches = extract_patches(s.image, s.um_to_px, p.spots_um, fov_um=geometry.fov_um,
-                              target_um_per_px=geometry.um_per_px)
-    keep = inside.copy()
-    images = []
-    for i, img in enumerate(tqdm(patches, total=len(p.spots_um), desc=f"patches {s.name}", disable=not progress,
-                                 unit="spot")):
-        if keep[i] and patch.min_tissue_fraction > 0 and tissue_fraction(img) < patch.min_tissue_fraction:
-            keep[i] = False
-        if keep[i]:
-            images.append(encode_png(img))
-    if not keep.any():
-        msg = (f"sample {s.name}: expected at least one spot inside the image with tissue fraction >= "
-               f"{patch.min_tissue_fraction}, found none; check the image or lower --min-tissue-fraction")
-        raise InputFormatError(msg)
-    filters = {"outside_image": int((~inside).sum()), "low_tissue": int((inside & ~keep).sum()),
-               "kept": int(keep.sum())}
+    src_mpp, inside = check_spots_on_image(
+        s, p.spots_um, geometry, patch,
+        cause="the positions are not in this image's pixels or the pixel size is wrong: check obsm['spatial'], the "
+              "image and the QC figure",
+        check="the image and pixel size")
+    keep, images, filters = cut_patches(s, p.spots_um, inside, geometry, patch, progress=progress)
     idx = np.flatnonzero(keep)
     rec = SpotRecords(name=s.name, donor=p.donor, tissue=p.tissue, source=p.source, images=images,
                       gexp=p.gexp[idx], coords_um=p.spots_um[idx], n_cells=p.n_cells[idx],
@@ -210,10 +176,7 @@ def _write_samples(out: Path, prepared_iter, *, genes: list[str], gene_ids: list
                     totals[k] += filters[k]
                 w.add(rec, split=split)
                 if qc:
-                    d_equal_area = 2 * np.sqrt(geometry.area_um2 / np.pi)
-                    qc_figure(w.file_path("qc", f"{safe_filename(rec.name)}.png"), p.sample, rec.coords_um,
-                              rec.gexp.sum(1), d_equal_area,
-                              title=f"{rec.name}: {len(rec.gexp)} spots ({geometry.name}), {len(genes)} genes")
+                    write_qc(w, p.sample, rec.name, rec.coords_um, rec.gexp, geometry, len(genes))
             finally:
                 p.sample.close()
     return w.out_dir

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .arrow import DatasetWriter, open_shard, read_manifest, string_column
-from .errors import DatasetFormatError, HescapeDataError, PanelMismatchError, SplitLeakageError
+from .errors import DatasetFormatError, HescapeDataError, PanelMismatchError, SplitLeakageError, brief
 from .outputs import check_output_location
 from .splits import SPLITS, check_no_donor_leakage
 
@@ -136,7 +136,7 @@ class _ShardLinker(DatasetWriter):
         try:
             schema, stream = _shard_schema(src)
         except (OSError, pa.ArrowInvalid) as e:
-            msg = f"{label}: shard {src} cannot be read ({e}); it is truncated or corrupt: rebuild that dataset"
+            msg = f"{label}: shard {src} cannot be read ({brief(e, 200)}); it is truncated or corrupt: rebuild that dataset"
             raise DatasetFormatError(msg) from None
         if stream and schema.equals(self.schema, check_metadata=True):
             _link_or_copy(src, dst)

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import OutputLocationError
+from .errors import OutputLocationError, brief
 
 __all__ = ["TEMP_KINDS", "MANIFEST", "fsync_path", "dir_mode", "file_mode", "safe_filename", "temp_sibling", "clean_stale_siblings",
            "check_output_location", "is_hescape_dataset",
@@ -254,7 +254,7 @@ def check_output_location(out: str | os.PathLike, *, overwrite: bool = False,
         try:
             empty = not any(out.iterdir())
         except OSError as e:
-            msg = f"--out {out}: expected a readable directory to replace, found one that cannot be listed ({e})"
+            msg = f"--out {out}: expected a readable directory to replace, found one that cannot be listed ({brief(e, 200)})"
             raise OutputLocationError(msg) from None
         if not empty and not is_hescape_dataset(out):
             msg = (f"--out {out} --overwrite: expected a HESCAPE dataset (a directory with a HESCAPE "

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arrow import SCHEMA_VERSION, read_manifest
-from .errors import HescapeDataError, InputFormatError, OutputLocationError, SplitLeakageError
+from .errors import HescapeDataError, InputFormatError, OutputLocationError, SplitLeakageError, brief
 from .geometry import SpotGeometry, get_geometry
 from .ingest import PatchOptions, SpotOptions, check_build_options
 from .outputs import MANIFEST, check_output_location, dir_mode, is_hescape_dataset, safe_filename
@@ -297,7 +297,7 @@ def _open_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 raise InputFormatError(msg)
             rows.append((reader.line_num, {h: v.strip() for h, v in zip(header, values, strict=True)}))
     except csv.Error as e:
-        msg = f"samplesheet {path}, line {reader.line_num}: expected CSV, found malformed quoting ({e}); fix the quotes"
+        msg = f"samplesheet {path}, line {reader.line_num}: expected CSV, found malformed quoting ({brief(e, 200)}); fix the quotes"
         raise InputFormatError(msg) from None
     return header, rows
 

@@ -47,7 +47,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..counts import check_counts
-from ..errors import HescapeDataError, InputFormatError
+from ..errors import HescapeDataError, InputFormatError, brief
 from ..patches import scale_matrix
 from .image import ArrayImage, SlideImage, check_not_blank, open_image
 from .spaceranger import HD_BARCODE, LatticeFit
@@ -111,7 +111,7 @@ def read_h5ad(path: str | os.PathLike, *, backed: bool = False):
             warnings.simplefilter("ignore")  # anndata's deprecation chatter about old files is not the user's problem
             return anndata.read_h5ad(path, backed="r" if backed else None)
     except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
-        msg = f"{path}: expected an AnnData .h5ad file, found one anndata cannot read ({type(e).__name__}: {str(e)[:100]})"
+        msg = f"{path}: expected an AnnData .h5ad file, found one anndata cannot read ({type(e).__name__}: {brief(e, 100)})"
         raise InputFormatError(msg) from None
 
 

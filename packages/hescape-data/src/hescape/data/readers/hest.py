@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import HescapeDataError, InputFormatError
+from ..errors import HescapeDataError, InputFormatError, brief
 from ..patches import scale_matrix
 from .anndata import (
     PIXEL_SIZE_WARN_FRACTION,
@@ -234,7 +234,7 @@ def _read_transcripts(path: Path, *, min_qv: float, genes_hint: list[str] | None
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowInvalid, OSError) as e:
-        msg = f"{path}: expected a Parquet table of transcripts, found unreadable content ({str(e)[:100]})"
+        msg = f"{path}: expected a Parquet table of transcripts, found unreadable content ({brief(e, 100)})"
         raise InputFormatError(msg) from None
     need = ["feature_name", "he_x", "he_y"]
     missing = [c for c in need if c not in names]
@@ -249,7 +249,7 @@ def _read_transcripts(path: Path, *, min_qv: float, genes_hint: list[str] | None
     try:
         t = pq.read_table(path, columns=cols)
     except (pa.ArrowInvalid, OSError) as e:
-        msg = f"{path}: expected a Parquet table of transcripts, found unreadable content ({str(e)[:100]})"
+        msg = f"{path}: expected a Parquet table of transcripts, found unreadable content ({brief(e, 100)})"
         raise InputFormatError(msg) from None
     stats = {"transcripts": t.num_rows}
     if min_qv > 0:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFormatError
+from ..errors import InputFormatError, brief
 
-__all__ = ["SlideImage", "ArrayImage", "TiffImage", "TileCache", "open_image", "check_not_blank",
+__all__ = ["SlideImage", "ArrayImage", "TiffImage", "TileCache", "open_image", "check_not_blank", "over_white",
            "MAX_ARRAY_IMAGE_PIXELS", "TILE_CACHE_BYTES"]
 
 #: Largest PNG/JPEG (or other non-TIFF) image read into memory, in pixels: 1 gigapixel (3 GB as RGB), larger than
@@ -158,8 +158,26 @@ class SlideImage:
         self.close()
 
 
+def over_white(arr: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` uint8 RGB from ``(..., 3|4)`` uint8: an alpha channel is composited over white.
+
+    A transparent pixel shows no tissue; its stored colour is often black (0, 0, 0), which, with the alpha
+    channel simply dropped, would read as dark tissue (and count towards ``--min-tissue-fraction``). Over white it
+    reads as glass, the same white that pads a patch beyond the image edge. Opaque pixels (alpha 255) keep their
+    values exactly: ``rgb·a/255 + 255·(1 − a/255)``, rounded to the nearest integer.
+    """
+    if arr.shape[-1] == 3:
+        return arr
+    rgb, a = arr[..., :3], arr[..., 3:4]
+    if (a == 255).all():
+        return rgb
+    a16 = a.astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a16 + 255 * (255 - a16) + 127) // 255).astype(np.uint8)
+
+
 def _to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
-    """``(H, W, 3)`` uint8 from ``(H, W, 3|4)``; refuse anything else."""
+    """``(H, W, 3)`` uint8 from ``(H, W, 3|4)`` (alpha composited over white, :func:`over_white`); refuse anything
+    else."""
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         msg = (f"{where}: expected an RGB image (H, W, 3) or RGBA (H, W, 4), found shape {arr.shape}; "
                "H&E patches need a colour image")
@@ -167,7 +185,7 @@ def _to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype != np.uint8:
         msg = f"{where}: expected 8-bit RGB, found dtype {arr.dtype}; convert the image to 8-bit RGB"
         raise InputFormatError(msg)
-    return arr[..., :3]
+    return over_white(arr)
 
 
 class ArrayImage(SlideImage):
@@ -204,7 +222,7 @@ class ArrayImage(SlideImage):
         except Image.DecompressionBombError:
             raise InputFormatError(too_big) from None
         except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-            msg = f"{path}: expected a PNG/JPEG/TIFF image, found a file PIL cannot read ({str(e)[:100]})"
+            msg = f"{path}: expected a PNG/JPEG/TIFF image, found a file PIL cannot read ({brief(e, 100)})"
             raise InputFormatError(msg) from None
         finally:
             Image.MAX_IMAGE_PIXELS = old
@@ -237,7 +255,8 @@ class TiffImage(SlideImage):
     """A (pyramidal, tiled) TIFF / OME-TIFF read lazily: only the tiles or strips a region touches are decoded.
 
     Accepted layouts (after dropping singleton axes): ``YXS`` with S = 3 or 4 (interleaved RGB[A]) and
-    ``CYX`` / ``SYX`` with 3 or 4 channels (planar, in one page or one page per channel); 8-bit only.
+    ``CYX`` / ``SYX`` with 3 or 4 channels (planar, in one page or one page per channel); 8-bit only. An alpha
+    channel is composited over white (:func:`over_white`).
     Uncompressed single-strip images are memory-mapped.
     """
 
@@ -254,7 +273,7 @@ class TiffImage(SlideImage):
             with _quiet_tifffile():  # its warnings about a damaged file would add lines to our one-line error
                 self._tif = tifffile.TiffFile(path)
         except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError, TypeError) as e:
-            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({str(e)[:100]})"
+            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({brief(e, 100)})"
             raise InputFormatError(msg) from None
         self._tif.filehandle.set_lock(True)  # tiles may be read from several threads (seek + read under the lock)
         try:
@@ -265,7 +284,7 @@ class TiffImage(SlideImage):
             raise
         except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError, TypeError, AttributeError) as e:
             self._tif.close()
-            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({str(e)[:100]})"
+            msg = f"{path}: expected a TIFF/OME-TIFF image, found a file tifffile cannot read ({brief(e, 100)})"
             raise InputFormatError(msg) from None
 
     def _open(self, path: Path) -> None:
@@ -360,7 +379,7 @@ class TiffImage(SlideImage):
                 return np.asarray(seg).reshape(shape)[0], y, x  # (rows, cols, contig)
             except Exception as e:  # noqa: BLE001 - codecs raise many types; each becomes one clear line
                 msg = (f"{self.name}: expected decodable image tiles, found tile {idx} of a {length}×{width} level "
-                       f"damaged ({type(e).__name__}: {str(e)[:80]}); the file is corrupt: copy or export it again")
+                       f"damaged ({type(e).__name__}: {brief(e, 80)}); the file is corrupt: copy or export it again")
                 raise InputFormatError(msg) from None
 
         cache = self._cache
@@ -382,8 +401,8 @@ class TiffImage(SlideImage):
         elif len(pages) == 1:
             reg = np.moveaxis(self._page_region(pages[0], r0, r1, c0, c1, level)[..., 0], 0, -1)
         else:
-            reg = np.stack([self._page_region(p, r0, r1, c0, c1, level)[0, ..., 0] for p in pages[:3]], axis=-1)
-        return reg[..., :3]
+            reg = np.stack([self._page_region(p, r0, r1, c0, c1, level)[0, ..., 0] for p in pages[:4]], axis=-1)
+        return over_white(reg[..., :4])
 
 
 def check_not_blank(img: SlideImage, path: str | os.PathLike) -> None:

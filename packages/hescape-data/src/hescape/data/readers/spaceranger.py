@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFormatError
+from ..errors import InputFormatError, brief
 
 __all__ = ["POSITION_COLUMNS", "SpotPositions", "LatticeFit", "read_positions_file", "fit_lattice",
            "HD_BARCODE", "HD_HINT"]
@@ -92,7 +92,27 @@ def _refuse_hd_barcode(path: Path, barcode: str) -> None:
 def _read_csv(path: Path, visium_hd: bool) -> SpotPositions:
     rows: list[list[str]] = []
     order = list(range(6))  # column of each of POSITION_COLUMNS; a header, when present, names them
-    with open(path, newline="") as fh:
+    try:
+        _read_csv_rows(path, visium_hd, rows, order)
+    except (UnicodeDecodeError, csv.Error) as e:
+        found = (f"bytes that are not UTF-8 text ({brief(e, 80)})" if isinstance(e, UnicodeDecodeError)
+                 else f"malformed CSV ({brief(e, 80)})")
+        msg = (f"{path}: expected a UTF-8 CSV file (Space Ranger's positions), found {found}; the file is damaged "
+               "or was re-saved in another encoding: take it unmodified from the Space Ranger run")
+        raise InputFormatError(msg) from None
+    try:
+        num = np.array([[float(v) for v in r[1:6]] for r in rows], dtype=np.float64).reshape(-1, 5)
+    except ValueError:
+        bad = next(i for i, r in enumerate(rows) if not _all_numeric(r[1:6]))
+        msg = f"{path}: expected numbers in columns 2–6, found {rows[bad][1:6]}"
+        raise InputFormatError(msg) from None
+    return _make(path, np.array([r[0].strip() for r in rows], dtype=object), num)
+
+
+def _read_csv_rows(path: Path, visium_hd: bool, rows: list[list[str]], order: list[int]) -> None:
+    """The data rows of a positions CSV into ``rows`` (columns in :data:`POSITION_COLUMNS` order), the header's
+    column order into ``order``. A UTF-8 byte-order mark (a file re-saved by a spreadsheet) is skipped."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         for i, row in enumerate(csv.reader(fh)):
             if i == 0 and row and row[0].strip() == "barcode":
                 head = [c.strip() for c in row]
@@ -101,7 +121,7 @@ def _read_csv(path: Path, visium_hd: bool) -> SpotPositions:
                     msg = (f"{path}: expected the header to name {list(POSITION_COLUMNS)}, missing {missing} "
                            f"(found {head})")
                     raise InputFormatError(msg)
-                order = [head.index(c) for c in POSITION_COLUMNS]
+                order[:] = [head.index(c) for c in POSITION_COLUMNS]
                 continue
             if not row:
                 continue
@@ -116,13 +136,6 @@ def _read_csv(path: Path, visium_hd: bool) -> SpotPositions:
             rows.append(row)
             if len(rows) == 1 and not visium_hd:
                 _refuse_hd_barcode(path, row[0].strip())
-    try:
-        num = np.array([[float(v) for v in r[1:6]] for r in rows], dtype=np.float64).reshape(-1, 5)
-    except ValueError:
-        bad = next(i for i, r in enumerate(rows) if not _all_numeric(r[1:6]))
-        msg = f"{path}: expected numbers in columns 2–6, found {rows[bad][1:6]}"
-        raise InputFormatError(msg) from None
-    return _make(path, np.array([r[0].strip() for r in rows], dtype=object), num)
 
 
 def _all_numeric(vals) -> bool:
@@ -140,7 +153,7 @@ def _read_parquet(path: Path, visium_hd: bool) -> SpotPositions:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        msg = f"{path}: expected a Parquet table, found unreadable content ({e})"
+        msg = f"{path}: expected a Parquet table, found unreadable content ({brief(e, 200)})"
         raise InputFormatError(msg) from None
     missing = [c for c in POSITION_COLUMNS if c not in table.column_names]
     if missing:
@@ -157,7 +170,7 @@ def _read_parquet(path: Path, visium_hd: bool) -> SpotPositions:
         num = np.column_stack([np.asarray(table.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False),
                                           dtype=np.float64) for c in POSITION_COLUMNS[1:]])
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        msg = f"{path}: expected numeric columns {list(POSITION_COLUMNS[1:])}, found ({e})"
+        msg = f"{path}: expected numeric columns {list(POSITION_COLUMNS[1:])}, found ({brief(e, 200)})"
         raise InputFormatError(msg) from None
     return _make(path, barcodes, num)
 

@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..counts import check_counts
-from ..errors import InputFormatError
+from ..errors import InputFormatError, brief
 from ..patches import check_affine, um_per_px
 from .image import SlideImage, check_not_blank
 from .visium import VISIUM_PITCH_UM  # 100 µm between Visium spot centres: µm per unit in a spatialdata-io Visium store
@@ -60,7 +60,7 @@ def require_spatialdata():
         import spatialdata
     except ImportError as e:
         msg = (f"reading a SpatialData store needs the optional package spatialdata, found it not installed "
-               f"({str(e)[:80]}); install it with: {_INSTALL}")
+               f"({brief(e, 80)}); install it with: {_INSTALL}")
         raise InputFormatError(msg) from None
     return spatialdata
 
@@ -150,7 +150,7 @@ def _affine(sd, element, cs: str, what: str) -> np.ndarray:
     try:
         m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
     except (ValueError, KeyError) as e:
-        msg = f"{what}: expected an x/y transformation to coordinate system {cs!r}, found one that fails ({e})"
+        msg = f"{what}: expected an x/y transformation to coordinate system {cs!r}, found one that fails ({brief(e, 200)})"
         raise InputFormatError(msg) from None
     return check_affine(m, f"{what} → {cs!r} transformation")
 
@@ -220,7 +220,7 @@ def read_spatialdata(store: str | os.PathLike, *, table: str, image: str, shapes
         sdata = sd.read_zarr(store, selection=("images", "shapes", "tables"))
     except Exception as e:  # noqa: BLE001 - zarr/ome-zarr raise many types; each becomes one clear line
         msg = (f"{store}: expected a SpatialData store written by spatialdata, found one it cannot read "
-               f"({type(e).__name__}: {str(e)[:120]})")
+               f"({type(e).__name__}: {brief(e, 120)})")
         raise InputFormatError(msg) from None
     table = _pick("table", table, sorted(sdata.tables), "--table", store)
     image = _pick("image", image, sorted(sdata.images), "--image", store)

@@ -20,8 +20,8 @@ import numpy as np
 import scipy.io
 import scipy.sparse as sp
 
-from ..counts import check_counts
-from ..errors import InputFormatError
+from ..counts import check_counts, check_feature_names
+from ..errors import InputFormatError, brief
 
 __all__ = ["FeatureMatrix", "read_10x_h5", "read_10x_mex", "read_10x_matrix"]
 
@@ -65,11 +65,11 @@ def read_json(path: Path, missing_hint: str) -> dict:
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        msg = (f"{path}: expected JSON, found invalid content ({type(e).__name__}: {str(e)[:100]}); the file is "
+        msg = (f"{path}: expected JSON, found invalid content ({type(e).__name__}: {brief(e, 100)}); the file is "
                "damaged: take it from the original output folder")
         raise InputFormatError(msg) from None
     except OSError as e:
-        msg = f"{path}: expected a readable JSON file, found one that cannot be read ({e}); check its permissions"
+        msg = f"{path}: expected a readable JSON file, found one that cannot be read ({brief(e, 200)}); check its permissions"
         raise InputFormatError(msg) from None
     if not isinstance(obj, dict):
         msg = (f"{path}: expected a JSON object ({{\"key\": value, ...}}), found a JSON {type(obj).__name__}; "
@@ -92,7 +92,8 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
     """Read a 10x HDF5 feature-barcode matrix (all feature types; see :meth:`FeatureMatrix.gene_expression`).
 
     Values must be raw counts: finite, >= 0 and integer unless ``allow_non_integer`` (see
-    :func:`hescape.data.counts.check_counts`).
+    :func:`hescape.data.counts.check_counts`); feature names and ids non-empty printable text
+    (:func:`hescape.data.counts.check_feature_names`).
     """
     import h5py
 
@@ -103,7 +104,7 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
     try:
         fh = h5py.File(path, "r")
     except OSError as e:
-        msg = f"{path}: expected a 10x HDF5 matrix, found a file HDF5 cannot open ({e})"
+        msg = f"{path}: expected a 10x HDF5 matrix, found a file HDF5 cannot open ({brief(e, 200)})"
         raise InputFormatError(msg) from None
     with fh:
         need = ["matrix/data", "matrix/indices", "matrix/indptr", "matrix/shape", "matrix/barcodes",
@@ -121,7 +122,7 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
             ids, names = _str(g["features/id"][:]), _str(g["features/name"][:])
             types = _str(g["features/feature_type"][:])
         except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
-            msg = f"{path}: expected a readable 10x HDF5 matrix, found damaged datasets ({str(e)[:100]}); the file is corrupt"
+            msg = f"{path}: expected a readable 10x HDF5 matrix, found damaged datasets ({brief(e, 100)}); the file is corrupt"
             raise InputFormatError(msg) from None
     if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 0).any():
         msg = f"{path}: expected matrix/shape to be 2 whole numbers (features, barcodes), found {shape.tolist()!r}"
@@ -145,6 +146,7 @@ def read_10x_h5(path: str | os.PathLike, *, allow_non_integer: bool = False) -> 
                f"{' with decreasing steps' if (np.diff(indptr.astype(np.int64)) < 0).any() else ''}; the file is corrupt")
         raise InputFormatError(msg)
     check_counts(data, str(path), allow_non_integer=allow_non_integer)
+    check_feature_names(names, ids, str(path))
     counts = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int64), indptr.astype(np.int64)),
                            shape=(n_bc, n_feat))
     counts.sum_duplicates()
@@ -162,7 +164,7 @@ def _read_tsv(path: Path) -> list[list[str]]:
         with _open_text(path) as fh:
             return [ln.rstrip("\n").split("\t") for ln in fh if ln.strip()]
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        msg = f"{path}: expected a (gzipped) tab-separated text file, found unreadable content ({str(e)[:100]})"
+        msg = f"{path}: expected a (gzipped) tab-separated text file, found unreadable content ({brief(e, 100)})"
         raise InputFormatError(msg) from None
 
 
@@ -193,13 +195,14 @@ def read_10x_mex(folder: str | os.PathLike, *, allow_non_integer: bool = False) 
         with (gzip.open(mtx, "rb") if mtx.suffix == ".gz" else open(mtx, "rb")) as fh:  # noqa: SIM115
             m = sp.coo_matrix(scipy.io.mmread(fh))
     except (ValueError, OSError, EOFError, zlib.error, UnicodeDecodeError, IndexError) as e:
-        msg = f"{mtx}: expected a Matrix Market file, found unreadable content ({str(e)[:100]}); the file is corrupt"
+        msg = f"{mtx}: expected a Matrix Market file, found unreadable content ({brief(e, 100)}); the file is corrupt"
         raise InputFormatError(msg) from None
     if m.shape != (len(ids), len(barcodes)):
         msg = (f"{mtx}: expected {len(ids)} features × {len(barcodes)} barcodes (from the tsv files), "
                f"found a {m.shape[0]} × {m.shape[1]} matrix; the folder is inconsistent")
         raise InputFormatError(msg)
     check_counts(m.data, str(mtx), allow_non_integer=allow_non_integer)
+    check_feature_names(names, ids, f"{folder}/features.tsv")
     counts = sp.csr_matrix(m.T.astype(np.float32))
     _check_unique_barcodes(barcodes, str(folder))
     return FeatureMatrix(counts, barcodes, ids, names, types)

@@ -29,6 +29,7 @@ Visium HD outputs (bins, not spots) are refused here with a pointer to ``hescape
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ from .tenx import read_10x_matrix, read_json
 from .xenium import SpatialSample
 
 __all__ = ["VISIUM_SPOT_DIAMETER_UM", "VISIUM_PITCH_UM", "SPOT_DIAMETER_FULLRES_UM", "read_visium",
-           "read_positions", "read_scalefactors", "visium_lattice", "fit_visium_lattice", "SpotScale", "spacing_px",
+           "read_positions", "read_scalefactors", "scalefactor", "IMAGE_SCALEFACTORS", "visium_lattice",
+           "fit_visium_lattice", "SpotScale", "spacing_px",
            "visium_um_per_px_from_spots", "SPACING_MIN_SPOTS", "SPACING_REGULAR_FRACTION", "SPACING_TOLERANCE"]
 
 #: Diameter of a Visium capture spot, µm (10x Visium spec; HEST ``spot_diameter=55.``).
@@ -109,17 +111,43 @@ def read_positions(spatial: Path) -> tuple[Path, SpotPositions]:
     return path, read_positions_file(path)
 
 
+#: Scale factors that must be positive numbers wherever they are present (Space Ranger writes JSON numbers).
+IMAGE_SCALEFACTORS = ("tissue_hires_scalef", "tissue_lowres_scalef")
+
+
+def scalefactor(sf: dict, key: str, path: Path, *, required: bool = True, hint: str = "") -> float | None:
+    """``sf[key]`` as a positive finite float; None when absent and not ``required``.
+
+    Space Ranger writes every scale factor as a JSON number; a string, ``null``, a boolean, zero, a negative or a
+    non-finite value means the file was edited or damaged, and would place every spot wrongly (or crash later).
+
+    Raises
+    ------
+    InputFormatError
+        The value is absent (``required``) or not a positive finite number; ``hint`` ends the message.
+    """
+    v = sf.get(key)
+    if v is None and key not in sf and not required:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not v > 0:
+        found = "none" if key not in sf else f"{v!r} ({type(v).__name__})"
+        msg = (f"{path}: expected {key!r} to be a positive number (a JSON number, as Space Ranger writes it), "
+               f"found {found}; {hint or 'take scalefactors_json.json unmodified from the Space Ranger run'}")
+        raise InputFormatError(msg)
+    return float(v)
+
+
 def read_scalefactors(spatial: Path) -> dict:
-    """``spatial/scalefactors_json.json``; ``spot_diameter_fullres`` must be a positive number."""
+    """``spatial/scalefactors_json.json``; ``spot_diameter_fullres`` and the image scale factors present must be
+    positive numbers (:func:`scalefactor`)."""
     path = spatial / "scalefactors_json.json"
     sf = read_json(path, "point at the Space Ranger outs/ folder")
     if not isinstance(sf, dict):
         msg = f"{path}: expected a JSON object of scale factors, found a {type(sf).__name__}"
         raise InputFormatError(msg)
-    d = sf.get("spot_diameter_fullres")
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not d > 0:
-        msg = f"{path}: expected a positive 'spot_diameter_fullres', found {d!r}"
-        raise InputFormatError(msg)
+    scalefactor(sf, "spot_diameter_fullres", path)
+    for key in IMAGE_SCALEFACTORS:
+        scalefactor(sf, key, path, required=False)
     return sf
 
 
@@ -337,11 +365,10 @@ def _load_image(outs: Path, image: str | os.PathLike, sf: dict, um_per_fullres_p
     if str(image) in ("hires", "lowres"):
         key = f"tissue_{image}_scalef"
         path = outs / "spatial" / f"tissue_{image}_image.png"
-        if key not in sf:
-            msg = f"{outs}/spatial/scalefactors_json.json: expected {key!r} to use the {image} image, found none"
-            raise InputFormatError(msg)
+        scale = scalefactor(sf, key, outs / "spatial" / "scalefactors_json.json",
+                            hint=f"it maps full-resolution pixels onto the {image} image: take the file unmodified "
+                                 "from the Space Ranger run, or pass the full-resolution image")
         img: SlideImage = ArrayImage.from_file(path)
-        scale = float(sf[key])
     else:
         path = Path(image)
         img = open_image(path)
@@ -424,16 +451,27 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
     barcodes = fm.barcodes.tolist()
     idx, xy_px = spots_of_matrix(outs, barcodes, positions, in_tissue_only, "spots")
     img, img_path, um_to_px = open_checked_image(outs, image, sf, um_per_px, xy_px)
-    return SpatialSample(
-        name=outs.name if outs.name != "outs" else outs.parent.name,
-        obs_ids=np.asarray(barcodes, dtype=object)[idx],
-        xy_um=xy_px * um_per_px,
-        counts=fm.counts[idx].tocsr(),
-        genes=fm.feature_names.tolist(),
-        gene_ids=fm.feature_ids.tolist(),
-        image=img,
-        um_to_px=um_to_px,
-        kind="spots",
-        spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
-        metadata={**scale, "image": str(img_path), "scalefactors": sf, "positions": str(pos_path)},
-    )
+    return sample_of_matrix(outs.name if outs.name != "outs" else outs.parent.name, fm, idx, xy_px * um_per_px,
+                            img, um_to_px, kind="spots", spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
+                            metadata={**scale, "image": str(img_path), "scalefactors": sf, "positions": str(pos_path)})
+
+
+def sample_of_matrix(name: str, fm, idx: np.ndarray, xy_um: np.ndarray, image: SlideImage, um_to_px: np.ndarray, *,
+                     kind: str, spot_diameter_um: float | None, metadata: dict) -> SpatialSample:
+    """The :class:`SpatialSample` of rows ``idx`` of a Space Ranger matrix (Visium spots or Visium HD bins).
+
+    Parameters
+    ----------
+    fm
+        The Gene Expression :class:`~hescape.data.readers.tenx.FeatureMatrix`.
+    idx
+        ``(k,)`` matrix rows kept (:func:`spots_of_matrix`); their barcodes become ``obs_ids``.
+    xy_um
+        ``(k, 2)`` their centres in µm (x, y).
+    image, um_to_px
+        The image and its µm → level-0 pixel affine (3×3).
+    """
+    return SpatialSample(name=name, obs_ids=np.asarray(fm.barcodes, dtype=object)[idx], xy_um=xy_um,
+                         counts=fm.counts[idx].tocsr(), genes=fm.feature_names.tolist(),
+                         gene_ids=fm.feature_ids.tolist(), image=image, um_to_px=um_to_px, kind=kind,
+                         spot_diameter_um=spot_diameter_um, metadata=metadata)

@@ -36,12 +36,10 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import InputFormatError
 from .spaceranger import LatticeFit, SpotPositions, fit_lattice, read_positions_file
 from .tenx import read_10x_matrix, read_json
-from .visium import _find_matrix, open_checked_image, spots_of_matrix
+from .visium import _find_matrix, open_checked_image, sample_of_matrix, scalefactor, spots_of_matrix
 from .xenium import SpatialSample
 
 __all__ = ["HD_BIN_SIZES_UM", "DEFAULT_BIN_SIZE_UM", "find_bin_folder", "read_visium_hd", "hd_lattice"]
@@ -110,13 +108,9 @@ def find_bin_folder(path: str | os.PathLike, bin_size_um: int | None = None) -> 
 
 
 def _positive(sf: dict, key: str, path: Path, required: bool) -> float | None:
-    v = sf.get(key)
-    if v is None and not required:
+    if sf.get(key) is None and not required:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        msg = f"{path}: expected a positive number {key!r}, found {v!r}; is this a Visium HD bin folder?"
-        raise InputFormatError(msg)
-    return float(v)
+    return scalefactor(sf, key, path, hint="is this a Visium HD bin folder?")
 
 
 def _positions_path(spatial: Path) -> Path:
@@ -247,16 +241,5 @@ def read_visium_hd(path: str | os.PathLike, *, image: str | os.PathLike | None, 
     idx, xy_px = spots_of_matrix(folder, barcodes.tolist(), pos, in_tissue_only, "bins")
     img, img_path, um_to_px = open_checked_image(folder, image, sf, um_per_px, xy_px)
     meta.update({"n_bins": int(len(idx)), "image": str(img_path), "scalefactors": sf, "positions": str(pos.path)})
-    return SpatialSample(
-        name=_sample_name(folder.resolve()),
-        obs_ids=np.asarray(barcodes, dtype=object)[idx],
-        xy_um=xy_px * um_per_px,
-        counts=fm.counts[idx].tocsr(),
-        genes=fm.feature_names.tolist(),
-        gene_ids=fm.feature_ids.tolist(),
-        image=img,
-        um_to_px=um_to_px,
-        kind="bins",
-        spot_diameter_um=None,
-        metadata=meta,
-    )
+    return sample_of_matrix(_sample_name(folder.resolve()), fm, idx, xy_px * um_per_px, img, um_to_px, kind="bins",
+                            spot_diameter_um=None, metadata=meta)

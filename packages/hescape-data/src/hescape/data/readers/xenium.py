@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import AlignmentError, InputFormatError
+from ..errors import AlignmentError, InputFormatError, brief
 from ..patches import check_affine, scale_matrix
 from .image import SlideImage, TiffImage, check_not_blank
 from .tenx import read_10x_h5, read_10x_mex, read_json
@@ -72,7 +72,7 @@ def _read_cells(bundle: Path):
         try:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
-            msg = f"{path}: expected a Parquet table, found unreadable content ({e})"
+            msg = f"{path}: expected a Parquet table, found unreadable content ({brief(e, 200)})"
             raise InputFormatError(msg) from None
     elif (bundle / "cells.csv.gz").is_file():
         path = bundle / "cells.csv.gz"
@@ -80,7 +80,7 @@ def _read_cells(bundle: Path):
             table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
                 column_types={"cell_id": pa.string()}))
         except (pa.ArrowInvalid, OSError) as e:
-            msg = f"{path}: expected a gzipped CSV table, found unreadable content ({e})"
+            msg = f"{path}: expected a gzipped CSV table, found unreadable content ({brief(e, 200)})"
             raise InputFormatError(msg) from None
     else:
         msg = f"expected cells.parquet or cells.csv.gz in {bundle}, found neither; is this an XOA output folder?"
@@ -131,7 +131,7 @@ def read_alignment(path: str | os.PathLike) -> np.ndarray:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
     except (UnicodeDecodeError, csv.Error, OSError) as e:
-        msg = f"{path}: expected a CSV text file (3×3 matrix or keypoints), found unreadable content ({str(e)[:80]})"
+        msg = f"{path}: expected a CSV text file (3×3 matrix or keypoints), found unreadable content ({brief(e, 80)})"
         raise AlignmentError(msg) from None
     if rows and "fixedX" in [c.strip() for c in rows[0]]:
         head = [c.strip() for c in rows[0]]
@@ -299,10 +299,26 @@ def read_transcripts(bundle: str | os.PathLike, genes: list[str], *, min_qv: flo
         raise InputFormatError(msg)
     cols = ["feature_name", "x_location", "y_location", "qv"]
     try:
-        t = pq.read_table(path, columns=cols)
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
-        msg = f"{path}: expected a Parquet table with columns {cols}, found unreadable content ({e})"
+        have = pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as e:
+        msg = f"{path}: expected a Parquet table with columns {cols}, found unreadable content ({brief(e, 200)})"
         raise InputFormatError(msg) from None
+    missing = [c for c in cols if c not in have]
+    if missing:
+        msg = (f"{path}: expected the XOA transcript columns {cols}, missing {missing} (found {have[:12]}); take "
+               "transcripts.parquet unmodified from the XOA output, or use counts_from='cells'")
+        raise InputFormatError(msg)
+    try:
+        t = pq.read_table(path, columns=cols)
+        numeric = [c for c in cols[1:] if not (pa.types.is_integer(t.schema.field(c).type)
+                                               or pa.types.is_floating(t.schema.field(c).type))]
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        msg = f"{path}: expected a Parquet table with columns {cols}, found unreadable content ({brief(e, 200)})"
+        raise InputFormatError(msg) from None
+    if numeric:
+        msg = (f"{path}: expected numeric columns {cols[1:]}, found {[f'{c}: {t.schema.field(c).type}' for c in numeric]}"
+               "; take transcripts.parquet unmodified from the XOA output")
+        raise InputFormatError(msg)
     t = t.filter(pc.greater_equal(t.column("qv"), min_qv))
     names = t.column("feature_name")
     if pa.types.is_binary(names.type) or pa.types.is_large_binary(names.type):
