@@ -4,6 +4,10 @@ atomic, and a cached run never decodes a patch of a cached tower."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -132,3 +136,70 @@ def test_changed_cache_file_is_rebuilt_and_unwritable_folder_is_one_line(tiny_da
     blocker.write_text("x")
     with pytest.raises(HescapeConfigError, match="feature cache: cannot write .*writable folder"):
         cached_features(m, "gene", train, cpu, root=blocker)
+
+
+_WRITER = """
+import sys
+import torch
+from hescape.data import PairedSpotDataset
+from hescape.models import create_model
+from hescape.train.feature_cache import cached_features
+
+ds = PairedSpotDataset(sys.argv[1], "train")
+torch.manual_seed(0)
+m = create_model("vit_mlp_nano", panel=ds.genes, gene={"finetune": "frozen"})
+cached_features(m, "gene", ds, torch.device("cpu"), root=sys.argv[2])
+"""
+
+
+def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tiny_dataset, tmp_path):
+    """A writer stopped inside its cache write (hescape.train.faults) is a live process writing the same cache folder
+    as this one (two ranks, or two runs of a sweep): its temporary file is left alone while it lives, and removed by
+    the next use of the folder once it has been killed with SIGKILL (no clean-up of its own can run)."""
+    root, marker = tmp_path / "cache", tmp_path / "marker"
+    env = {**os.environ, "HESCAPE_TRAIN_FAULT": "feature_cache_write:1", "HESCAPE_TRAIN_FAULT_MARKER": str(marker),
+           "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tiny_dataset), str(root)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.is_file():
+            assert writer.poll() is None, f"the writer ended before its cache write: {writer.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "the writer did not reach its cache write in 120 s"
+            time.sleep(0.1)
+        (folder,) = root.iterdir()
+        (live,) = folder.glob(".features.npy.tmp-*")
+        live_inode = live.stat().st_ino
+
+        # this process uses the same cache while the writer lives: it builds the cache, the writer's file stays
+        train = PairedSpotDataset(tiny_dataset, "train")
+        torch.manual_seed(0)
+        m = create_model("vit_mlp_nano", panel=train.genes, gene={"finetune": "frozen"})
+        cpu = torch.device("cpu")
+        feats, folder2, made = cached_features(m, "gene", train, cpu, root=root)
+        assert made and folder2 == folder
+        assert writer.poll() is None and live.stat().st_ino == live_inode
+        m.eval()
+        with torch.no_grad():
+            direct = m.gene_features(torch.from_numpy(train.counts(np.arange(len(train))))).numpy()
+        np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-6)
+        del feats
+    finally:
+        writer.kill()  # SIGKILL
+        writer.communicate()
+
+    # leftovers without a writer: of this host (removed), of another host (kept for a day), of hescape-train 0.1
+    # (no lock: removed after a day)
+    day = 24 * 3600
+    names = {".features.npy.tmp-77-otherhost-0123abcd": 0, ".features.npy.tmp-78-otherhost-4567cdef": day + 60,
+             ".features.npy.tmp-4242": day + 60, ".features.npy.tmp-4243": 600, ".meta.json.ab_cd123.tmp": day + 60}
+    for name, age in names.items():
+        (folder / name).write_bytes(b"partial")
+        t = time.time() - age
+        os.utime(folder / name, (t, t))
+    again, _, made = cached_features(m, "gene", train, cpu, root=root)
+    assert not made
+    np.testing.assert_allclose(again, direct, rtol=1e-5, atol=1e-6)
+    assert not live.exists()
+    kept = {".features.npy.tmp-77-otherhost-0123abcd", ".features.npy.tmp-4243"}
+    assert {p.name for p in folder.iterdir()} == {"features.npy", "meta.json", ".lock", *kept}

@@ -556,12 +556,9 @@ def main(argv: list[str] | None = None) -> int:
               "same command again to continue", file=sys.stderr)
         return 130
     except Exception as e:
-        from .cli import _user_error_types
+        from .cli import user_error_exit
 
-        if not isinstance(e, _user_error_types()):
-            raise
-        print(f"hescape-train batch-benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return user_error_exit("hescape-train batch-benchmark", e)
     print((bc.out / "results.md").read_text().rstrip())
     print(f"\nfigure: {bc.out / 'batch_benchmark.png'}")
     return 0

@@ -7,6 +7,7 @@ and configuration refusals answer at once; the training stack is imported only w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from .config import config_to_dict, describe_options, load_config, resume_config
 from .errors import HescapeConfigError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "launch_rank", "user_error_exit"]
 
 _EPILOG = """\
 options as key=value overrides (dotted keys; applied after --config):
@@ -45,6 +46,43 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types_)
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun or srun launch (``RANK``, else ``SLURM_PROCID``); 0 outside one.
+
+    Read from the environment, so it is known before (and without) ``torch.distributed``.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+#: Characters of a user error that the non-zero ranks of a launch print (rank 0 prints all of it).
+_SHORT = 60
+
+
+def user_error_exit(prog: str, error: Exception) -> int:
+    """Report ``error`` as one line on stderr and return the exit status 2, if it is a user error (a refused option,
+    a missing file, a diverged loss: :func:`_user_error_types`); re-raise anything else (a bug keeps its traceback).
+
+    Call it in an ``except Exception as e:`` block: ``return user_error_exit("hescape-train", e)``. Under torchrun
+    or srun every rank usually meets the same error; rank 0 prints ``<prog>: error: <message>`` and every other rank
+    only ``<prog>: rank <r>: error: <the first 60 characters>…``, so that an error only that rank met (a path
+    missing on its node) is not lost.
+    """
+    if not isinstance(error, _user_error_types()):
+        raise error
+    text = " ".join(str(error).split())
+    rank = launch_rank()
+    if rank == 0:
+        print(f"{prog}: error: {text}", file=sys.stderr)
+    else:
+        short = text if len(text) <= _SHORT else text[:_SHORT].rstrip() + "…"
+        print(f"{prog}: rank {rank}: error: {short}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hescape-train",
@@ -59,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG.format(options=describe_options()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (nested or dotted keys)")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (nested or dotted keys; relative "
+                                                    "paths in it are read from the current directory, as on the "
+                                                    "command line)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, with its own config.json "
                         "(only progress=, data.num_workers=, data.feature_cache_dir=, log.* may be given)")
@@ -104,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if result is None:  # a non-zero rank of a distributed run: rank 0 prints
             return 0
     except Exception as e:
-        if not isinstance(e, _user_error_types()):
-            raise
-        print(f"hescape-train: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return user_error_exit("hescape-train", e)
     print((result.run_dir / "results.md").read_text().rstrip())
     print(f"\nrun directory: {result.run_dir}  (wall time {result.wall_s:.0f} s)")
     return 0

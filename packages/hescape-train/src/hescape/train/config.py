@@ -150,10 +150,15 @@ def _check_run_name(key: str, value: str) -> str | None:
     return None
 
 
+#: Options whose path must exist (checked with :func:`_check_existing`).
+_PATH_KEYS = ("data.path", "model.init_checkpoint")
+
+
 def _check_existing(what: str, fix: str) -> Callable[[str, str], str | None]:
     def check(key: str, value: str) -> str | None:
         if value and not Path(value).exists():
-            return f"{key}={value!r} does not exist; {fix}"
+            where = "" if os.path.isabs(value) else f" (resolved against the current directory: {os.path.abspath(value)})"
+            return f"{key}={value!r} does not exist{where}; {fix}"
         return None
 
     check.__doc__ = f"{what} must exist"
@@ -421,10 +426,16 @@ def load_config(config_file: str | None = None, overrides: list[str] = (), *, va
     """Defaults, then the YAML/JSON ``config_file``, then ``key=value`` overrides (dotted keys), then
     :func:`validate_config` (unless ``validate=False``).
 
+    A relative path in ``config_file`` (``data.path``, ``out_dir``, ``model.*_weights``…) means what it means on
+    the command line: relative to the current directory, not to the file's folder (a file's values are overrides
+    like any other, and a run's ``config.json`` records them as given).
+
     Raises
     ------
     HescapeConfigError
-        An unknown key, a value of the wrong type, a missing or malformed file, or a value out of its range.
+        An unknown key, a value of the wrong type, a missing or malformed file, or a value out of its range (a
+        value set by ``config_file`` names the file, and a missing relative path that exists beside the file says
+        so).
     """
     data = _read_config_file(config_file) if config_file else {}
     cfg = TrainConfig()
@@ -433,8 +444,49 @@ def load_config(config_file: str | None = None, overrides: list[str] = (), *, va
         _set(cfg, k, v, k)
     apply_overrides(cfg, overrides)
     if validate:
-        validate_config(cfg)
+        try:
+            validate_config(cfg)
+        except HescapeConfigError as e:
+            key = getattr(e, "key", None)
+            overridden = {item.partition("=")[0].strip() for item in overrides}
+            if not config_file or key not in _dotted_keys(data) or key in overridden:
+                raise
+            hint = file_relative_hint(key, _get(cfg, key), Path(config_file), "config file")
+            msg = f"config file {config_file}: {e}{hint}"
+            err = HescapeConfigError(msg)
+            err.key = key
+            raise err from None
     return cfg
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a config mapping sets (``{"data": {"path": …}}`` → ``{"data.path"}``)."""
+    sections = {p.rstrip(".") for _, p in _SECTIONS if p}
+    out: set[str] = set()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out |= _dotted_keys(v, key + ".") if isinstance(v, dict) and key in sections else {key}
+    return out
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def file_relative_hint(key: str | None, value, file: Path, noun: str) -> str:
+    """A clause for the refusal of a missing relative path ``key=value`` given in ``file`` (a ``noun``: "config
+    file", "grid file"), when that path exists relative to the file's folder (the likely mix-up); else ``""``."""
+    if key not in _PATH_KEYS or not isinstance(value, str) or not value or os.path.isabs(value):
+        return ""
+    folder = Path(os.path.abspath(file)).parent
+    there = folder / value
+    if Path(os.path.abspath(value)) == there or not there.exists():
+        return ""
+    return (f"; relative paths in a {noun} are read from the current directory ({os.getcwd()}), not from the "
+            f"{noun}'s folder, where {there} exists: run from {folder} or give an absolute path")
 
 
 def _preset_name(data: dict, overrides) -> str:
@@ -529,7 +581,9 @@ def validate_config(cfg: TrainConfig) -> None:
                 continue
             problem = _check_value(prefix + f.name, getattr(obj, f.name), check)
             if problem:
-                raise HescapeConfigError(problem)
+                err = HescapeConfigError(problem)
+                err.key = prefix + f.name  # the refused option (a config file's error names the file)
+                raise err
 
 
 def describe_options() -> str:

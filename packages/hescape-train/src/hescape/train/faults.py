@@ -16,6 +16,9 @@ at that point (``kill -9 <pid>``). Points:
     ``index.json`` names the new checkpoint; the checkpoint it replaced is not yet deleted.
 ``results``
     after the test lines are appended to ``metrics.jsonl``, before the results files are written.
+``feature_cache_write``
+    inside the ``n``-th feature-cache write of the process (:mod:`hescape.train.feature_cache`): the temporary
+    features file is filled and locked, not yet renamed into place.
 
 Without the variable nothing happens (one dictionary lookup per call). Not for production use.
 """

@@ -16,6 +16,18 @@ the same folder, flushed, fsynced and renamed, with its ``meta.json`` last: a ki
 looks complete. ``meta.json`` also records the SHA-256 of the features file, checked at every use: a cache whose
 file was changed or damaged after it was written is rebuilt (with a warning), never trained on.
 
+Temporary files are named ``.features.npy.tmp-<pid>-<host>-<random>`` (``.meta.json.tmp-…``) and their writer
+holds an exclusive ``flock`` on each for as long as it writes it; the kernel drops the lock when the writer dies,
+even by SIGKILL. Every use of a cache folder removes the temporaries whose lock is free (their writer is dead)
+and that were made on this host or not modified for :data:`STALE_AFTER_S` (a guard for shared file systems whose
+locks do not reach other hosts); a temporary a live process is writing is never touched, whichever process or
+rank it is (the processes of a torchrun launch, or several runs of a sweep, may share one cache folder). A writer
+creates and locks its temporary under a shared lock on the folder's ``.lock`` file, and the clean-up holds it
+exclusively, so no temporary is ever seen between its creation and its lock. Temporaries of hescape-train 0.1
+(``.features.npy.tmp-<pid>``, ``.meta.json.<random>.tmp``, written without a lock) are removed once they have
+not been modified for :data:`STALE_AFTER_S`. Where there are no locks (no ``fcntl``, or a file system without
+them) nothing is removed.
+
 Training from the cache is only a different batch source (:class:`FeatureSource`): batches carry ``image_feat`` /
 ``gene_feat`` instead of patches / counts, and :class:`hescape.models.HescapeCLIP` runs only the heads for them.
 The trunk in the training loop would compute the same values (a frozen trunk runs in eval mode), so cached and
@@ -24,9 +36,14 @@ uncached training agree up to float rounding of batched matrix products.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -34,13 +51,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_json
+from .atomic import _finite, fsync_dir
 from .errors import HescapeConfigError
+from .faults import fault_point
 
-__all__ = ["CACHE_FORMAT", "plan_cache", "tensor_digest", "fingerprint", "cached_features", "FeatureSource",
-           "feature_cache_root"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, so no temporary is ever judged stale
+    fcntl = None
+
+__all__ = ["CACHE_FORMAT", "STALE_AFTER_S", "plan_cache", "tensor_digest", "fingerprint", "cached_features",
+           "FeatureSource", "feature_cache_root", "remove_stale_temporaries"]
 
 CACHE_FORMAT = "hescape-feature-cache/1"
+#: Seconds without modification after which an unlocked temporary of another host, or an (unlockable) temporary
+#: of hescape-train 0.1, counts as left by a dead writer: one day (a live writer modifies its file batch by batch).
+STALE_AFTER_S = 24 * 3600
+_LOCK_FILE = ".lock"
+_TEMP = re.compile(r"^\.(features\.npy|meta\.json)\.tmp-(\d+)-(.+)-([0-9a-f]{8})$")
+_LEGACY_TEMP = re.compile(r"^\.(features\.npy\.tmp-\d+|meta\.json\.[^.]+\.tmp)$")
 
 
 def feature_cache_root() -> Path:
@@ -115,12 +144,117 @@ def fingerprint(model, tower: str, ds, amp_dtype: torch.dtype | None) -> tuple[s
     return key, facts
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "host")[:64] or "host"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, exclusive: bool):
+    """``flock`` on ``folder/.lock``: shared while a writer creates and locks its temporary, exclusive while
+    :func:`remove_stale_temporaries` looks at them. Yields whether the lock is held: False where the lock file
+    cannot be opened or the file system has no locks (the writer goes on; the clean-up then does nothing)."""
+    fd = None
+    with contextlib.suppress(OSError):
+        try:
+            fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: reading is enough for flock on a local file system
+            fd = os.open(folder / _LOCK_FILE, os.O_RDONLY)
+    held = False
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            held = True
     try:
-        os.fsync(fd)
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _new_temp(folder: Path, name: str):
+    """A new temporary file for ``folder/name``, locked by this process until :func:`_commit` or :func:`_discard`.
+
+    Returns ``(tmp_path, file)`` (opened ``r+b``, empty). Write through this file object only: on file systems that
+    emulate ``flock`` with POSIX locks (NFS), closing any other descriptor of the file in this process would drop
+    the lock.
+
+    Raises
+    ------
+    OSError
+        The folder cannot be written.
+    """
+    tmp = folder / f".{name}.tmp-{os.getpid()}-{_host()}-{secrets.token_hex(4)}"
+    if fcntl is not None:
+        with _folder_lock(folder, exclusive=False):
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            with contextlib.suppress(OSError):  # no locks on this file system: never judged stale, never removed
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+    else:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    return tmp, os.fdopen(fd, "r+b")
+
+
+def _commit(tmp: Path, f, target: Path) -> None:
+    """Flush and fsync the temporary, rename it over ``target`` while still locked, then fsync the folder."""
+    f.flush()
+    os.fsync(f.fileno())
+    os.replace(tmp, target)
+    f.close()
+    fsync_dir(target.parent)
+
+
+def _discard(tmp: Path, f) -> None:
+    tmp.unlink(missing_ok=True)
+    f.close()
+
+
+def _lock_is_free(path: Path) -> bool:
+    """Whether nobody holds the ``flock`` of ``path`` (False when it cannot be opened or locked at all)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    else:
+        return True
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that writers killed inside a cache write left in ``folder``; returns them.
+
+    A temporary counts as stale when its writer's lock is free and it was made on this host or has not been
+    modified for :data:`STALE_AFTER_S`; a temporary of hescape-train 0.1 (no lock) when it has not been modified
+    for :data:`STALE_AFTER_S`. A temporary a live process is writing is never removed. Best effort: a folder that
+    cannot be written (a read-only shared cache) or locked is left as it is.
+    """
+    folder = Path(folder)
+    if fcntl is None:
+        return []
+    try:
+        names = [e.name for e in os.scandir(folder) if _TEMP.match(e.name) or _LEGACY_TEMP.match(e.name)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    removed, host, now = [], _host(), time.time()
+    with _folder_lock(folder, exclusive=True) as held:
+        if not held:
+            return []
+        for name in names:
+            path, m = folder / name, _TEMP.match(name)
+            try:
+                old = now - path.stat().st_mtime > STALE_AFTER_S
+                if (m and _lock_is_free(path) and (m.group(3) == host or old)) or (not m and old):
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone meanwhile (renamed into place), or not ours to remove
+                continue
+    return removed
 
 
 @torch.no_grad()
@@ -149,6 +283,7 @@ def cached_features(model, tower: str, ds, device: torch.device, amp_dtype: torc
     folder = Path(root) if root is not None else feature_cache_root()
     folder = folder / key[:40]
     path, meta = folder / "features.npy", folder / "meta.json"
+    remove_stale_temporaries(folder)  # what writers killed inside a write left here
     if meta.is_file() and path.is_file():
         try:
             recorded = json.loads(meta.read_text())
@@ -163,24 +298,36 @@ def cached_features(model, tower: str, ds, device: torch.device, amp_dtype: torc
                       stacklevel=2)
     enc = model.image_encoder if tower == "image" else model.gene_encoder
     width = int(enc.out_dim)
-    tmp = folder / f".features.npy.tmp-{os.getpid()}"
+    shape = (len(ds), width)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), width))
+        tmp, f = _new_temp(folder, "features.npy")
     except OSError as e:
         msg = (f"feature cache: cannot write {folder} ({e.strerror or e}); set data.feature_cache_dir to a writable "
                "folder, or data.feature_cache=off")
         raise HescapeConfigError(msg) from None
+    arr = None
     try:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.flush()
+        arr = np.memmap(f, dtype=np.float32, mode="r+", offset=f.tell(), shape=shape)  # maps the locked file
         _compute(model, tower, ds, device, amp_dtype, arr, batch_size, progress)
         arr.flush()
-        del arr
-        _fsync(tmp)
-        os.replace(tmp, path)
+        fault_point("feature_cache_write")
+        _commit(tmp, f, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp, f)
         raise
-    atomic_write_json(meta, {"key": key, **facts, "shape": [len(ds), width], "sha256": _file_sha256(path)})
+    del arr  # unmapped after the rename: closing the map's descriptor could drop an NFS-emulated lock
+    text = json.dumps(_finite({"key": key, **facts, "shape": list(shape), "sha256": _file_sha256(path)}), indent=1)
+    tmp, f = _new_temp(folder, "meta.json")
+    try:
+        f.write((text + "\n").encode("utf-8"))
+        _commit(tmp, f, meta)
+    except BaseException:
+        _discard(tmp, f)
+        raise
     return np.load(path, mmap_mode="r"), folder, True
 
 

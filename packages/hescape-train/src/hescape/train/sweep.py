@@ -18,6 +18,15 @@ grid point alone (``image=uni__gene=mlp__seed=0``: each grid key by the last par
 made file-safe; a value that had to be changed, or is longer than 40 characters, ends in 8 hex digits of its SHA-1),
 so that the same grid point always lands in the same directory: adding values to a grid keeps the existing runs.
 
+Relative paths in a grid file (``out_dir``, ``data.path``, ``model.*_weights``, ``model.init_checkpoint``, and the
+paths inside ``model.*_options``) mean what they mean on the command line: relative to the current directory the
+sweep is started in, not to the grid file's folder. This is deliberate: each entry is a ``hescape-train key=value``
+override, ``--emit`` prints commands for the same directory, a run's ``config.json`` records the values as given
+(and is compared with the grid to recognise the run), and the paths inside encoder options are read by the encoders
+themselves, which know nothing of the grid file. Start the sweep and every array task from one folder, or give
+absolute paths. A missing path is refused before anything runs, in one line naming the grid file, the grid point and
+the path resolved against the current directory, and saying so when the path does exist beside the grid file.
+
 What a run's directory says about it (read afresh each time; ``sweep.json`` is a record of it, never trusted):
 
 ``finished``
@@ -57,7 +66,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .config import RESUMABLE_KEYS, TrainConfig, config_from_dict, config_to_dict, load_config, resume_config
+from .config import (
+    RESUMABLE_KEYS,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    file_relative_hint,
+    load_config,
+    resume_config,
+)
 from .errors import HescapeConfigError
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "check_encoder_names", "run_status", "sweep_statuses", "train_run",
@@ -243,7 +260,8 @@ def load_sweep(grid_file: str | os.PathLike) -> Sweep:
     grid_file
         YAML/JSON with ``out_dir`` (the sweep folder, relative to the current directory as hescape-train's
         ``out_dir`` is), ``base`` (options of every run), ``grid`` (option → list of values) and an optional
-        ``name`` template (see the module docstring).
+        ``name`` template (see the module docstring). Every relative path in it is read from the current directory,
+        as on the command line, not from the grid file's folder.
 
     Returns
     -------
@@ -304,7 +322,8 @@ def load_sweep(grid_file: str | os.PathLike) -> Sweep:
     try:  # the base alone first, so that its mistakes are named once
         load_config(None, [*base_overrides, f"out_dir={out}"])
     except HescapeConfigError as e:
-        msg = f"{where}, base: {e}"
+        key = getattr(e, "key", None)
+        msg = f"{where}, base: {e}{file_relative_hint(key, base.get(key or ''), path, 'grid file')}"
         raise HescapeConfigError(msg) from None
     short = _short_names(list(grid))
     runs: list[SweepRun] = []
@@ -323,7 +342,9 @@ def load_sweep(grid_file: str | os.PathLike) -> Sweep:
         try:
             load_config(None, list(overrides))
         except HescapeConfigError as e:
-            msg = f"{where}, run {i} ({pt}): {e}"
+            key = getattr(e, "key", None)
+            hint = file_relative_hint(key, {**base, **point}.get(key or ""), path, "grid file")
+            msg = f"{where}, run {i} ({pt}): {e}{hint}"
             raise HescapeConfigError(msg) from None
         runs.append(SweepRun(index=i, name=name, point=point, overrides=overrides, run_dir=out / name))
     return Sweep(grid_file=path, out_dir=out, base=base, grid=grid, short=short, runs=runs)
@@ -406,11 +427,10 @@ def sweep_statuses(sweep: Sweep) -> list[tuple[str, str | None]]:
 
 
 def _is_main_process() -> bool:
-    """False on the non-zero ranks of a torchrun/srun launch (only rank 0 writes the sweep's own files)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var):
-            return os.environ[var].strip() == "0"
-    return True
+    """False on the non-zero ranks of a torchrun/srun launch (only rank 0 writes the sweep's own files and prints)."""
+    from .cli import launch_rank
+
+    return launch_rank() == 0
 
 
 def write_sweep_index(sweep: Sweep, running: int | None = None) -> Path:
@@ -577,6 +597,8 @@ GRID.yaml:
   base: {data.path: datasets/breast, epochs: 8}      options of every run (the keys of hescape-train key=value)
   grid: {model.image: [uni, conch], seed: [0, 1, 2]} the runs: every combination, in file order
   name: "{image}-s{seed}"                optional run-name template (default: image=uni__seed=0)
+  relative paths (out_dir, data.path, weights) are read from the current directory, as on the command line,
+  not from the grid file's folder: start the sweep (and every array task) from one folder, or use absolute paths
 
 examples:
   hescape-train sweep grid.yaml                   train every run in turn (skip finished, resume interrupted),
@@ -643,7 +665,7 @@ def _report(sweep: Sweep, k: int, figures: bool) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``hescape-train sweep GRID.yaml [--list | --emit | --index I | --report]``; returns the exit status (2: a bad
     grid, or a run that failed)."""
-    from .cli import _user_error_types
+    from .cli import user_error_exit
 
     args = build_parser().parse_args(argv)
     try:
@@ -664,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             return 0 if _report(sweep, args.k, not args.no_figures) else 2
         indices = None if args.index is None else [args.index]
-        results = run_sweep(sweep, indices, k=args.k)
+        results = run_sweep(sweep, indices, k=args.k, log=print if _is_main_process() else lambda line: None)
         bad = {i: r for i, r in results.items() if r[0] in ("failed", "conflict")}
         if args.index is None and _is_main_process():
             _report(sweep, args.k, not args.no_figures)
@@ -673,7 +695,4 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", {len(bad)} failed or in conflict (see {sweep.out_dir / 'sweep.json'})" if bad else ""))
         return 2 if bad else 0
     except Exception as e:
-        if not isinstance(e, _user_error_types()):
-            raise
-        print(f"hescape-train sweep: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return user_error_exit("hescape-train sweep", e)
