@@ -350,3 +350,25 @@ def test_hescape_run_as_encoder(cohort, tmp_path, capsys):
     code, _, err = _run(capsys, "mutation", str(root / "slides.csv"), "--encoder", str(tmp_path / "run"), "--weights",
                         "w.bin", "--out", str(tmp_path / "o2"))
     _one_line_error(code, err, "--weights", "HESCAPE run")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_cuda_matches_cpu(cohort, tmp_path, capsys):
+    """`--device cuda`: the tile features equal the CPU run's (colour statistics, float32 tolerance), the MIL runs on
+    the GPU and learns the planted colour signal as on the CPU."""
+    root, _ = cohort
+    res = {}
+    for dev in ("cpu", "cuda"):
+        out = tmp_path / dev
+        code, _, err = _run(capsys, "mutation", str(root / "slides.csv"), "--encoder", ENCODER, "--out", str(out),
+                            "--epochs", "10", "--batch-size", "4", "--no-progress", "--device", dev)
+        assert code == 0, err
+        res[dev] = json.loads((out / "mutation.json").read_text())
+    for sid in (f"slide{i:02d}" for i in range(20)):
+        with np.load(tmp_path / "cpu" / "features" / f"{sid}.npz") as a, \
+                np.load(tmp_path / "cuda" / "features" / f"{sid}.npz") as b:
+            np.testing.assert_array_equal(a["positions_um"], b["positions_um"])
+            np.testing.assert_allclose(a["features"], b["features"], atol=1e-5)
+    assert res["cuda"]["summary"]["auroc"]["mean"] > 0.9
+    assert abs(res["cuda"]["summary"]["auroc"]["mean"] - res["cpu"]["summary"]["auroc"]["mean"]) < 0.1
