@@ -8,7 +8,9 @@ runs over seeds into the paper's Table 2 layout (:mod:`hescape.eval.report`). ``
 --out FILE.npz`` embeds a dataset split with a trained model (:mod:`hescape.eval.embed`; an existing file is refused
 unless ``--overwrite``). ``hescape-eval mutation SLIDES.csv --encoder NAME --out DIR`` runs slide-level mutation
 prediction (:mod:`hescape.eval.mutation`), ``hescape-eval batch-effects RUN_DIR... --out DIR`` silhouette-batch
-against Recall@5 (:mod:`hescape.eval.batch_report`). Every output file is written atomically, and an existing one is
+against Recall@5 (:mod:`hescape.eval.batch_report`), ``hescape-eval expression SOURCE --out DIR`` the HEST expression
+probe on saved embeddings and ``hescape-eval export SOURCE OUT.h5ad`` AnnData (:mod:`hescape.eval.cli_runs`). Every
+output file is written atomically, and an existing one is
 refused unless ``--overwrite``. Bad input (and an unwritable or unreadable path) is one line on stderr,
 ``hescape-eval: error: …``, and exit status 2; Ctrl-C is one line and exit status 130.
 """
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_mutation(sub)
     _add_batch_effects(sub)
+    from .cli_runs import add_export, add_expression
+
+    add_expression(sub)
+    add_export(sub)
     return p
 
 
@@ -390,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             return _mutation(args)
         if args.command == "batch-effects":
             return _batch_effects(args)
+        if args.command in ("expression", "export"):
+            from .cli_runs import run_export, run_expression
+
+            return (run_expression if args.command == "expression" else run_export)(args)
     except HescapeEvalError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

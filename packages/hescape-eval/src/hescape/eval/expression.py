@@ -191,6 +191,31 @@ def _check_selection(n_genes, min_cells_pct) -> None:
                    fix="e.g. min_cells_pct=0.1")
 
 
+def _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha) -> str | float:
+    """Checks the probe options shared by every protocol; returns ``alpha`` as ``'hest'``, ``'cv'`` or a float.
+
+    Raises
+    ------
+    HescapeEvalError
+        Gene-selection options out of range, an unknown ``gene_selection``, or an ``alpha`` that is neither
+        ``'hest'``, ``'cv'`` nor a positive finite number.
+    """
+    if genes is None:
+        _check_selection(n_genes, min_cells_pct)
+    if gene_selection not in ("all", "train"):
+        raise _err(what="gene_selection", expected="'all' or 'train'",
+                   found=repr(gene_selection), fix="pick one of the two")
+    if isinstance(alpha, str) and alpha in ("hest", "cv"):
+        return alpha
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise _err(what="alpha", expected="'hest', 'cv' or a positive float", found=repr(alpha), fix="e.g. alpha='hest'")
+    return value
+
+
 def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes: int = HEST_N_GENES,
                           min_cells_pct: float = HEST_MIN_CELLS_PCT, rows=None) -> list[str]:
     """The ``n_genes`` most variable genes as HEST-Benchmark selects them (``src/hest/utils.py`` ``get_k_genes``).
@@ -548,19 +573,7 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
     names = _gene_names(gene_names, cnt.shape[1])
     patients_all = _labels(patients, n, "patients")
     samples_all = patients_all if samples is None else _labels(samples, n, "samples")
-    if genes is None:
-        _check_selection(n_genes, min_cells_pct)
-    if gene_selection not in ("all", "train"):
-        raise _err(what="gene_selection", expected="'all' or 'train'",
-                   found=repr(gene_selection), fix="pick one of the two")
-    if not (isinstance(alpha, str) and alpha in ("hest", "cv")):
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            alpha = float("nan")
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise _err(what="alpha", expected="'hest', 'cv' or a positive float",
-                       found=repr(alpha), fix="e.g. alpha='hest'")
+    alpha = _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha)
 
     rows = np.arange(n)
     if splits is not None:
@@ -569,7 +582,7 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
             rows = np.flatnonzero(split_all == str(use_split))
             if len(rows) == 0:
                 raise _err(what=f"spots of split {use_split!r}", expected="at least one",
-                           found=f"none (splits: {sorted(set(split_all))})",
+                           found=f"none (splits: {sorted(set(split_all.tolist()))})",
                            fix="pass use_split= one of those, or use_split=None for all spots")
     x = x_all[rows]
     pat = patients_all[rows]
