@@ -212,7 +212,8 @@ def _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha) -
     except (TypeError, ValueError):
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
-        raise _err(what="alpha", expected="'hest', 'cv' or a positive float", found=repr(alpha), fix="e.g. alpha='hest'")
+        raise _err(what="alpha", expected="'hest', 'cv' or a positive float", found=repr(alpha),
+                   fix="e.g. alpha='hest'")
     return value
 
 
