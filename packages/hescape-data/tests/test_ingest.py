@@ -7,7 +7,7 @@ import pytest
 from hescape.data import PairedSpotDataset, read_manifest, verify_dataset
 from hescape.data.arrow import open_shard
 from hescape.data.cli import main
-from hescape.data.errors import HescapeDataError, InputFormatError
+from hescape.data.errors import HescapeDataError, InputFormatError, RegistrationError
 from hescape.data.geometry import SpotGeometry
 from hescape.data.ingest import PatchOptions, SpotOptions, build_visium_dataset, build_xenium_dataset
 from hescape.data.panels import load_panel
@@ -132,10 +132,15 @@ def test_spots_outside_image_error_or_drop(bundle_copy, tmp_path):
         build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, geometry=spots)
     assert "--outside-spots drop" in str(e.value)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no output, not even a temporary directory
+    # the spots left on the image are shifted off their tissue too: the registration check refuses that
+    with pytest.raises(RegistrationError, match="registration AUROC"):
+        build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, geometry=spots,
+                             patch=PatchOptions(outside_spots="drop"))
     out = build_xenium_dataset(bundle_copy, tmp_path / "ds", progress=False, qc=False, geometry=spots,
-                               patch=PatchOptions(outside_spots="drop"))
+                               patch=PatchOptions(outside_spots="drop", registration_check=False))
     m = read_manifest(out)
     assert m["filters"]["outside_image"] > 0 and m["filters"]["kept"] == m["n_rows"] > 0
+    assert m["registration"]["verdict"] == "skipped by the user (would refuse)"
 
 
 def test_min_tissue_fraction_filters_edge_spots(xenium_bundle, tmp_path):

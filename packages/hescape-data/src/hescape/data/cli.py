@@ -63,6 +63,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="drop spots whose patch has less tissue (pixels darker than the glass); default 0 keeps all")
     p.add_argument("--outside-spots", choices=["error", "drop"], default="error",
                    help="spot centres outside the H&E image: stop with an error (default) or drop them")
+    p.add_argument("--skip-registration-check", action="store_true",
+                   help="build even when the spots do not seem to lie on the image's tissue (the check still "
+                        "measures, and the manifest records the skip); default: refuse a misregistration")
     p.add_argument("--allow-non-integer-counts", action="store_true",
                    help="accept fractional values in the count matrix (refused by default: raw counts expected)")
     p.add_argument("--rows-per-shard", type=int, default=2048, help="rows per shard file, >= 1 (default 2048)")
@@ -261,7 +264,7 @@ def _validate(a):
             raise HescapeDataError(msg)
     geometry = _geometry(a)
     patch = PatchOptions(min_tissue_fraction=a.min_tissue_fraction, outside_spots=a.outside_spots,
-                         max_upsample=a.max_upsample)
+                         max_upsample=a.max_upsample, registration_check=not a.skip_registration_check)
     pooled = ("xenium", "visium-hd", "spatialdata", "anndata", "hest")
     spots = SpotOptions(min_counts=a.min_counts, min_cells=a.min_cells) if a.kind in pooled else None
     check_build_options(split=a.split, rows_per_shard=a.rows_per_shard, patch=patch, spots=spots,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "HescapeDataError", "DatasetFormatError", "PanelMismatchError", "SplitLeakageError", "InputFormatError",
-    "AlignmentError", "OutputLocationError", "brief",
+    "AlignmentError", "RegistrationError", "OutputLocationError", "brief",
 ]
 
 
@@ -30,6 +30,10 @@ class InputFormatError(HescapeDataError):
 
 class AlignmentError(InputFormatError):
     """An image alignment matrix is unreadable, singular or not affine."""
+
+
+class RegistrationError(AlignmentError):
+    """The spots do not lie on the tissue of their image (a wrong scale factor, swapped axes, a mirrored image)."""
 
 
 class OutputLocationError(HescapeDataError):

@@ -43,6 +43,7 @@ from .patches import iter_patches, um_per_px
 from .pseudospots import pool_counts
 from .readers.visium import read_visium
 from .readers.xenium import SpatialSample, read_transcripts, read_xenium
+from .registration import check_registration
 from .splits import known_sample_donor
 
 __all__ = ["SpotOptions", "PatchOptions", "build_xenium_dataset", "build_visium_dataset", "qc_figure",
@@ -65,6 +66,9 @@ class PatchOptions:
     min_tissue_fraction: float = 0.0  # drop spots whose patch has less tissue (non-background pixels); 0 keeps all
     outside_spots: str = "error"  # spot centres outside the H&E image: "error" (default) or "drop"
     max_upsample: float = 2.0  # refuse a source image coarser than this many times the patch µm/px
+    #: check that the spots lie on the image's tissue (:mod:`hescape.data.registration`); False
+    #: (``--skip-registration-check``) still measures and records it, but never refuses
+    registration_check: bool = True
 
 
 #: Largest number of patch pixels one build cuts (spots × patch_px²): 2·10¹⁰ is ~400,000 spots of 224 px, several
@@ -77,6 +81,11 @@ MAX_OUTSIDE_FRACTION = 0.5
 
 #: A pixel is background (glass) when its mean intensity is at least this (0–255).
 BACKGROUND_LEVEL = 220.0
+
+#: What the registration check's refusal (:func:`~hescape.data.registration.check_registration`) says to check.
+REGISTRATION_CAUSE = ("check that the image is this section's, neither mirrored nor rotated, the scale (Visium: "
+                      "tissue_hires_scalef / tissue_lowres_scalef for --image hires/lowres, Xenium: pixel_size and "
+                      "the alignment CSV, AnnData: the µm per pixel) and the x/y order of the positions")
 
 
 def tissue_fraction(patch: np.ndarray) -> float:
@@ -407,16 +416,19 @@ def _write(sample: SpatialSample, out, *, spots_um, gexp, n_cells, genes, gene_i
               "size or image scale factor): check the image belongs to these positions (Xenium: in Xenium "
               "Explorer; Visium: scalefactors_json.json) and the QC figure",
         check="the alignment matrix and pixel size")
+    registration = check_registration(sample, spots_um[inside], geometry, enabled=patch.registration_check,
+                                      cause=REGISTRATION_CAUSE)
     keep, images, filters = cut_patches(sample, spots_um, inside, geometry, patch, progress=progress,
                                         workers=workers)
-    extra = {**extra, "geometry": geometry.to_dict(), "filters": filters}
+    extra = {**extra, "geometry": geometry.to_dict(), "filters": filters, "registration": registration}
     spots_um, gexp, n_cells, spot_ids = spots_um[keep], gexp[keep], n_cells[keep], spot_ids[keep]
     with DatasetWriter(out, genes=genes, gene_ids=gene_ids, rows_per_shard=rows_per_shard, overwrite=overwrite,
                        extra=extra, inputs=inputs) as w:
         w.add(SpotRecords(name=sample.name, donor=donor, tissue=tissue, source=source, images=images, gexp=gexp,
                           coords_um=spots_um, n_cells=n_cells, spot_ids=spot_ids.tolist(),
                           meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px,
-                                **({} if id_record is None else {"spot_ids": id_record})}),
+                                **({} if id_record is None else {"spot_ids": id_record}),
+                                "registration": registration}),
               split=split)
         if qc:  # written inside the temporary directory: it appears with the dataset, or not at all
             write_qc(w, sample, sample.name, spots_um, gexp, geometry, len(genes))
@@ -460,6 +472,9 @@ def check_build_options(*, split: str = "train", rows_per_shard: int = 2048, pat
     _finite("--max-upsample", patch.max_upsample, 1.0)
     if patch.outside_spots not in ("error", "drop"):
         msg = f"--outside-spots: expected 'error' or 'drop', found {patch.outside_spots!r}"
+        raise HescapeDataError(msg)
+    if not isinstance(patch.registration_check, (bool, np.bool_)):
+        msg = f"registration_check: expected True or False, found {patch.registration_check!r}"
         raise HescapeDataError(msg)
     if spots is not None:
         _finite("--min-counts", spots.min_counts, 0.0)

@@ -30,6 +30,7 @@ from .arrow import DatasetWriter, SpotRecords
 from .errors import HescapeDataError, InputFormatError
 from .geometry import GEOMETRY_PRESETS, SpotGeometry, get_geometry
 from .ingest import (
+    REGISTRATION_CAUSE,
     PatchOptions,
     SpotOptions,
     check_build_options,
@@ -41,6 +42,7 @@ from .ingest import (
 )
 from .outputs import check_output_location
 from .readers.xenium import SpatialSample
+from .registration import check_registration
 from .splits import known_sample_donor
 
 __all__ = ["build_anndata_dataset", "build_hest_dataset", "Prepared", "lattice_ids", "cli_build"]
@@ -151,12 +153,14 @@ def _records(p: Prepared, geometry: SpotGeometry, patch: PatchOptions, progress:
         cause="the positions are not in this image's pixels or the pixel size is wrong: check obsm['spatial'], the "
               "image and the QC figure",
         check="the image and pixel size")
+    registration = check_registration(s, p.spots_um[inside], geometry, enabled=patch.registration_check,
+                                      cause=REGISTRATION_CAUSE)
     keep, images, filters = cut_patches(s, p.spots_um, inside, geometry, patch, progress=progress)
     idx = np.flatnonzero(keep)
     rec = SpotRecords(name=s.name, donor=p.donor, tissue=p.tissue, source=p.source, images=images,
                       gexp=p.gexp[idx], coords_um=p.spots_um[idx], n_cells=p.n_cells[idx],
                       meta={"source_um_per_px": round(src_mpp, 6), "patch_um_per_px": geometry.um_per_px,
-                            "filters": filters, **p.meta},
+                            "filters": filters, **p.meta, "registration": registration},
                       spot_ids=[p.spot_ids[i] for i in idx])
     return rec, filters
 

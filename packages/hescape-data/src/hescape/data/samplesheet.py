@@ -80,6 +80,7 @@ OPTION_KEYS: dict[str, tuple[str, frozenset, object]] = {
     "min_tissue_fraction": ("number", _ALL, 0.0),
     "outside_spots": ("str", _ALL, "error"),
     "max_upsample": ("number", _ALL, 2.0),
+    "skip_registration_check": ("bool", _ALL, False),
     "duplicate_genes": ("str", _ALL, "error"),
     "missing_genes": ("str", _ALL, "error"),
     "max_missing": ("number", _ALL, 0.1),
@@ -241,7 +242,7 @@ def _check_row_options(row: SampleRow, rows_per_shard: int) -> None:
     """The checks of ``hescape-data build`` on one row's options (ranges, choices, the panel, the geometry)."""
     o = row.options
     patch = PatchOptions(min_tissue_fraction=o["min_tissue_fraction"], outside_spots=o["outside_spots"],
-                         max_upsample=o["max_upsample"])
+                         max_upsample=o["max_upsample"], registration_check=not o["skip_registration_check"])
     spots = SpotOptions(min_counts=o["min_counts"], min_cells=o["min_cells"]) if "min_cells" in o else None
     check_build_options(split=row.split, rows_per_shard=rows_per_shard, patch=patch, spots=spots,
                         min_counts=o["min_counts"], duplicate_genes=o["duplicate_genes"],
@@ -625,7 +626,8 @@ def _run_part(task: dict) -> dict:
             warnings.simplefilter("always")
             geometry = SpotGeometry.from_dict(task["geometry"])
             patch = PatchOptions(min_tissue_fraction=o["min_tissue_fraction"], outside_spots=o["outside_spots"],
-                                 max_upsample=o["max_upsample"])
+                                 max_upsample=o["max_upsample"],
+                                 registration_check=not o["skip_registration_check"])
             common = {"sample": task["sample"], "donor": task["donor"], "source": o["source"], "split": "train",
                       "geometry": geometry, "patch": patch, "panel": task["panel"],
                       "duplicate_genes": o["duplicate_genes"], "missing_genes": o["missing_genes"],

@@ -451,9 +451,12 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
     barcodes = fm.barcodes.tolist()
     idx, xy_px = spots_of_matrix(outs, barcodes, positions, in_tissue_only, "spots")
     img, img_path, um_to_px = open_checked_image(outs, image, sf, um_per_px, xy_px)
-    return sample_of_matrix(outs.name if outs.name != "outs" else outs.parent.name, fm, idx, xy_px * um_per_px,
-                            img, um_to_px, kind="spots", spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
-                            metadata={**scale, "image": str(img_path), "scalefactors": sf, "positions": str(pos_path)})
+    s = sample_of_matrix(outs.name if outs.name != "outs" else outs.parent.name, fm, idx, xy_px * um_per_px,
+                         img, um_to_px, kind="spots", spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
+                         metadata={**scale, "image": str(img_path), "scalefactors": sf, "positions": str(pos_path)})
+    s.background_um = positions.xy_px[positions.in_tissue == 0] * um_per_px  # Space Ranger: not under tissue
+    s.tissue_um = positions.xy_px[positions.in_tissue == 1] * um_per_px
+    return s
 
 
 def sample_of_matrix(name: str, fm, idx: np.ndarray, xy_um: np.ndarray, image: SlideImage, um_to_px: np.ndarray, *,

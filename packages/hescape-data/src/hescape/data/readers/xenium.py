@@ -45,6 +45,11 @@ class SpatialSample:
     kind: str = "cells"  # "cells" (Xenium) or "spots" (Visium)
     spot_diameter_um: float | None = None
     metadata: dict = field(default_factory=dict)
+    #: (m, 2) µm positions known to be off the tissue (Visium ``in_tissue = 0`` spots) and (k, 2) known to be on
+    #: it (``in_tissue = 1``, also spots absent from the matrix), for the registration check
+    #: (:mod:`hescape.data.registration`); None when unknown.
+    background_um: np.ndarray | None = None
+    tissue_um: np.ndarray | None = None
 
     def close(self) -> None:
         if self.image is not None:
