@@ -76,6 +76,8 @@ def test_fixture_passes_and_is_recorded(visium_outs, tmp_path):
 @pytest.mark.parametrize(("fault", "error", "match"), [
     ("scalef_half", RegistrationError, r"AUROC 0\.5\d.*2× their scale"),
     ("scalef_double", InputFormatError, r"outside it .*image scale factor"),
+    ("scalef_1.03", RegistrationError, r"AUROC 0\.9[23].*0\.97× their scale"),  # a 3 % scale error
+    ("shift_x_one_spacing", RegistrationError, r"shifted by -1 spot spacings along x"),  # 150 px ≈ 92 µm
     ("scalef_1.1", RegistrationError, r"AUROC 0\.80.*0\.9× their scale \(the µm→pixel scale should be 0\.9× what it is.*\(AUROC 0\.90"),  # a 10 % scale error
     ("transposed_image", RegistrationError, r"x and y swapped .*AUROC 0\.98"),
     ("mirrored_image", RegistrationError, r"AUROC 0\.91.*mirrored left-right \(AUROC 0\.98"),
@@ -90,6 +92,12 @@ def test_misregistration_refused(visium_outs, tmp_path, fault, error, match):
         _scale_lowres(outs, 2.0)
     elif fault == "scalef_1.1":
         _scale_lowres(outs, 1.1)
+    elif fault == "scalef_1.03":
+        _scale_lowres(outs, 1.03)
+    elif fault == "shift_x_one_spacing":  # pxl_col_in_fullres + 150 (the positions file's last column)
+        pos = outs / "spatial" / "tissue_positions_list.csv"
+        rows = [r.split(",") for r in pos.read_text().splitlines()]
+        pos.write_text("\n".join(",".join(r[:5] + [str(int(r[5]) + 150)]) for r in rows) + "\n")
     elif fault == "transposed_image":
         _edit_image(outs, lambda a: a.transpose(1, 0, 2))
     elif fault == "mirrored_image":

@@ -259,3 +259,27 @@ def test_torch_fused_label_directions(nq, ng, block):
     np.testing.assert_array_equal(rev.best_index.numpy(), first_r)
     sep = E.compute_ranks(g, q, positives=(gl, ql), backend="torch", block_size=block)
     np.testing.assert_array_equal(rev.best_score.numpy(), sep.best_score.numpy())
+
+
+def test_underflowing_scores_refused_and_non_unit_rows_warned():
+    """Rows scaled by 1e-30: float32 products underflow to 0 and every score ties (R@5 at chance instead of the
+    cosine answer): refused on the float32 paths, fine in float64. Non-unit rows rank by inner product, not cosine:
+    retrieval_metrics warns; unit rows (and all-zero rows among them) do not."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((60, 16))
+    g = q + 0.8 * rng.standard_normal((60, 16))
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    with pytest.raises(E.HescapeEvalError, match="norm product at most"):
+        E.compute_ranks((qn * 1e-30).astype(np.float32), (gn * 1e-30).astype(np.float32))
+    want = reference_ranks(qn, gn)[0]
+    np.testing.assert_array_equal(E.compute_ranks(qn * 1e-30, gn * 1e-30).ranks.numpy(), want)  # float64: exact
+    with pytest.warns(E.HescapeEvalWarning, match="not 1: Recall@k ranks by inner product"):
+        E.retrieval_metrics(q.astype(np.float32), g.astype(np.float32), ks=(5,))
+    import warnings
+
+    qz = qn.astype(np.float32)
+    qz[3] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", E.HescapeEvalWarning)
+        E.retrieval_metrics(qz, gn.astype(np.float32), ks=(5,))

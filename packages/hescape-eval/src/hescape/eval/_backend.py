@@ -230,6 +230,31 @@ def _resolve(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+#: Below this bound on every score (largest query norm × largest gallery norm) float32 products underflow toward 0
+#: (smallest normal float32: 1.2e-38) and scores tie by accident: refused on the float32 paths.
+MIN_SCORE_BOUND = 1e-30
+#: Row norms farther than this from 1 make :func:`warn_if_not_unit` warn.
+UNIT_TOLERANCE = 1e-3
+
+
+def warn_if_not_unit(image: torch.Tensor, gene: torch.Tensor) -> None:
+    """Warn (:class:`HescapeEvalWarning`) when rows of either set are not unit vectors.
+
+    Every backend ranks by inner product, which equals the cosine similarity of CLIP/SigLIP retrieval only for
+    L2-normalised rows; un-normalised rows give other ranks (a new user's trial: R@5 0.18 by inner product vs 0.46
+    by cosine on the same embeddings). All-zero rows (a sample-centred row equal to its sample's mean) are allowed.
+    """
+    for name, x in (("image", image), ("gene", gene)):
+        norms = x.detach().double().norm(dim=1)
+        norms = norms[norms > 0]
+        if norms.numel() and bool(((norms - 1).abs() > UNIT_TOLERANCE).any()):
+            warnings.warn(f"{name} embeddings: row norms {float(norms.min()):.3g} to {float(norms.max()):.3g}, not 1: "
+                          "Recall@k ranks by inner product, which is the cosine only for unit rows; L2-normalise both "
+                          "sets (torch.nn.functional.normalize) for CLIP/SigLIP retrieval", HescapeEvalWarning,
+                          stacklevel=3)
+            return
+
+
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     """float32 or bfloat16, contiguous (float16 widens exactly to float32)."""
     return (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
@@ -254,6 +279,10 @@ def _prepare(queries, gallery, positives, backend: str):
     if q.dtype != torch.float64 and bound >= 1e38:
         raise HescapeEvalError.build(what="queries and gallery", expected="scores within float32 range",
                                      found=f"norm product up to {bound:.3g}",
+                                     fix="L2-normalise the embeddings (torch.nn.functional.normalize)")
+    if q.dtype != torch.float64 and 0 < bound < MIN_SCORE_BOUND:  # products underflow: every score a tie at 0
+        raise HescapeEvalError.build(what="queries and gallery", expected=f"scores within float32 range (norm "
+                                     f"product at least {MIN_SCORE_BOUND:g})", found=f"norm product at most {bound:.3g}",
                                      fix="L2-normalise the embeddings (torch.nn.functional.normalize)")
     ql, gl = _positives(positives, q.shape[0], g.shape[0], q.device)
     return q, g, ql, gl, _resolve(backend, q)

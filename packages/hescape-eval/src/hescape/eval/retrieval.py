@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._backend import _as_tensor, batched_ranks_both, compute_ranks, compute_ranks_both
+from ._backend import _as_tensor, batched_ranks_both, compute_ranks, compute_ranks_both, warn_if_not_unit
 from .errors import HescapeEvalError
 from .protocol import RetrievalProtocol
 
@@ -346,6 +346,7 @@ def retrieval_metrics(image_emb, gene_emb, *, ks: Sequence[int] = (1, 5, 10), bl
     ks = list(ks)
     _check_ks(ks, 1 << 62)
     q, g = _as_tensor(image_emb, "image embeddings"), _as_tensor(gene_emb, "gene embeddings")
+    warn_if_not_unit(q, g)
     overall = _evaluate(q, g, ks, proto, positives, backend, block_size, None, "")
     per_group: dict[str, RetrievalReport] = {}
     if groups is not None:
