@@ -145,3 +145,20 @@ def test_cli_build_visium_hd(synth, hd8, tmp_path, capsys):
     assert main(["build", "visium-hd", str(truth16["outs"]), "--bin-size", "16", "--image", str(truth16["image"]),
                  "--out", str(tmp_path / "ds16"), "--quiet", "--no-qc"]) == 0
     assert "hescape-data: warning:" in capsys.readouterr().err
+
+
+def test_bins_off_tissue_are_the_registration_background(hd8):
+    """Space Ranger flags every bin of the capture area in_tissue 0/1 (tissue_positions.parquet): the 0 bins are
+    the registration check's known background and the 1 bins its positives, in µm (8 µm bins: neighbours 8 µm
+    apart)."""
+    import pyarrow.parquet as pq
+    from scipy.spatial import cKDTree
+
+    s = read_visium_hd(hd8["outs"], image=hd8["image"])
+    s.close()
+    flags = pq.read_table(hd8["folder"] / "spatial" / "tissue_positions.parquet").column("in_tissue").to_numpy()
+    assert 0 < len(s.background_um) == int((flags == 0).sum())
+    assert len(s.tissue_um) == int((flags == 1).sum())
+    for pts in (s.background_um, s.tissue_um):
+        d, _ = cKDTree(pts).query(pts, k=2)
+        np.testing.assert_allclose(np.median(d[:, 1]), 8.0, rtol=0.05)  # mpp_error=0.03 in the file: lattice wins

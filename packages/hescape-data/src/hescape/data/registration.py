@@ -17,7 +17,7 @@ The measure (:func:`measure_registration`):
   glass are not tissue; neither is fat (white), which is right for this purpose.
 * **Tissue score** of a point: the fraction of tissue pixels in a disc of the spot's equal-area diameter centred
   on it (37 samples on a grid inside the disc; samples off the image count as glass).
-* **Positives**: the dataset's spots. **Background**: positions known to be off the tissue: Visium's
+* **Positives**: the dataset's spots. **Background**: positions known to be off the tissue: Visium's and Visium HD's
   ``in_tissue = 0`` spots of the positions file when the reader kept them (``SpatialSample.background_um``), else
   the nodes of a square grid over the whole image (about 150 nodes a side) that lie farther than ``max(spot diameter,
   1.5 × the points' median nearest-neighbour spacing)`` from every cell, bin
@@ -33,8 +33,8 @@ The measure (:func:`measure_registration`):
 Decision (:func:`check_registration`): refused when an alternative scores at least :data:`ALTERNATIVE_MARGIN`
 (:data:`ALTERNATIVE_MARGIN_KNOWN` with a known background of at least :data:`MIN_KNOWN_BACKGROUND` points) higher
 (the error names it: "the positions fit the image far better with x and y swapped"), or when the AUROC is below
-:data:`MIN_AUROC` (known background: Visium) or :data:`MIN_AUROC_INFERRED` (inferred background: tissue outside a
-Xenium region or a Visium HD capture area counts as background and lowers a correct registration's AUROC, so only a
+:data:`MIN_AUROC` (known background: Visium, Visium HD) or :data:`MIN_AUROC_INFERRED` (inferred background: tissue outside a
+Xenium region, or of an AnnData or HEST sample's spots, counts as background and lowers a correct registration's AUROC, so only a
 low floor is safe there). Not decided (recorded with a note) when the thumbnail has almost no tissue or almost no
 glass, or fewer than :data:`MIN_POINTS` spots or background points fall on the image. Calibration on the vendored
 Space Ranger 1.0.0 fixture (lowres image, 4,235 in-tissue and 757 out-of-tissue spots): correct 0.981; scale factor
@@ -65,11 +65,11 @@ __all__ = ["MIN_AUROC", "MIN_AUROC_INFERRED", "ALTERNATIVE_MARGIN", "ALTERNATIVE
            "SCALES", "SHIFTS", "tissue_mask", "auroc", "measure_registration", "check_registration"]
 
 #: Refuse a registration whose AUROC (spots vs background, by tissue under the disc) is below this, where the
-#: background is known (Visium's in_tissue = 0 spots). The vendored fixture scores 0.981 registered, 0.52–0.92 under
+#: background is known (Visium's and Visium HD's in_tissue = 0 spots or bins). The vendored fixture scores 0.981 registered, 0.52–0.92 under
 #: scale, swap, mirror and rotation faults.
 MIN_AUROC = 0.85
 #: The floor where the background is inferred (image away from every spot). Tissue outside the measured region (a
-#: Xenium region smaller than the section, a Visium HD capture area inside it) counts as background there and
+#: Xenium region smaller than the section) counts as background there and
 #: lowers a correct registration's AUROC (about 1 − f/2 when a fraction f of the background points is tissue), so
 #: this floor only refuses spots that sit on tissue hardly more than random image points do (a shifted alignment:
 #: 0.59 on the synthetic Xenium bundle shifted by 900 px).
@@ -241,7 +241,7 @@ def measure_registration(sample, spots_um: np.ndarray, diameter_um: float) -> di
     ----------
     sample
         A :class:`~hescape.data.readers.xenium.SpatialSample` with an image. Its ``tissue_um`` and
-        ``background_um`` (positions known to be on / off the tissue, µm: Visium's ``in_tissue``) are used when
+        ``background_um`` (positions known to be on / off the tissue, µm: Visium's and Visium HD's ``in_tissue``) are used when
         set; else the spots are the positives and the background is the image away from every spot (grid nodes
         of the thumbnail farther than ``max(diameter_um, 1.5 × the spots' median nearest-neighbour distance)``
         from every spot centre, under each registration tested).

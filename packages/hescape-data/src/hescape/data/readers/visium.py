@@ -454,9 +454,16 @@ def read_visium(outs: str | os.PathLike, *, image: str | os.PathLike | None, mat
     s = sample_of_matrix(outs.name if outs.name != "outs" else outs.parent.name, fm, idx, xy_px * um_per_px,
                          img, um_to_px, kind="spots", spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
                          metadata={**scale, "image": str(img_path), "scalefactors": sf, "positions": str(pos_path)})
-    s.background_um = positions.xy_px[positions.in_tissue == 0] * um_per_px  # Space Ranger: not under tissue
-    s.tissue_um = positions.xy_px[positions.in_tissue == 1] * um_per_px
-    return s
+    return with_known_tissue(s, positions, um_per_px)
+
+
+def with_known_tissue(sample: SpatialSample, positions, um_per_px: float) -> SpatialSample:
+    """``sample`` with the positions file's spots or bins flagged ``in_tissue = 0`` (Space Ranger: not under
+    tissue) as ``background_um`` and those flagged 1 as ``tissue_um`` (µm), for the registration check
+    (:mod:`hescape.data.registration`); returns ``sample``."""
+    sample.background_um = positions.xy_px[positions.in_tissue == 0] * um_per_px
+    sample.tissue_um = positions.xy_px[positions.in_tissue == 1] * um_per_px
+    return sample
 
 
 def sample_of_matrix(name: str, fm, idx: np.ndarray, xy_um: np.ndarray, image: SlideImage, um_to_px: np.ndarray, *,

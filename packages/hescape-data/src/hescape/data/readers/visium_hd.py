@@ -39,7 +39,7 @@ from pathlib import Path
 from ..errors import InputFormatError
 from .spaceranger import LatticeFit, SpotPositions, fit_lattice, read_positions_file
 from .tenx import read_10x_matrix, read_json
-from .visium import _find_matrix, open_checked_image, sample_of_matrix, scalefactor, spots_of_matrix
+from .visium import _find_matrix, open_checked_image, sample_of_matrix, scalefactor, spots_of_matrix, with_known_tissue
 from .xenium import SpatialSample
 
 __all__ = ["HD_BIN_SIZES_UM", "DEFAULT_BIN_SIZE_UM", "find_bin_folder", "read_visium_hd", "hd_lattice"]
@@ -241,5 +241,6 @@ def read_visium_hd(path: str | os.PathLike, *, image: str | os.PathLike | None, 
     idx, xy_px = spots_of_matrix(folder, barcodes.tolist(), pos, in_tissue_only, "bins")
     img, img_path, um_to_px = open_checked_image(folder, image, sf, um_per_px, xy_px)
     meta.update({"n_bins": int(len(idx)), "image": str(img_path), "scalefactors": sf, "positions": str(pos.path)})
-    return sample_of_matrix(_sample_name(folder.resolve()), fm, idx, xy_px * um_per_px, img, um_to_px, kind="bins",
-                            spot_diameter_um=None, metadata=meta)
+    s = sample_of_matrix(_sample_name(folder.resolve()), fm, idx, xy_px * um_per_px, img, um_to_px, kind="bins",
+                         spot_diameter_um=None, metadata=meta)
+    return with_known_tissue(s, pos, um_per_px)
