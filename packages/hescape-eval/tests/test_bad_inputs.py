@@ -191,9 +191,8 @@ def test_ctrl_c_while_writing_the_figure_leaves_no_partial_file(tmp_path, capsys
     monkeypatch.setattr(figure.Figure, "savefig", interrupted)
     assert main(["report", str(run), "--out", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
-    # the text files finished before the figure are complete; no PNG and no temporary file are left
-    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "report_long.csv"]
-    assert "0.250" in (out / "report.md").read_text()
+    # the report is published only once every file is finished: nothing of it, and no temporary file, is left
+    assert not out.exists()
 
 
 # -- tile features -----------------------------------------------------------------------------------------------------
@@ -246,9 +245,9 @@ def test_damaged_feature_cache_is_one_error(tmp_path):
 # -- expression probe ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "words"), [
-    ({"n_genes": 0}, "n_genes: expected a positive integer"),  # before: IndexError from scanpy's ranking
-    ({"n_genes": 2.5}, "n_genes: expected a positive integer"),
-    ({"min_cells_pct": 1.5}, r"min_cells_pct: expected a fraction in \[0, 1\]"),
+    ({"n_genes": 0}, r"n_genes \(--n-genes\): expected a positive integer"),  # before: IndexError from scanpy's ranking
+    ({"n_genes": 2.5}, r"n_genes \(--n-genes\): expected a positive integer"),
+    ({"min_cells_pct": 1.5}, r"min_cells_pct \(--min-cells-pct\): expected a fraction in \[0, 1\]"),
 ])
 def test_expression_probe_gene_selection_options(kwargs, words):
     from hescape.eval.expression import expression_probe, select_variable_genes

@@ -39,7 +39,8 @@ def test_export_has_a_spot_id_column(tmp_path):
     out = export_anndata(tmp_path / "r.h5ad", obs=obs, row_ids=np.arange(n), image_embeddings=_unit(n, 3, 0),
                          spot_ids=ids)
     ad = anndata.read_h5ad(out)
-    assert ad.obs["spot_id"].tolist() == ids and list(ad.obs_names) == ["0", "1", "2", "3"]
+    assert ad.obs["spot_id"].tolist() == ids and ad.obs["row"].tolist() == [0, 1, 2, 3]
+    assert list(ad.obs_names) == ["A:AAAC-1", "A:AAAG-1", "B:hex_r0000_c0000", "B:hex_r0000_c0001"]
     assert list(zip(ad.obs["sample"], ad.obs["spot_id"], strict=True))[2] == ("B", "hex_r0000_c0000")
     with pytest.raises(HescapeEvalError, match="spot_ids"):
         export_anndata(tmp_path / "x.h5ad", obs=obs, row_ids=np.arange(n), image_embeddings=_unit(n, 3, 0),

@@ -65,7 +65,7 @@ def run_dataset(run_dir: str | os.PathLike) -> Path:
     """
     run = Path(run_dir)
     try:
-        cfg = json.loads((run / "config.json").read_text())
+        cfg = json.loads((run / "config.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise _fail(what=f"run directory {run}", expected="a readable config.json (written by hescape-train)",
                     found=f"{type(exc).__name__}: {exc}", fix="pass hescape-train run directories") from None
@@ -73,8 +73,10 @@ def run_dataset(run_dir: str | os.PathLike) -> Path:
     for c in candidates:
         if c and (Path(c) / "manifest.json").is_file():
             return Path(c)
+    named = list(dict.fromkeys(str(c) for c in candidates if c))  # data.path and data_resolved are often equal
     raise _fail(what=f"dataset of run {run}", expected="a dataset folder with manifest.json",
-                found=f"config.json names {[c for c in candidates if c] or 'none'}, none of them there",
+                found=f"config.json names {', '.join(named) or 'none'}, "
+                      f"{'not there' if len(named) == 1 else 'none of them there'}",
                 fix="pass --dataset DIR (the dataset the run was trained on)")
 
 

@@ -18,6 +18,7 @@ refused unless ``--overwrite``. Bad input (and an unwritable or unreadable path)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from ._argtypes import fraction, int_range, number, seed
 from .errors import HescapeEvalError
 from .io import _umask
 
@@ -55,12 +57,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _ks(text: str) -> list[int]:
-    msg = f"expected comma-separated positive integers such as 1,5,10, found {text!r}"
+    msg = f"expected comma-separated positive integers, found {text!r}; fix: pass e.g. 1,5,10"
     try:
         ks = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(msg) from None
     if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(msg)
+    dups = sorted({k for k in ks if ks.count(k) > 1})
+    if dups:  # as hescape-train refuses duplicate recall_ks: a repeated k would print the same column twice
+        msg = (f"expected distinct values, found {text!r} ({', '.join(map(str, dups))} repeated); fix: list each k "
+               f"once, e.g. {','.join(map(str, sorted(set(ks))))}")
         raise argparse.ArgumentTypeError(msg)
     return ks
 
@@ -107,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="DIR",
                    help="folder for report.md, report.csv, report_long.csv, recall_at_K.png (existing files are "
                         "refused unless --overwrite)")
-    t.add_argument("--overwrite", action="store_true", help="replace existing report files in --out")
-    t.add_argument("--k", type=int, default=5, help="the k of Recall@k (default 5, as in the paper's Table 2)")
+    t.add_argument("--overwrite", action="store_true", help="replace the report in --out (its files this report "
+                   "does not write again, e.g. recall_at_K.png of another K, are removed)")
+    t.add_argument("--k", type=int_range(1, example="5"), default=5,
+                   help="the k of Recall@k (default 5, as in the paper's Table 2)")
     t.add_argument("--protocol", metavar="P", help="recompute from saved embeddings: full, batch:B or batch:BxW")
     t.add_argument("--backend", default="auto", help="rank backend when recomputing (default auto)")
     t.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
@@ -162,16 +171,22 @@ def _add_mutation(sub) -> None:
     m.add_argument("--out", required=True, metavar="DIR", help="result folder (existing results are refused unless "
                    "--overwrite; its features/ folder is reused)")
     m.add_argument("--features", metavar="DIR", help="tile feature cache (default OUT/features)")
-    m.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call (default 64)")
+    m.add_argument("--batch-size", type=int_range(1, example="64"), default=64,
+                   help="tiles per encoder call (default 64)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    m.add_argument("--epochs", type=int, default=10, help="MIL epochs (default 10, the paper's)")
-    m.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
-    m.add_argument("--weight-decay", type=float, default=2e-5, help="AdamW weight decay (default 2e-5)")
-    m.add_argument("--val-every", type=int, default=500, help="validation every N steps (default 500)")
-    m.add_argument("--folds", type=int, default=5, help="site-preserving folds (default 5)")
-    m.add_argument("--seed", type=int, default=0, help="folds, initialisation and shuffling (default 0)")
-    m.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile (default 0.5)")
-    m.add_argument("--um-per-px", type=float, metavar="X", help="level-0 µm/px of slides that record none")
+    m.add_argument("--epochs", type=int_range(1, example="10"), default=10, help="MIL epochs (default 10, the paper's)")
+    m.add_argument("--lr", type=number(lo=0, lo_open=True, example="2e-5"), default=2e-5,
+                   help="AdamW learning rate (default 2e-5)")
+    m.add_argument("--weight-decay", type=number(lo=0, example="2e-5"), default=2e-5,
+                   help="AdamW weight decay (default 2e-5)")
+    m.add_argument("--val-every", type=int_range(1, example="500"), default=500,
+                   help="validation every N steps (default 500)")
+    m.add_argument("--folds", type=int_range(3, example="5"), default=5, help="site-preserving folds (default 5)")
+    m.add_argument("--seed", type=seed, default=0, help="folds, initialisation and shuffling (default 0)")
+    m.add_argument("--min-tissue", type=fraction("0.5"), default=0.5,
+                   help="minimum tissue fraction of a tile (default 0.5)")
+    m.add_argument("--um-per-px", type=number(lo=0, lo_open=True, example="0.25"), metavar="X",
+                   help="level-0 µm/px of slides that record none")
     m.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -197,12 +212,14 @@ def _add_batch_effects(sub) -> None:
     b.add_argument("--dataset", metavar="DIR", help="dataset of every run (default: each run's own, from config.json)")
     b.add_argument("--batch-key", choices=("split", "sample"), default="split",
                    help="batch labels: the split (train/val/test, the paper; default) or the sample")
-    b.add_argument("--max-spots", type=int, default=20000, help="spots drawn per dataset (default 20000; 0 = all)")
+    b.add_argument("--max-spots", type=int_range(0, example="20000"), default=20000,
+                   help="spots drawn per dataset (default 20000; 0 = all)")
     b.add_argument("--no-embeddings", action="store_true", help="expression only (no model is loaded)")
     b.add_argument("--protocol", metavar="P", help="recompute Recall@5 from embeddings/test.npz: full, batch:B[xW]")
     b.add_argument("--device", default="cpu", help="torch device for the embeddings (default cpu)")
-    b.add_argument("--batch-size", type=int, default=256, help="spots per forward pass (default 256)")
-    b.add_argument("--seed", type=int, default=0, help="spot draw, PCA, neighbours, Leiden, permutation (default 0)")
+    b.add_argument("--batch-size", type=int_range(1, example="256"), default=256,
+                   help="spots per forward pass (default 256)")
+    b.add_argument("--seed", type=seed, default=0, help="spot draw, PCA, neighbours, Leiden, permutation (default 0)")
     b.add_argument("--no-figure", action="store_true", help="skip the PNG")
     b.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -256,7 +273,8 @@ def _add_embed(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e.add_argument("--split", default="test", help="split to embed (default test)")
     e.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of a run (default best)")
-    e.add_argument("--batch-size", type=int, default=256, help="spots per forward pass (default 256)")
+    e.add_argument("--batch-size", type=int_range(1, example="256"), default=256,
+                   help="spots per forward pass (default 256)")
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
@@ -337,6 +355,13 @@ def _retrieval(args: argparse.Namespace) -> int:
     from .retrieval import retrieval_reports
 
     protocols = [RetrievalProtocol.parse(p) for p in (args.protocol or ["full", "batch:64"])]  # fail fast
+    names = [str(p) for p in protocols]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:  # as --ks: a repeated protocol would print the same table twice
+        raise HescapeEvalError.build(what="--protocol", expected="each protocol once",
+                                     found=f"{', '.join(dups)} given {max(names.count(n) for n in dups)} times "
+                                           f"(as {', '.join(args.protocol)})",
+                                     fix="pass each --protocol once")
     if args.out:
         _check_out_file(Path(args.out), ".json", args.overwrite)
     emb = load_embeddings(args.run_dir, split=args.split)
@@ -362,14 +387,14 @@ def _report(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise HescapeEvalError.build(what="--k", expected="a positive integer", found=str(args.k), fix="e.g. --k 5")
     from ._write import refuse_existing
-    from .report import report_files
+    from .report import existing_report_files, report_files
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise HescapeEvalError.build(what=f"--out {out}", expected="a folder (or a path where one can be made)",
                                      found="a file", fix="name a folder, e.g. --out reports/table2")
     if not args.overwrite:  # before any run is read: a refused command costs nothing
-        refuse_existing(report_files(out, args.k, figures=not args.no_figures))
+        refuse_existing(report_files(out, args.k, figures=not args.no_figures) + existing_report_files(out))
     res = write_report(args.run_dirs, args.out, k=args.k, protocol=args.protocol, backend=args.backend,
                        figures=not args.no_figures, title=args.title)
     print(res["table"].to_markdown())
@@ -403,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     except HescapeEvalError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed by the reader (`... | head`): not a file problem; stay quiet
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     except OSError as exc:  # e.g. --out in a folder we may not write, a full disk
         print(f"{PROG}: error: {_os_error(exc)}", file=sys.stderr)
         return 2

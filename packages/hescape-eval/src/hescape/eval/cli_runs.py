@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from ._argtypes import fraction, int_range, seed
+
 __all__ = ["add_expression", "add_export", "run_expression", "run_export"]
 
 
@@ -20,7 +22,7 @@ def _alpha(text: str) -> float:
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        msg = f"expected a positive number such as 10, found {text!r}"
+        msg = f"expected a positive finite number, found {text!r}; fix: pass e.g. 10, or --alpha-cv"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -58,22 +60,26 @@ def add_expression(sub) -> None:
                    "(default RUN_DIR/embeddings/train.npz; make one with hescape-eval embed --split train)")
     e.add_argument("--modality", choices=("image", "gene"), default="image",
                    help="which embedding is the probe's input (default image, as HEST)")
-    e.add_argument("--n-genes", type=int, default=50, help="most variable genes to predict (default 50, HEST)")
+    e.add_argument("--n-genes", type=int_range(1, example="50"), default=50,
+                   help="most variable genes to predict (default 50, HEST)")
     e.add_argument("--genes", metavar="LIST|FILE", help="genes to predict instead: names A,B,C, a text file (one a "
                    "line) or HEST's var_50genes.json")
     e.add_argument("--gene-selection", choices=("all", "train"), default="all",
                    help="choose genes on every spot probed (default, HEST) or on each training fold")
-    e.add_argument("--min-cells-pct", type=float, default=0.10,
+    e.add_argument("--min-cells-pct", type=fraction("0.1"), default=0.10,
                    help="a gene must be counted in this share of every sample's spots (default 0.10, HEST)")
-    e.add_argument("--n-components", type=int, metavar="K", help="PCA width (default min(256, d))")
+    e.add_argument("--n-components", type=int_range(1, example="64"), metavar="K",
+                   help="PCA width (default min(256, d))")
     a = e.add_mutually_exclusive_group()
     a.add_argument("--alpha", type=_alpha, metavar="A", help="a fixed ridge penalty (default HEST's "
                    "100 / (K * genes))")
     a.add_argument("--alpha-cv", action="store_true", help="choose the penalty per training fold by inner grouped "
                    "cross-validation over 1e-3 .. 1e5")
-    e.add_argument("--inner-folds", type=int, default=3, help="--alpha-cv: inner folds by patient (default 3)")
-    e.add_argument("--folds", type=int, metavar="K", help="GroupKFold(K) by patient (default: leave one patient out)")
-    e.add_argument("--seed", type=int, default=1, help="random_state of the PCA and the ridge (default 1, HEST)")
+    e.add_argument("--inner-folds", type=int_range(2, example="3"), default=3,
+                   help="--alpha-cv: inner folds by patient (default 3)")
+    e.add_argument("--folds", type=int_range(2, example="5"), metavar="K",
+                   help="GroupKFold(K) by patient (default: leave one patient out)")
+    e.add_argument("--seed", type=seed, default=1, help="random_state of the PCA and the ridge (default 1, HEST)")
     e.add_argument("--colour-baseline", action="store_true", help="also probe the patches' colour statistics "
                    "(loads the spots' patches into memory)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files in --out")
@@ -104,7 +110,8 @@ def add_export(sub) -> None:
         description=textwrap.dedent("""\
             Write a run's saved test embeddings (or an embeddings .npz of `hescape-eval embed`) to AnnData:
             obsm X_hescape_img and X_hescape_gex, obsm spatial (spot centres x, y in um from the dataset), obs sample,
-            donor, split and spot_id, uns["hescape"] the run's config.json and results.json
+            donor, split, spot_id and row (the file's index), obs_names "<sample>:<spot_id>" (unique in the dataset, so
+            exports of its train and test splits concatenate), uns["hescape"] the run's config.json and results.json
             (hescape.eval.export.read_params reads them back). The dataset is the run's own unless --dataset is
             given, and must match the embeddings row by row. Needs anndata (pip install 'hescape-eval[export]')."""),
         epilog=textwrap.dedent("""\
@@ -130,7 +137,7 @@ def run_export(args: argparse.Namespace) -> int:
     spatial = ("obsm spatial (x, y) in µm" if note is None else
                "no obsm spatial: the dataset has no coordinates" if note == "absent" else f"obsm spatial ({note})")
     print(f"exported {res['n']} spots: obsm X_hescape_img ({res['d_img']}-d), X_hescape_gex ({res['d_gex']}-d), "
-          f"{spatial}; obs sample, donor, split, spot_id{'; X raw counts' if args.counts else ''}; uns['hescape'] "
+          f"{spatial}; obs_names <sample>:<spot_id>; obs sample, donor, split, spot_id, row{'; X raw counts' if args.counts else ''}; uns['hescape'] "
           "run parameters")
     print(f"wrote {res['path']}")
     return 0

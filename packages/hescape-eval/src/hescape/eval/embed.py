@@ -59,7 +59,7 @@ def resolve_model_file(path: str | os.PathLike, which: str = "best") -> Path:
             index = folder / "index.json"
             if index.is_file():
                 try:
-                    name = json.loads(index.read_text()).get(which)
+                    name = json.loads(index.read_text(encoding="utf-8-sig")).get(which)
                 except (OSError, ValueError) as e:
                     msg = f"model {p}: {index} cannot be read ({e}); the run may be damaged"
                     raise HescapeEvalError(msg) from None

@@ -2,8 +2,10 @@
 
 Layout of the written file (schema ``hescape-anndata/1``)::
 
-    obs_names                 the row id of each spot (str), unique
-    obs["row"]                the row id as given (e.g. the dataset row index)
+    obs_names                 "<sample>:<spot_id>" when spot ids are given (unique within a dataset: hescape-data
+                              requires unique sample names and unique spot ids within a sample, so exports of
+                              several splits of one dataset concatenate without clashes); else the row id (str)
+    obs["row"]                the row id as given (e.g. the row index within the embedded split)
     obs["sample"], obs["donor"], obs["split"]   categorical; plus any extra columns passed
     obs["spot_id"]            optional: each spot's id within its sample (str, e.g. a Visium barcode or a
                               pseudo-spot's lattice id): (sample, spot_id) joins a row back to the source object
@@ -82,7 +84,8 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
         Per-spot columns; must contain ``"sample"``, ``"donor"`` and ``"split"`` (length ``N`` each); any other
         columns are kept (strings become categorical).
     row_ids
-        ``(N,)`` unique row id of each spot (e.g. its dataset row): ``obs["row"]`` and, as text, ``obs_names``.
+        ``(N,)`` unique row id of each spot (e.g. its dataset row): ``obs["row"]``, and ``obs_names`` when no
+        ``spot_ids`` are given.
     image_embeddings, gene_embeddings
         ``(N, D)`` embeddings (numpy or torch), stored as float32 in ``obsm["X_hescape_img"]`` and
         ``obsm["X_hescape_gex"]``; at least one is required.
@@ -96,7 +99,8 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
         Replace an existing file (else refused).
     spot_ids
         Optional ``(N,)`` id of each spot within its sample (``PairedSpotDataset.spot_ids``) → ``obs["spot_id"]``
-        (plain strings). ``obs_names`` stay the row ids; join to the source by ``(obs["sample"], obs["spot_id"])``.
+        (plain strings), and ``obs_names`` = ``"<sample>:<spot_id>"`` (must be unique); join to the source by
+        ``(obs["sample"], obs["spot_id"])``.
 
     Returns
     -------
@@ -142,6 +146,15 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
     if missing:
         raise _err(what="obs", expected=f"columns {list(_REQUIRED_OBS)}", found=f"missing {missing}",
                    fix="pass the sample, donor and split of every spot")
+    obs_names = names
+    if spot_ids is not None:  # a spot's identity, the same in every export of its dataset (row ids restart per split)
+        sample = np.asarray(obs["sample"]).ravel()
+        if len(sample) == n:
+            obs_names = np.char.add(np.char.add(sample.astype(str), ":"), np.asarray(obs["spot_id"]).astype(str))
+            if len(np.unique(obs_names)) != n:
+                raise _err(what="spot_ids", expected="unique (sample, spot id) pairs",
+                           found=f"{n - len(np.unique(obs_names))} repeated pair(s)",
+                           fix="pass PairedSpotDataset.spot_ids of the same rows (unique within each sample)")
     columns: dict[str, np.ndarray] = {}
     for k, v in obs.items():
         col = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v).ravel()
@@ -183,7 +196,7 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
         raise _err(what="export_anndata", expected="anndata installed", found="no anndata",
                    fix="pip install 'hescape-eval[export]'") from exc
 
-    frame = pd.DataFrame(index=pd.Index(names, name="spot"))
+    frame = pd.DataFrame(index=pd.Index(np.asarray(obs_names, dtype=object), name="spot"))
     frame["row"] = rid if rid.dtype.kind in "iu" else names
     for k, col in columns.items():
         if k == "spot_id" and spot_ids is not None:

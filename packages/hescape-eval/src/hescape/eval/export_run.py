@@ -4,7 +4,8 @@ The embeddings (``RUN_DIR/embeddings/test.npz``, or an ``.npz`` of ``hescape-eva
 joined to their dataset's rows (:func:`hescape.eval.run_data.open_run_spots`, which refuses a dataset that does not
 match) and written by :func:`hescape.eval.export.export_anndata`: ``obsm["X_hescape_img"]``, ``obsm["X_hescape_gex"]``,
 ``obsm["spatial"]`` (spot centres ``(x, y)`` in µm, the dataset's ``cell_coords``), ``obs`` sample / donor / split /
-spot_id, ``obs["row"]`` the file's index (the row within the embedded split), optionally ``X`` = raw counts with the
+spot_id, ``obs["row"]`` the file's index (the row within the embedded split), ``obs_names`` ``"<sample>:<spot_id>"``
+(unique within the dataset), optionally ``X`` = raw counts with the
 gene panel as ``var_names``, and ``uns["hescape"]`` the run's parameters (:func:`hescape.eval.export.read_params`):
 ``config`` (``config.json``), ``results`` (``results.json``) and where everything came from.
 

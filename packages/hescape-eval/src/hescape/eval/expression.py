@@ -70,7 +70,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HescapeEvalError, HescapeEvalWarning
+from .errors import HescapeEvalError, HescapeEvalWarning, plain_list
 
 __all__ = ["HEST_N_GENES", "HEST_N_COMPONENTS", "HEST_MIN_CELLS_PCT", "HEST_SEED", "DEFAULT_ALPHA_GRID", "hest_alpha",
            "select_variable_genes", "pearson_per_gene", "ProbeScores", "ExpressionFold", "ExpressionProbeResult",
@@ -184,11 +184,18 @@ def _labels(x, n: int, what: str) -> np.ndarray:
 def _check_selection(n_genes, min_cells_pct) -> None:
     """Refuse a gene count that is not a positive integer, or a detection fraction outside [0, 1]."""
     if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1:
-        raise _err(what="n_genes", expected="a positive integer (HEST: 50)", found=repr(n_genes),
-                   fix="e.g. n_genes=50, or pass genes= explicitly")
+        raise _err(what="n_genes (--n-genes)", expected="a positive integer (HEST: 50)", found=repr(n_genes),
+                   fix="e.g. n_genes=50 (--n-genes 50), or pass genes= (--genes) explicitly")
     if not (isinstance(min_cells_pct, int | float | np.floating) and 0 <= min_cells_pct <= 1):
-        raise _err(what="min_cells_pct", expected="a fraction in [0, 1] (HEST: 0.10)", found=repr(min_cells_pct),
-                   fix="e.g. min_cells_pct=0.1")
+        raise _err(what="min_cells_pct (--min-cells-pct)", expected="a fraction in [0, 1] (HEST: 0.10)",
+                   found=repr(min_cells_pct), fix="e.g. min_cells_pct=0.1 (--min-cells-pct 0.1)")
+
+
+def _check_seed(seed) -> None:
+    """Refuse a seed scikit-learn's ``random_state`` does not take (an integer in ``[0, 2**32 - 1]``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) <= 2**32 - 1:
+        raise _err(what="seed (--seed)", expected="an integer in [0, 4294967295] (scikit-learn's random_state)",
+                   found=repr(seed), fix=f"e.g. seed={HEST_SEED} (--seed {HEST_SEED}, HEST's)")
 
 
 def _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha) -> str | float:
@@ -203,7 +210,7 @@ def _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha) -
     if genes is None:
         _check_selection(n_genes, min_cells_pct)
     if gene_selection not in ("all", "train"):
-        raise _err(what="gene_selection", expected="'all' or 'train'",
+        raise _err(what="gene_selection (--gene-selection)", expected="'all' or 'train'",
                    found=repr(gene_selection), fix="pick one of the two")
     if isinstance(alpha, str) and alpha in ("hest", "cv"):
         return alpha
@@ -212,8 +219,8 @@ def _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha) -
     except (TypeError, ValueError):
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
-        raise _err(what="alpha", expected="'hest', 'cv' or a positive float", found=repr(alpha),
-                   fix="e.g. alpha='hest'")
+        raise _err(what="alpha (--alpha)", expected="'hest', 'cv' or a positive float", found=repr(alpha),
+                   fix="e.g. alpha='hest' (no --alpha)")
     return value
 
 
@@ -263,7 +270,8 @@ def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes
     if len(cols) < n_genes:
         raise _err(what=f"genes counted in >= {min_cells_pct:.0%} of the spots of every sample",
                    expected=f"at least {n_genes}",
-                   found=f"{len(cols)}", fix="lower n_genes or min_cells_pct, or pass genes= explicitly")
+                   found=f"{len(cols)}", fix="lower n_genes (--n-genes) or min_cells_pct (--min-cells-pct), or pass "
+                   "genes= (--genes) explicitly")
     try:
         import anndata
         import scanpy as sc
@@ -271,7 +279,7 @@ def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes
         raise _err(what="gene selection",
                    expected="scanpy installed (HEST ranks genes with sc.pp.highly_variable_genes)",
                    found="no scanpy",
-                   fix="pip install 'hescape-eval[batch]', or pass genes= (e.g. HEST's var_50genes.json)") from exc
+                   fix="pip install 'hescape-eval[batch]', or pass genes= (--genes; e.g. HEST's var_50genes.json)") from exc
     ad = anndata.AnnData(np.log1p(cnt.columns(cols, idx)).astype(np.float32))
     ad.var_names = [names[c] for c in cols]
     sc.pp.highly_variable_genes(ad, n_top_genes=n_genes)
@@ -288,7 +296,7 @@ def _gene_names(gene_names, g: int) -> list[str]:
     dups = sorted({n for n in names if n in seen or seen.add(n)})
     if dups:
         raise _err(what="gene_names", expected="unique names",
-                   found=f"duplicates {dups[:10]}", fix="deduplicate the panel's gene names")
+                   found=f"duplicates {plain_list(dups, 10)}", fix="deduplicate the panel's gene names")
     return names
 
 
@@ -431,7 +439,8 @@ class ExpressionProbeResult:
         if self.params.get("fold_genes"):
             raise _err(what="per-gene table", expected="the same genes in every fold",
                        found="genes selected per training fold",
-                       fix="use gene_selection='all' or genes=..., or read params['fold_genes'] and model.pearson")
+                       fix="use gene_selection='all' (--gene-selection all) or genes= (--genes), or read "
+                           "params['fold_genes'] and model.pearson")
         m = self.model
         header = ["gene", "pearson_mean", "pearson_std", "mse_mean", "mse_std", "n_undefined", "mean_baseline_mse"]
         if self.colour_baseline is not None:
@@ -483,9 +492,10 @@ def _fit_predict(x_tr, y_tr, x_te, groups_tr, *, n_components, alpha, alpha_grid
 
         n_groups = len(np.unique(groups_tr))
         if n_groups < 2:
-            raise _err(what="alpha='cv'",
+            raise _err(what="alpha='cv' (--alpha-cv)",
                        expected="at least 2 patients in each training fold for the inner cross-validation",
-                       found=f"{n_groups}", fix="use alpha='hest' or a fixed alpha, or add patients")
+                       found=f"{n_groups}", fix="use alpha='hest' (no --alpha-cv) or a fixed alpha (--alpha A), or "
+                       "add patients")
         search = GridSearchCV(_make_pipeline(n_components, 1.0, seed, fit_intercept),
                               {"ridge__alpha": list(alpha_grid)}, scoring=_mean_pearson_scorer,
                               cv=GroupKFold(n_splits=min(inner_splits, n_groups)), refit=True, error_score="raise")
@@ -575,6 +585,7 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
     patients_all = _labels(patients, n, "patients")
     samples_all = patients_all if samples is None else _labels(samples, n, "samples")
     alpha = _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha)
+    _check_seed(seed)
 
     rows = np.arange(n)
     if splits is not None:
@@ -592,20 +603,23 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
         raise _err(what="patients", expected="at least 2 patients (folds hold out whole patients)",
                    found=f"{n_pat}", fix="probe a split with more patients, or pass patient labels (not one constant)")
     if int(n_components) < 1 or int(n_components) > x.shape[1]:
-        raise _err(what=f"n_components={n_components}", expected=f"between 1 and the embedding width {x.shape[1]}",
-                   found=f"{n_components}", fix=f"pass n_components={x.shape[1]} or less (peng-lab/hescape uses 128)")
+        raise _err(what=f"n_components={n_components} (--n-components {n_components})",
+                   expected=f"between 1 and the embedding width {x.shape[1]}", found=f"{n_components}",
+                   fix=f"pass n_components={x.shape[1]} or less (--n-components {x.shape[1]}; peng-lab/hescape uses "
+                       "128)")
     n_components = int(n_components)
 
     if genes is not None:
         genes = [str(g) for g in genes]
         missing = [g for g in genes if g not in set(names)]
         if missing:
-            raise _err(what="genes", expected="genes present in gene_names",
-                       found=f"{len(missing)} missing: {missing[:20]}",
-                       fix="drop those genes or pass counts of a panel that has them")
+            raise _err(what="genes (--genes)", expected="genes present in the panel (gene_names)",
+                       found=f"{len(missing)} missing: {plain_list(missing, 20)}",
+                       fix="drop those genes from genes= (--genes), or use counts (a --dataset) of a panel that has "
+                           "them")
         if len(set(genes)) != len(genes):
-            raise _err(what="genes", expected="unique genes",
-                       found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="deduplicate them")
+            raise _err(what="genes (--genes)", expected="unique genes",
+                       found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="list each gene once")
         fixed_genes: list[str] | None = genes
     elif gene_selection == "all":
         fixed_genes = select_variable_genes(cnt, names, samples_all, n_genes=n_genes, min_cells_pct=min_cells_pct,
@@ -617,8 +631,9 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
         splitter = LeaveOneGroupOut()
     else:
         if int(n_splits) < 2 or int(n_splits) > n_pat:
-            raise _err(what=f"n_splits={n_splits}", expected=f"between 2 and the number of patients ({n_pat})",
-                       found=f"{n_splits}", fix="pass n_splits=None (leave one patient out) or fewer folds")
+            raise _err(what=f"n_splits={n_splits} (--folds {n_splits})",
+                       expected=f"between 2 and the number of patients ({n_pat})", found=f"{n_splits}",
+                       fix="pass n_splits=None (no --folds: leave one patient out) or fewer folds")
         splitter = GroupKFold(n_splits=int(n_splits))
     col = {g: i for i, g in enumerate(names)}
 
@@ -635,7 +650,9 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
     folds: list[ExpressionFold] = []
     per: dict[str, dict[str, list]] = {k: {"r": [], "u": [], "mse": [], "a": []} for k in ("model", "mean", "colour")}
     fold_genes: list[list[str]] = []
-    for tr, te in splitter.split(x, groups=pat):
+    splits = list(splitter.split(x, groups=pat))
+    smallest = min(len(tr) for tr, _ in splits)  # the PCA of every fold needs n_components <= its training spots
+    for tr, te in splits:
         if fixed_genes is None:
             fg = select_variable_genes(cnt, names, samples_all, n_genes=n_genes, min_cells_pct=min_cells_pct,
                                        rows=rows[tr])
@@ -647,8 +664,10 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
         if n_components > len(tr):
             raise _err(what=f"PCA({n_components}) on a training fold",
                        expected=f"at least {n_components} training spots",
-                       found=f"{len(tr)} (held out: {sorted(set(pat[te]))})", fix="lower n_components or add spots")
-        folds.append(ExpressionFold(tuple(sorted(set(pat[te]))), len(tr), len(te)))
+                       found=f"{len(tr)} (held out: {plain_list(sorted(set(pat[te].tolist())))})",
+                       fix=f"lower n_components to the smallest training fold's {smallest} spots or less "
+                           f"(--n-components {smallest}), or add spots")
+        folds.append(ExpressionFold(tuple(sorted({str(p) for p in pat[te].tolist()})), len(tr), len(te)))
         kw = {"alpha": alpha, "alpha_grid": alpha_grid, "inner_splits": inner_splits, "seed": seed,
               "fit_intercept": fit_intercept}
         runs = [("model", x, n_components)]

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ._write import atomic_write_text, publish, refuse_existing
-from .errors import HescapeEvalError, HescapeEvalWarning
+from .errors import HescapeEvalError, HescapeEvalWarning, plain_list
 from .expression import (
     DEFAULT_ALPHA_GRID,
     HEST_MIN_CELLS_PCT,
@@ -90,7 +90,7 @@ def read_gene_list(text: str) -> list[str]:
     p = Path(text)
     if p.is_file():
         try:
-            raw = p.read_text()
+            raw = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not part of a name
         except OSError as exc:
             raise _fail(what=f"--genes {p}", expected="a readable file", found=exc.strerror or str(exc),
                         fix="check the path") from None
@@ -188,23 +188,27 @@ def train_test_probe(x_train, x_test, counts_train, counts_test, gene_names: Seq
     shared = sorted(set(ptr) & set(pte))
     if shared:
         raise _fail(what="train and test patients", expected="disjoint sets (a patient in both leaks its tissue)",
-                    found=f"{len(shared)} shared, e.g. {shared[:3]}", fix="embed the train and test splits of one "
+                    found=f"{len(shared)} shared, e.g. {plain_list(shared, 3)}", fix="embed the train and test splits of one "
                     "donor-split dataset")
     alpha = E._check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha)
+    E._check_seed(seed)
     k = int(n_components)
     if k < 1 or k > xtr.shape[1] or k > len(xtr):
-        raise _fail(what=f"n_components={n_components}",
+        top = min(xtr.shape[1], len(xtr))
+        raise _fail(what=f"n_components={n_components} (--n-components {n_components})",
                     expected=f"between 1 and the embedding width {xtr.shape[1]} and the training spots {len(xtr)}",
-                    found=str(n_components), fix=f"pass n_components={min(xtr.shape[1], len(xtr))} or less")
+                    found=str(n_components), fix=f"pass n_components={top} or less (--n-components {top})")
     if genes is not None:
         genes = [str(g) for g in genes]
         missing = [g for g in genes if g not in set(names)]
         if missing:
-            raise _fail(what="genes", expected="genes present in gene_names", found=f"{len(missing)} missing: "
-                        f"{missing[:20]}", fix="drop those genes or pass counts of a panel that has them")
+            raise _fail(what="genes (--genes)", expected="genes present in the panel (gene_names)",
+                        found=f"{len(missing)} missing: {plain_list(missing, 20)}",
+                        fix="drop those genes from genes= (--genes), or use counts (a --dataset) of a panel that has "
+                            "them")
         if len(set(genes)) != len(genes):
-            raise _fail(what="genes", expected="unique genes", found=f"{len(genes) - len(set(genes))} duplicate(s)",
-                        fix="deduplicate them")
+            raise _fail(what="genes (--genes)", expected="unique genes",
+                        found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="list each gene once")
         chosen = genes
     else:
         rows = None if gene_selection == "all" else np.arange(len(xtr))
@@ -240,7 +244,7 @@ def train_test_probe(x_train, x_test, counts_train, counts_test, gene_names: Seq
               "seed": seed, "fit_intercept": fit_intercept,
               "gene_selection": "given" if genes is not None else gene_selection, "min_cells_pct": min_cells_pct,
               "folds": "train -> test", "fold_genes": None}
-    return ExpressionProbeResult(genes=tuple(chosen), folds=(ExpressionFold(tuple(sorted(set(pte))), len(xtr),
+    return ExpressionProbeResult(genes=tuple(chosen), folds=(ExpressionFold(tuple(sorted({str(p) for p in pte})), len(xtr),
                                                                               len(xte)),),
                                  model=scores["model"], mean_baseline=mean, colour_baseline=scores.get("colour"),
                                  params=params)

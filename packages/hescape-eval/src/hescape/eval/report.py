@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ import numpy as np
 from .errors import HescapeEvalError
 
 __all__ = ["ReportTable", "RunRecord", "build_table", "config_variants", "load_run", "load_runs", "plot_recall",
-           "report_files", "write_report"]
+           "existing_report_files", "report_files", "write_report"]
 
 DIRECTIONS = ("i2g", "g2i")
 _DIR_LABEL = {"i2g": "I2G", "g2i": "G2I"}
@@ -67,7 +68,7 @@ class RunRecord:
 
     ``recall`` and ``chance`` map ``"i2g"`` / ``"g2i"`` to fractions in [0, 1]; ``pool`` is the gallery size (the
     test set under ``"full"``, the batch size ``B`` under ``"batch:B"``); ``source`` is ``"results.json"`` or
-    ``"embeddings"`` (recomputed).
+    ``"embeddings"`` (recomputed); ``n_test`` the number of test spots (``None`` when unknown).
     """
 
     path: Path
@@ -82,6 +83,7 @@ class RunRecord:
     pool: int | None
     source: str
     variant: str = ""
+    n_test: int | None = None
 
     @property
     def model(self) -> str:
@@ -97,7 +99,7 @@ def _fail(*, what: str, expected: str, found: str, fix: str) -> HescapeEvalError
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise _fail(what=what, expected=f"a readable JSON object in {path}", found=f"{type(exc).__name__}: {exc}",
                     fix="rerun the training, or remove this run from the report") from None
@@ -132,7 +134,7 @@ def _recorded_model(run: Path) -> dict | None:
     try:
         from safetensors import safe_open
 
-        name = json.loads((run / "checkpoints" / "index.json").read_text()).get("best")
+        name = json.loads((run / "checkpoints" / "index.json").read_text(encoding="utf-8-sig")).get("best")
         with safe_open(str(run / "checkpoints" / name / "model.safetensors"), framework="numpy") as f:
             cfg = json.loads((f.metadata() or {})["model_cfg"])
     except Exception:  # noqa: BLE001 - no checkpoint, no safetensors, a foreign file: fall back to config.json
@@ -149,7 +151,8 @@ def _tower_label(tower: dict) -> str:
 def _panel_of(cfg: dict, run: Path) -> str:
     """Column group of a run: the gene panel recorded in the dataset manifest, else the dataset's directory name.
 
-    Looked up in ``manifest.json`` of ``data.path`` (or ``data_resolved``): ``panel``, ``ingest.panel``
+    Looked up in ``manifest.json`` of ``data_resolved`` (hescape-train's absolute path, so a relative ``data.path``
+    need not resolve from the report's working directory) or ``data.path``: ``panel``, ``ingest.panel``
     (hescape-data ingest), ``generator.config.panel`` (the synthetic builder). With no dataset path (the embedded
     synthetic default) it is ``data.panel``.
     """
@@ -157,10 +160,11 @@ def _panel_of(cfg: dict, run: Path) -> str:
     path = data.get("path") or cfg.get("data_resolved")
     if not path:
         return str(data.get("panel") or "unknown")
-    manifest = Path(path) / "manifest.json"
+    found = [Path(p) / "manifest.json" for p in (cfg.get("data_resolved"), data.get("path")) if p]
+    manifest = next((m for m in found if m.is_file()), found[0])
     if manifest.is_file():
         try:
-            m = json.loads(manifest.read_text())
+            m = json.loads(manifest.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError):
             m = {}
         for value in (m.get("panel"), (m.get("ingest") or {}).get("panel"),
@@ -186,7 +190,8 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
         ``None``: take the numbers from ``results.json`` (protocol ``full``). A protocol spec (``"full"``,
         ``"batch:64"``, ``"batch:64x4"``, :mod:`hescape.eval.protocol`): recompute from ``embeddings/test.npz``
         with :func:`hescape.eval.retrieval_metrics` when the run has them, else fall back to ``results.json``
-        (whose protocol is then recorded, so :func:`build_table` refuses to mix it with the requested one).
+        (whose protocol is then recorded, so :func:`build_table` refuses to mix it with the requested one). A run
+        without ``results.json`` (unfinished: its embeddings may be of any checkpoint) is refused in both modes.
     backend
         Rank backend for recomputation.
     panel
@@ -229,6 +234,11 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
     from .io import embeddings_path
 
     emb_file = embeddings_path(run, "test")
+    res_path = run / "results.json"
+    if not res_path.is_file():  # an unfinished run, refused whether or not its numbers would be recomputed
+        raise _fail(what=f"run {run}", expected="results.json (written when training finishes)",
+                    found="no results.json",
+                    fix="let the run finish (or resume it with hescape-train --resume), or leave it out")
     if protocol is not None and emb_file.is_file():
         from .io import load_embeddings
         from .protocol import RetrievalProtocol
@@ -239,14 +249,8 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
         rep = retrieval_metrics(emb.image, emb.gene, ks=[int(k)], protocol=proto, backend=backend)
         return RunRecord(**common, recall={d: rep[d].recall[int(k)] for d in DIRECTIONS},
                          chance={d: rep[d].chance[int(k)] for d in DIRECTIONS}, protocol=str(proto),
-                         pool=rep["i2g"].pool, source="embeddings")
+                         pool=rep["i2g"].pool, source="embeddings", n_test=len(emb.image))
 
-    res_path = run / "results.json"
-    if not res_path.is_file():
-        extra = "" if protocol is None else f" nor {emb_file.relative_to(run)}"
-        raise _fail(what=f"run {run}", expected="results.json (written when training finishes)",
-                    found=f"no results.json{extra}",
-                    fix="let the run finish (or resume it with hescape-train --resume), or leave it out")
     res = _read_json(res_path, f"results of run {run}")
     recall, chance = {}, {}
     for d in DIRECTIONS:
@@ -254,9 +258,13 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
         if not isinstance(res.get(key), int | float):
             have = sorted({int(x.split("@")[1]) for x in res
                            if x.startswith(f"{d}_R@") and x.split("@")[1].isdigit()})
+            # the saved test embeddings are the best checkpoint's, the same model results.json scored: protocol
+            # full recomputes any k over the same gallery
+            recompute = (f"pass --protocol full to recompute Recall@{k} from {emb_file} (the same full gallery), "
+                         if emb_file.is_file() else "")
             raise _fail(what=f"results of run {run}", expected=f"a number under {key!r}",
                         found=f"Recall@k for k in {have}",
-                        fix=f"choose --k among {have}, or retrain with recall_ks including {k}")
+                        fix=f"choose --k among {have}, {recompute}or retrain with recall_ks including {k}")
         recall[d] = float(res[key])
         c = res.get(f"{key}_chance")
         pool = res.get(f"{d}_pool")
@@ -266,8 +274,10 @@ def load_run(run_dir: str | os.PathLike, *, k: int = 5, protocol: str | None = N
             c = chance_recall(int(pool), int(k)) if isinstance(pool, int) and pool > 0 else math.nan
         chance[d] = float(c)
     pool = res.get("i2g_pool")
-    return RunRecord(**common, recall=recall, chance=chance, protocol=str(res.get("i2g_protocol", "full")),
-                     pool=int(pool) if isinstance(pool, int) else None, source="results.json")
+    res_protocol = str(res.get("i2g_protocol", "full"))
+    pool = int(pool) if isinstance(pool, int) else None
+    return RunRecord(**common, recall=recall, chance=chance, protocol=res_protocol, pool=pool, source="results.json",
+                     n_test=pool if res_protocol == "full" else None)
 
 
 #: ``config.json`` keys that never set a run apart in a report: the seed (aggregated over), where the run was written,
@@ -307,12 +317,15 @@ def config_variants(records: Sequence[RunRecord]) -> list[str]:
     unambiguous); ``""`` for a run whose group agrees on every key. One string per record, in order. A record whose
     ``config.json`` cannot be read counts as having no settings.
     """
-    configs = []
+    configs, shown_paths = [], []
     for r in records:
         try:
             configs.append(_flat_config(Path(r.path)))
+            data = _read_json(Path(r.path) / "config.json", f"config of run {r.path}").get("data") or {}
+            shown_paths.append(data.get("path") if isinstance(data, dict) else None)
         except HescapeEvalError:
             configs.append({})
+            shown_paths.append(None)
     out = [""] * len(records)
     groups: dict[tuple[str, str, str, str], list[int]] = {}
     for i, r in enumerate(records):
@@ -322,10 +335,21 @@ def config_variants(records: Sequence[RunRecord]) -> list[str]:
         varying = [k for k in keys if len({configs[i].get(k, "<unset>") for i in members}) > 1]
         if not varying:
             continue
+        # data_resolved (hescape-train's absolute form of data.path) tells datasets apart, but the label shows the
+        # user's own data.path when that tells them apart just as well
+        shown = {i: dict(configs[i]) for i in members}
+        if "data_resolved" in varying:
+            resolved = [configs[i].get("data_resolved", "<unset>") for i in members]
+            given = [shown_paths[i] for i in members]
+            if all(isinstance(g, str) and g for g in given) and len(set(given)) == len(set(resolved)) == len(
+                    set(zip(given, resolved, strict=True))):
+                varying = sorted(("data.path" if k == "data_resolved" else k) for k in varying)
+                for i in members:
+                    shown[i]["data.path"] = shown_paths[i]
         tails = [k.rsplit(".", 1)[-1] for k in varying]
-        names = [t if tails.count(t) == 1 else k for k, t in zip(varying, tails, strict=True)]
+        names = [t if tails.count(t) == 1 and k != "data.path" else k for k, t in zip(varying, tails, strict=True)]
         for i in members:
-            out[i] = ", ".join(f"{name}={configs[i].get(key, '<unset>')}"
+            out[i] = ", ".join(f"{name}={shown[i].get(key, '<unset>')}"
                                for key, name in zip(varying, names, strict=True))
     return out
 
@@ -497,6 +521,22 @@ def _column_order(panels: set[str]) -> list[str]:
     return sorted(panels, key=lambda p: (order.index(p) if p in order else len(order), p))
 
 
+def _mixed_column_fix(group: Sequence[RunRecord]) -> str:
+    """What to do about a column whose runs differ in protocol or pool (the end of :func:`build_table`'s message)."""
+    sizes = [r.n_test for r in group if r.n_test]
+    smallest = min(sizes) if sizes else None
+    batch = (f"batch:B with B <= {smallest} (the smallest test set, so every pool is B)" if smallest
+             else "batch:B with B no larger than the smallest test set")
+    protocols = {r.protocol for r in group}
+    if all(r.source == "embeddings" for r in group) and len(protocols) == 1:
+        # recomputed the same way, yet the pools differ: the test sets differ in size (a full gallery is the test set;
+        # a batch larger than a test set is cut to it)
+        return (f"these runs' test sets differ in size, so --protocol {next(iter(protocols))} gives them different "
+                f"pools: pass --protocol {batch} instead, or report the runs separately")
+    return (f"save test embeddings for every run and pass --protocol {batch} to recompute them all the same way, "
+            "or report the runs separately")
+
+
 def build_table(records: Sequence[RunRecord]) -> ReportTable:
     """Group runs into rows (gene, image encoder) and columns (panel, direction); aggregate seeds; mark best.
 
@@ -533,9 +573,8 @@ def build_table(records: Sequence[RunRecord]) -> ReportTable:
             listing = "; ".join(f"{r.path} ({r.source}: protocol {r.protocol}, pool {r.pool})" for r in group)
             raise _fail(what=f"column {panel}",
                         expected="one retrieval protocol and pool size for every run in a column", found=listing,
-                        fix="Recall@k of different galleries are not comparable (chance is k/pool); save test "
-                            "embeddings for every run and pass --protocol to recompute them all the same way, or "
-                            "report the runs separately")
+                        fix="Recall@k of different galleries are not comparable (chance is k/pool); "
+                            + _mixed_column_fix(group))
     rows = sorted({r.model for r in records}, key=lambda m: (m.split("-", 1)[0].lower(), m.lower()))
     encoders = {r.model: (r.image, r.gene) for r in records}
     columns = [(p, d) for p in _column_order({r.panel for r in records}) for d in DIRECTIONS]
@@ -588,22 +627,25 @@ def plot_recall(table: ReportTable, path: str | os.PathLike) -> Path | None:
             err = [0.0 if (c is None or math.isnan(c.std)) else c.std for c in cells]
             ax.bar(x + (j - 0.5) * width, mean, width, yerr=err, capsize=3, color=colours[d], label=_DIR_LABEL[d])
         chances = {d: table.chance[(panel, d)] for d in DIRECTIONS}
+        # the chance level is named in the legend (outside the axes), never written over the bars
         if math.isclose(chances["i2g"], chances["g2i"], rel_tol=1e-9):
-            ax.axhline(chances["i2g"], color="black", linestyle="--", linewidth=1, label="chance")
-            ax.annotate(f"chance {chances['i2g']:.3f}", (n - 0.45, chances["i2g"]), xytext=(0, 3),
-                        textcoords="offset points", ha="right", va="bottom", fontsize=8)
+            ax.axhline(chances["i2g"], color="black", linestyle="--", linewidth=1,
+                       label=f"chance {chances['i2g']:.3f}" if len(panels) == 1 else "chance")
         else:
             for d in DIRECTIONS:
-                ax.axhline(chances[d], color=colours[d], linestyle="--", linewidth=1, label=f"chance {_DIR_LABEL[d]}")
-                ax.annotate(f"chance {_DIR_LABEL[d]} {chances[d]:.3f}", (n - 0.45, chances[d]), xytext=(0, 3),
-                            textcoords="offset points", ha="right", va="bottom", fontsize=8, color=colours[d])
+                ax.axhline(chances[d], color=colours[d], linestyle="--", linewidth=1,
+                           label=f"chance {_DIR_LABEL[d]}" + (f" {chances[d]:.3f}" if len(panels) == 1 else ""))
         few = [min((table.cells[(m, (panel, d))].n for d in DIRECTIONS if (m, (panel, d)) in table.cells),
                    default=0) for m in table.rows]
         ticks = [m if c >= 3 else f"{m} (n={c})" for m, c in zip(table.rows, few, strict=True)]
-        ax.set_xticks(x, ticks, rotation=30, ha="right")
+        ax.set_xticks(x, ticks, rotation=30, ha="right", rotation_mode="anchor")
         ax.set_xlim(-0.6, n - 0.4)
         col = (panel, "i2g")
-        ax.set_title(f"{table.panel_label(panel)} ({table.protocol[col]}, pool {table.pool[col]})", fontsize=10)
+        title = f"{table.panel_label(panel)} ({table.protocol[col]}, pool {table.pool[col]})"
+        if len(panels) > 1:  # one legend for all panels: each panel's chance level goes in its title
+            title += "\nchance " + " / ".join(f"{chances[d]:.3f}" for d in DIRECTIONS if d == "i2g" or
+                                                not math.isclose(chances["i2g"], chances[d], rel_tol=1e-9))
+        ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"test Recall@{table.k} (mean ± sd over seeds)")
     handles, labels = axes[0][-1].get_legend_handles_labels()
@@ -614,7 +656,8 @@ def plot_recall(table: ReportTable, path: str | os.PathLike) -> Path | None:
     from .io import atomic_write
 
     try:  # atomic: an interrupted or failed save leaves no half-written PNG
-        atomic_write(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
+        # bbox_inches="tight" grows the canvas to every artist: long rotated row labels and the legend are never cut
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=120, format="png", bbox_inches="tight", pad_inches=0.1))
     finally:
         plt.close(fig)
     return path
@@ -627,10 +670,41 @@ def report_files(out: str | os.PathLike, k: int = 5, *, figures: bool = True) ->
     return [out / n for n in names]
 
 
+_REPORT_FILE = re.compile(r"(report\.md|report\.csv|report_long\.csv|recall_at_[1-9][0-9]*\.png)")
+
+
+def existing_report_files(out: str | os.PathLike) -> list[Path]:
+    """Files in ``out`` with the name of an output of :func:`write_report` for any ``k`` (``report.md``,
+    ``report.csv``, ``report_long.csv``, ``recall_at_<k>.png``), sorted; no other file is ever listed."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if _REPORT_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink()))
+
+
 def _atomic_text(path: Path, text: str) -> None:
     from ._write import atomic_write_text
 
     atomic_write_text(path, text)
+
+
+def _commit(out: Path, staged: dict[str, Path]) -> None:
+    """Replace the report in ``out`` by the ``staged`` files (final name → finished temporary file in ``out``).
+
+    ``report.md`` is removed first and moved into place last: a folder holding ``report.md`` always holds one
+    complete report, never new files beside old ones (an interruption between the two leaves no ``report.md``).
+    Previous report outputs that this report does not write again (a figure of another ``k``, or one skipped now)
+    are removed in between; other files in ``out`` are never touched.
+    """
+    md = out / "report.md"
+    md.unlink(missing_ok=True)
+    for name, tmp in staged.items():
+        if name != "report.md":
+            os.replace(tmp, out / name)
+    for old in existing_report_files(out):
+        if old.name not in staged:
+            old.unlink(missing_ok=True)
+    os.replace(staged["report.md"], md)
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, k: int = 5,
@@ -639,6 +713,11 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     """Load the runs, build the table and write ``report.md``, ``report.csv`` (paper layout), ``report_long.csv``
     (one line per cell) and ``recall_at_k.png`` into ``out``. ``variants``: one per run directory, see
     :func:`load_run` (rows are then one per encoders and variant).
+
+    Every file is first written completely as a hidden temporary file in ``out``; only then is the previous report
+    replaced (:func:`_commit`): its files are overwritten, and its outputs this report does not write again (the
+    figure of another ``k``, or any figure with ``figures=False``) are removed, so ``out`` never shows a stale file
+    beside the new report. A failure before that leaves the previous report as it was.
 
     Returns ``{"markdown": path, "csv": path, "long_csv": path, "figure": path or a note, "table": ReportTable}``.
     Raises :class:`HescapeEvalError` as :func:`load_run` and :func:`build_table` do.
@@ -649,15 +728,35 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         protocol = str(RetrievalProtocol.parse(protocol))  # fail before reading any run
     table = build_table(load_runs(run_dirs, k=k, protocol=protocol, backend=backend, variants=variants))
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    md = out / "report.md"
-    _atomic_text(md, table.to_markdown(title or f"Test Recall@{k}") + "\n")
-    wide, long = out / "report.csv", out / "report_long.csv"
-    _atomic_text(wide, table.to_csv())
-    _atomic_text(long, table.to_long_csv())
-    result: dict = {"markdown": md, "csv": wide, "long_csv": long, "table": table}
-    if figures:
-        fig = plot_recall(table, out / f"recall_at_{k}.png")
-        result["figure"] = fig if fig is not None else ("figures skipped: matplotlib is not installed "
-                                                        "(pip install 'hescape-eval[batch]')")
+    staged: dict[str, Path] = {}
+
+    def stage(name: str) -> Path:
+        staged[name] = out / f".{name}.{os.getpid()}.partial"
+        return staged[name]
+
+    result: dict = {"markdown": out / "report.md", "csv": out / "report.csv", "long_csv": out / "report_long.csv",
+                    "table": table}
+    try:
+        _atomic_text(stage("report.md"), table.to_markdown(title or f"Test Recall@{k}") + "\n")
+        _atomic_text(stage("report.csv"), table.to_csv())
+        _atomic_text(stage("report_long.csv"), table.to_long_csv())
+        if figures:
+            name = f"recall_at_{k}.png"
+            if plot_recall(table, stage(name)) is None:
+                staged.pop(name)
+                result["figure"] = "figures skipped: matplotlib is not installed (pip install 'hescape-eval[batch]')"
+            else:
+                result["figure"] = out / name
+        _commit(out, staged)
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        if created:
+            try:
+                out.rmdir()  # only if still empty: nothing of ours is left
+            except OSError:
+                pass
+        raise
     return result

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HescapeEvalError
+from .errors import HescapeEvalError, plain_list
 from .io import Embeddings, load_embeddings
 
 __all__ = ["RunSpots", "open_run_spots", "dataset_coords_um", "dataset_patches", "read_json_if_any"]
@@ -76,7 +76,7 @@ def read_json_if_any(path: Path) -> dict | None:
     import json
 
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -152,22 +152,34 @@ def open_run_spots(source: str | os.PathLike, *, dataset: str | os.PathLike | No
     unknown = sorted(set(emb.sample.tolist()) - set(split_of))
     if unknown:
         raise _fail(what=f"embeddings {emb.path} and dataset {ds_path}", expected="the same samples",
-                    found=f"{len(unknown)} sample(s) of the embeddings not in the dataset, e.g. {unknown[:3]}", fix=fix)
+                    found=f"{len(unknown)} sample(s) of the embeddings not in the dataset, e.g. "
+                          f"{plain_list(unknown, 3)}", fix=fix)
+    spans: list[str] = []  # the splits of the file's samples, when no one split holds them all
     if split is None:
         splits = sorted({split_of[s] for s in set(emb.sample.tolist())})
         split = splits[0] if len(splits) == 1 else None
+        spans = splits if len(splits) > 1 else []
     elif split not in set(split_of.values()):
         raise _fail(what=f"--split {split}", expected=f"a split of dataset {ds_path}: {sorted(set(split_of.values()))}",
                     found=repr(split), fix="pass one of those")
     positions = np.arange(len(d_sample)) if split is None else np.flatnonzero(d_split == split)
     where = "the whole dataset" if split is None else f"split {split!r}"
+    if spans:  # an embeddings file holds one split: its samples in several means the splits are not the file's
+        n_samples = len(set(emb.sample.tolist()))
+        why = (f"; no split of the dataset holds all {n_samples} samples of the file (they are in splits "
+               f"{', '.join(spans)}), so its index was read as rows of the whole dataset")
+        fix = ("the dataset's splits may have changed since the embeddings were computed (a re-split), or it is not "
+               "their dataset: pass --dataset with the dataset as it was when they were computed, or --split with "
+               "the split that was embedded")
+    else:
+        why = f" (the file's index read as rows of {where})"
     if emb.index.dtype.kind in "iu":
         idx = emb.index.astype(np.int64)
         bad = np.flatnonzero((idx < 0) | (idx >= len(positions)))
         if len(bad):
             raise _fail(what=f"embeddings {emb.path} and dataset {ds_path}",
                         expected=f"row indices into {where} ({len(positions)} rows)",
-                        found=f"index {int(idx[bad[0]])} at embedding row {int(bad[0])}", fix=fix)
+                        found=f"index {int(idx[bad[0]])} at embedding row {int(bad[0])}{why}", fix=fix)
         rows = positions[idx]
     else:  # string ids: join on (sample, spot id)
         lookup = {(d_sample[p], d_spot[p]): p for p in positions.tolist()}
@@ -176,7 +188,8 @@ def open_run_spots(source: str | os.PathLike, *, dataset: str | os.PathLike | No
         if missing:
             raise _fail(what=f"embeddings {emb.path} and dataset {ds_path}",
                         expected=f"every (sample, spot id) of the embeddings among the rows of {where}",
-                        found=f"{len(missing)} missing, first {keys[missing[0]]}", fix=fix)
+                        found=f"{len(missing)} missing, first (sample {keys[missing[0]][0]}, spot id "
+                              f"{keys[missing[0]][1]}){why}", fix=fix)
         rows = np.asarray([lookup[k] for k in keys], dtype=np.int64)
     checks = [("sample", emb.sample, d_sample), ("donor", emb.donor, d_donor)]
     if emb.spot_id is not None:
@@ -186,9 +199,9 @@ def open_run_spots(source: str | os.PathLike, *, dataset: str | os.PathLike | No
         if len(diff):
             i = int(diff[0])
             raise _fail(what=f"embeddings {emb.path} and dataset {ds_path}",
-                        expected=f"the same {name} on every row (the file's index counts the rows of {where})",
+                        expected=f"the same {name} on every row",
                         found=f"{len(diff)} of {len(rows)} rows differ, first embedding row {i}: {name} "
-                              f"{str(mine[i])!r} vs {str(theirs[rows[i]])!r} in the dataset", fix=fix)
+                              f"{str(mine[i])!r} vs {str(theirs[rows[i]])!r} in the dataset{why}", fix=fix)
     if len(np.unique(rows)) != len(rows):
         raise _fail(what=f"embeddings {emb.path}", expected="each dataset row once",
                     found=f"{len(rows) - len(np.unique(rows))} repeated row(s)", fix="embed each spot once")
