@@ -123,24 +123,19 @@ def test_cross_validate_refuses_no_slides_and_non_finite_bags():
 
 # -- output paths ------------------------------------------------------------------------------------------------------
 
-def _finished_run(tmp_path, name="r"):
-    import json
-
-    run = tmp_path / name
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"format": "hescape-train-config/1", "seed": 0,
-                                                 "model": {"image": "uni", "gene": "mlp"},
-                                                 "data": {"path": None, "panel": "human-breast-panel"}}))
-    res = {}
-    for d in ("i2g", "g2i"):
-        res.update({f"{d}_R@5": 0.25, f"{d}_R@5_chance": 0.05, f"{d}_protocol": "full", f"{d}_pool": 100})
-    (run / "results.json").write_text(json.dumps(res))
+@pytest.fixture
+def finished_run(tmp_path, train_run):
+    """A finished run ``tmp_path / "r"``: config.json, results.json (Recall@5 0.25 both ways, pool 100) and
+    embeddings/test.npz."""
+    cfg = {"format": "hescape-train-config/1", "seed": 0, "model": {"image": "uni", "gene": "mlp"},
+           "data": {"path": None, "panel": "human-breast-panel"}}
+    run = train_run(tmp_path / "r", cfg, i2g=0.25, g2i=0.25, pool=100)
     _embeddings_file(run / "embeddings" / "test.npz")
     return run
 
 
-def test_report_refuses_existing_outputs_unless_overwrite(tmp_path, capsys):
-    run, out = _finished_run(tmp_path), tmp_path / "rep"
+def test_report_refuses_existing_outputs_unless_overwrite(tmp_path, capsys, finished_run):
+    run, out = finished_run, tmp_path / "rep"
     assert main(["report", str(run), "--out", str(out), "--no-figures"]) == 0
     (out / "report.md").write_text("precious")
     capsys.readouterr()
@@ -155,8 +150,8 @@ def test_report_refuses_existing_outputs_unless_overwrite(tmp_path, capsys):
     assert "expected a folder" in capsys.readouterr().err
 
 
-def test_retrieval_out_is_checked_before_ranking(tmp_path, capsys):
-    run = _finished_run(tmp_path)
+def test_retrieval_out_is_checked_before_ranking(tmp_path, capsys, finished_run):
+    run = finished_run
     out = tmp_path / "r.json"
     out.write_text("precious")
     for argv, words in ((["--out", str(out)], "expected a path where no output exists yet"),
@@ -170,8 +165,8 @@ def test_retrieval_out_is_checked_before_ranking(tmp_path, capsys):
     assert '"reports"' in out.read_text()
 
 
-def test_unwritable_out_is_one_line_in_the_package_shape(tmp_path, capsys):
-    run = _finished_run(tmp_path)
+def test_unwritable_out_is_one_line_in_the_package_shape(tmp_path, capsys, finished_run):
+    run = finished_run
     (tmp_path / "plain").write_text("a file, not a folder")
     # the parent of --out is a file: the OS refuses (NotADirectoryError), even for root
     assert main(["retrieval", str(run), "--ks", "1", "--out", str(tmp_path / "plain" / "r.json")]) == 2
@@ -180,9 +175,9 @@ def test_unwritable_out_is_one_line_in_the_package_shape(tmp_path, capsys):
     assert FIX in err and err.count("\n") == 1, err
 
 
-def test_ctrl_c_while_writing_the_figure_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_while_writing_the_figure_leaves_no_partial_file(tmp_path, capsys, monkeypatch, finished_run):
     figure = pytest.importorskip("matplotlib.figure")
-    run, out = _finished_run(tmp_path), tmp_path / "rep"
+    run, out = finished_run, tmp_path / "rep"
 
     def interrupted(self, fh, **kwargs):
         fh.write(b"\x89PNG half")  # some bytes reach the file, then Ctrl-C

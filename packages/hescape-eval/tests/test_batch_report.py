@@ -23,7 +23,6 @@ data = pytest.importorskip("hescape.data", reason="datasets need hescape-data")
 if not all(importlib.util.find_spec(m) for m in ("scanpy", "leidenalg", "scib_metrics", "matplotlib")):
     pytest.skip("needs pip install 'hescape-eval[batch]'", allow_module_level=True)
 
-from hescape.eval.cli import main  # noqa: E402
 from sklearn.metrics import silhouette_samples  # noqa: E402
 
 RECALL = {0: (0.30, 0.20), 1: (0.40, 0.26)}  # seed: (i2g R@5, g2i R@5)
@@ -74,24 +73,15 @@ def _scib_by_hand(x, labels, batch):
     return float(np.mean(per))
 
 
-def _cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.slow  # about 40 s of CPU time: jax compiles scib's silhouette for each input shape
 @pytest.mark.filterwarnings("ignore:.*default backend for leiden.*:FutureWarning")
-def test_scores_and_recall_against_independent_computation(world, tmp_path, capsys):
+def test_scores_and_recall_against_independent_computation(world, tmp_path, cli):
     import anndata
     import scanpy as sc
 
     ds, runs, nets = world
     out = tmp_path / "fig2"
-    code, stdout, err = _cli(capsys, "batch-effects", *map(str, runs), "--out", str(out))
+    code, stdout, err = cli("batch-effects", *map(str, runs), "--out", str(out))
     assert code == 0, err
     with open(out / "batch_effects.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -139,11 +129,11 @@ def test_scores_and_recall_against_independent_computation(world, tmp_path, caps
     assert "| run0 |" in stdout and "wrote" in stdout
 
     # existing outputs are refused (one line, exit 2) before any work; --overwrite with --no-embeddings replaces them
-    code, _, err = _cli(capsys, "batch-effects", str(runs[0]), "--out", str(out))
+    code, _, err = cli("batch-effects", str(runs[0]), "--out", str(out))
     assert code == 2 and err.startswith("hescape-eval: error: --out") and "--overwrite" in err
     assert err.count("\n") == 1, err
-    code, _, err = _cli(capsys, "batch-effects", str(runs[0]), "--out", str(out), "--overwrite", "--no-embeddings",
-                        "--batch-key", "sample", "--max-spots", "50", "--no-figure")
+    code, _, err = cli("batch-effects", str(runs[0]), "--out", str(out), "--overwrite", "--no-embeddings",
+                       "--batch-key", "sample", "--max-spots", "50", "--no-figure")
     assert code == 0, err
     with open(out / "batch_effects.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
@@ -152,7 +142,7 @@ def test_scores_and_recall_against_independent_computation(world, tmp_path, caps
         float(row["silhouette_expression"]))
 
 
-def test_refusals(world, tmp_path, capsys):
+def test_refusals(world, tmp_path, cli):
     ds, runs, _ = world
     (tmp_path / "not-a-run").mkdir()
     cases = [
@@ -163,7 +153,7 @@ def test_refusals(world, tmp_path, capsys):
         ([str(runs[0]), "--batch-key", "donor"], "invalid choice"),
     ]
     for args, words in cases:
-        code, out, err = _cli(capsys, "batch-effects", *args, "--out", str(tmp_path / "o"))
+        code, out, err = cli("batch-effects", *args, "--out", str(tmp_path / "o"))
         assert code == 2 and err.startswith("hescape-eval: error:") and err.count("\n") == 1, err
         assert words in err, err
     assert not (tmp_path / "o").exists()

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from hescape.eval import HescapeEvalError
-from hescape.eval.cli import main
 from hescape.eval.io import EMBEDDINGS_FORMAT, embeddings_path, load_embeddings, save_embeddings
 
 
@@ -33,23 +32,6 @@ def run_dir(tmp_path):
     q, g, idx, sample, donor = _pair()
     save_embeddings(embeddings_path(tmp_path / "run"), image=q, gene=g, index=idx, sample=sample, donor=donor)
     return tmp_path / "run"
-
-
-def _cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse errors and --help
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *words):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hescape-eval: error: "), err
-    for w in words:
-        assert w in lines[0], f"{w!r} missing from: {lines[0]}"
 
 
 # ----------------------------------------------------------------------------------------------- io
@@ -127,9 +109,9 @@ def test_console_script_is_registered():
     assert any(ep.name == "hescape-eval" and ep.value == "hescape.eval.cli:main" for ep in eps)
 
 
-def test_retrieval_prints_both_protocols_and_writes_json(run_dir, capsys, tmp_path):
+def test_retrieval_prints_both_protocols_and_writes_json(run_dir, cli, tmp_path):
     out_json = tmp_path / "res" / "retrieval.json"
-    code, out, err = _cli(capsys, "retrieval", str(run_dir), "--out", str(out_json))
+    code, out, err = cli("retrieval", str(run_dir), "--out", str(out_json))
     assert code == 0, err
     q, g, *_ = _pair()
     want_full = E.retrieval_metrics(q, g, ks=(1, 5, 10))
@@ -147,9 +129,9 @@ def test_retrieval_prints_both_protocols_and_writes_json(run_dir, capsys, tmp_pa
     assert data["reports"][1]["i2g"]["pool"] == 64
 
 
-def test_retrieval_by_sample_and_chosen_protocol(run_dir, capsys):
-    code, out, err = _cli(capsys, "retrieval", str(run_dir), "--protocol", "batch:32x2", "--by", "sample",
-                          "--ks", "1,5")
+def test_retrieval_by_sample_and_chosen_protocol(run_dir, cli):
+    code, out, err = cli("retrieval", str(run_dir), "--protocol", "batch:32x2", "--by", "sample",
+                         "--ks", "1,5")
     assert code == 0, err
     assert "Protocol `batch:32x2`" in out and "Protocol `full`" not in out and "Per sample" in out
     q, g, _, sample, _ = _pair()
@@ -168,18 +150,18 @@ def test_retrieval_by_sample_and_chosen_protocol(run_dir, capsys):
     (("--backend", "gpu"), ("backend",)),
     (("--bogus",), ("unrecognized",)),
 ])
-def test_bad_options_are_one_line_exit_2(run_dir, capsys, argv, words):
-    code, out, err = _cli(capsys, "retrieval", str(run_dir), *argv)
-    _one_line_error(code, err, *words)
+def test_bad_options_are_one_line_exit_2(run_dir, cli, argv, words, one_line_error):
+    code, out, err = cli("retrieval", str(run_dir), *argv)
+    one_line_error(code, err, *words)
     assert out == ""
 
 
-def test_run_dir_without_embeddings(tmp_path, capsys):
+def test_run_dir_without_embeddings(tmp_path, cli, one_line_error):
     run = tmp_path / "old-run"
     run.mkdir()
     (run / "results.json").write_text("{}")
-    code, _, err = _cli(capsys, "retrieval", str(run))
-    _one_line_error(code, err, str(run / "embeddings" / "test.npz"), "save_embeddings")
+    code, _, err = cli("retrieval", str(run))
+    one_line_error(code, err, str(run / "embeddings" / "test.npz"), "save_embeddings")
 
 
 def _write_raw(path, **arrays):
@@ -187,15 +169,15 @@ def _write_raw(path, **arrays):
     np.savez(path, format=np.array(EMBEDDINGS_FORMAT), **arrays)
 
 
-def test_damaged_files_are_one_line_exit_2(tmp_path, capsys):
+def test_damaged_files_are_one_line_exit_2(tmp_path, cli, one_line_error):
     q, g, idx, sample, donor = _pair(20)
     nan = q.copy()
     nan[2, 2] = np.nan
     _write_raw(tmp_path / "nan" / "embeddings" / "test.npz", image=nan, gene=g, index=idx, sample=sample, donor=donor)
-    _one_line_error(*_cli(capsys, "retrieval", str(tmp_path / "nan"))[::2], "NaN")
+    one_line_error(*cli("retrieval", str(tmp_path / "nan"))[::2], "NaN")
     _write_raw(tmp_path / "len" / "embeddings" / "test.npz", image=q, gene=g[:19], index=idx, sample=sample,
                donor=donor)
-    _one_line_error(*_cli(capsys, "retrieval", str(tmp_path / "len"))[::2], "same shape")
+    one_line_error(*cli("retrieval", str(tmp_path / "len"))[::2], "same shape")
 
 
 def test_module_runs_as_a_command(run_dir, tmp_path):

@@ -22,7 +22,6 @@ data = pytest.importorskip("hescape.data", reason="the dataset join needs hescap
 pytest.importorskip("sklearn")
 
 from hescape.data.arrow import DatasetWriter, SpotRecords, encode_png  # noqa: E402
-from hescape.eval.cli import main  # noqa: E402
 from hescape.eval.expression import expression_probe, hest_alpha, select_variable_genes  # noqa: E402
 from hescape.eval.io import embeddings_path, save_embeddings  # noqa: E402
 
@@ -95,23 +94,6 @@ def world(tmp_path_factory):
     return {"root": root, "w": w, "ds": ds, "run": run, "cfg": cfg, "train": root / "train.npz"}
 
 
-def _cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hescape-eval: error: "), err
-    for word in words:
-        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
-
-
 def _rows(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -130,11 +112,11 @@ def _numpy_probe(x_tr, y_tr, x_te, y_te, k, alpha):
     return r, ((pred - y_te) ** 2).mean(0)
 
 
-def test_paper_protocol_equals_api_and_numpy(world, tmp_path, capsys):
+def test_paper_protocol_equals_api_and_numpy(world, tmp_path, cli):
     w, use = world["w"], GENES[2:10]
     out = tmp_path / "expr"
-    code, stdout, err = _cli(capsys, "expression", world["run"], "--out", out, "--genes", ",".join(use),
-                             "--n-components", 6, "--colour-baseline")
+    code, stdout, err = cli("expression", world["run"], "--out", out, "--genes", ",".join(use),
+                            "--n-components", 6, "--colour-baseline")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["expression.csv", "expression.json", "expression.md",
                                                      "expression_genes.csv"]  # no temporary file left
@@ -181,8 +163,8 @@ def test_paper_protocol_equals_api_and_numpy(world, tmp_path, capsys):
     assert md in stdout + "\n" and "mean predictor (chance)" in stdout and "wrote" in stdout
 
     # protocol cv: every row of an `embed`-style file (the train split here), 2 donors → 2 folds; same as the API
-    code, _, err = _cli(capsys, "expression", world["train"], "--dataset", world["ds"], "--protocol", "cv",
-                        "--genes", ",".join(use), "--n-components", 4, "--out", tmp_path / "cv")
+    code, _, err = cli("expression", world["train"], "--dataset", world["ds"], "--protocol", "cv",
+                       "--genes", ",".join(use), "--n-components", 4, "--out", tmp_path / "cv")
     assert code == 0, err
     api = expression_probe(np.concatenate([w[d]["image"] for d in TRAIN]).astype(np.float32),
                            np.concatenate([w[d]["counts"] for d in TRAIN]), GENES, np.repeat(TRAIN, N_PER),
@@ -193,11 +175,11 @@ def test_paper_protocol_equals_api_and_numpy(world, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_SCANPY, reason="gene selection ranks genes with scanpy")
-def test_gene_modality_and_selected_genes_equal_api(world, tmp_path, capsys):
+def test_gene_modality_and_selected_genes_equal_api(world, tmp_path, cli):
     w = world["w"]
     out = tmp_path / "g"
-    code, _, err = _cli(capsys, "expression", world["run"] / "embeddings" / "test.npz", "--modality", "gene",
-                        "--n-genes", 6, "--n-components", 5, "--folds", 3, "--alpha", 2.5, "--out", out)
+    code, _, err = cli("expression", world["run"] / "embeddings" / "test.npz", "--modality", "gene",
+                       "--n-genes", 6, "--n-components", 5, "--folds", 3, "--alpha", 2.5, "--out", out)
     assert code == 0, err  # the run is found around its embeddings file: no --dataset needed
     counts = np.concatenate([w[d]["counts"] for d in TEST])
     samples = np.repeat([f"S_{d}" for d in TEST], N_PER)
@@ -211,7 +193,7 @@ def test_gene_modality_and_selected_genes_equal_api(world, tmp_path, capsys):
     assert meta["model"]["alphas"] == [2.5] * 3
 
 
-def test_train_test_equals_sklearn_pipeline(world, tmp_path, capsys):
+def test_train_test_equals_sklearn_pipeline(world, tmp_path, cli):
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
@@ -219,9 +201,9 @@ def test_train_test_equals_sklearn_pipeline(world, tmp_path, capsys):
 
     w, use = world["w"], GENES[:8]
     out = tmp_path / "tt"
-    code, stdout, err = _cli(capsys, "expression", world["run"], "--protocol", "train-test", "--train-embeddings",
-                             world["train"], "--genes", ",".join(use), "--n-components", 8, "--colour-baseline",
-                             "--out", out)
+    code, stdout, err = cli("expression", world["run"], "--protocol", "train-test", "--train-embeddings",
+                            world["train"], "--genes", ",".join(use), "--n-components", 8, "--colour-baseline",
+                            "--out", out)
     assert code == 0, err
     x_tr = np.concatenate([w[d]["image"] for d in TRAIN]).astype(np.float64)
     x_te = np.concatenate([w[d]["image"] for d in TEST]).astype(np.float64)
@@ -250,13 +232,13 @@ def test_train_test_equals_sklearn_pipeline(world, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="needs anndata (pip install 'hescape-eval[export]')")
-def test_export_h5ad(world, tmp_path, capsys):
+def test_export_h5ad(world, tmp_path, cli, one_line_error):
     import anndata
     from hescape.eval.export import read_params
 
     w = world["w"]
     out = tmp_path / "sub" / "run.h5ad"
-    code, stdout, err = _cli(capsys, "export", world["run"], out, "--counts")
+    code, stdout, err = cli("export", world["run"], out, "--counts")
     assert code == 0, err
     ad = anndata.read_h5ad(out)
     n = len(TEST) * N_PER
@@ -276,14 +258,14 @@ def test_export_h5ad(world, tmp_path, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.h5ad"] and "wrote" in stdout
     # an existing OUT is refused and left untouched; --overwrite replaces it
     before = out.read_bytes()
-    code, _, err = _cli(capsys, "export", world["run"], out)
-    _one_line_error(code, err, "exists", "--overwrite")
+    code, _, err = cli("export", world["run"], out)
+    one_line_error(code, err, "exists", "--overwrite")
     assert out.read_bytes() == before
-    code, _, err = _cli(capsys, "export", world["run"], out, "--overwrite")
+    code, _, err = cli("export", world["run"], out, "--overwrite")
     assert code == 0, err and "X" not in anndata.read_h5ad(out).obsm
 
 
-def test_refusals_leave_nothing(world, tmp_path, capsys):
+def test_refusals_leave_nothing(world, tmp_path, cli, one_line_error):
     w, run = world["w"], world["run"]
     no_emb = tmp_path / "bare"
     no_emb.mkdir()
@@ -308,20 +290,20 @@ def test_refusals_leave_nothing(world, tmp_path, capsys):
         (["export", run, tmp_path / "x.csv"], [".h5ad"]),
     ]
     for argv, words in cases:
-        code, _, err = _cli(capsys, *argv)
-        _one_line_error(code, err, *words)
+        code, _, err = cli(*argv)
+        one_line_error(code, err, *words)
     assert not out.exists() and not (tmp_path / "x.h5ad").exists()
     # an unwritable --out (a path under a file): one line, exit 2, before any work
     (tmp_path / "file").write_text("x")
-    code, _, err = _cli(capsys, "expression", run, "--out", tmp_path / "file" / "sub")
-    _one_line_error(code, err)
-    code, _, err = _cli(capsys, "export", run, tmp_path / "file" / "x.h5ad")
-    _one_line_error(code, err)
+    code, _, err = cli("expression", run, "--out", tmp_path / "file" / "sub")
+    one_line_error(code, err)
+    code, _, err = cli("export", run, tmp_path / "file" / "x.h5ad")
+    one_line_error(code, err)
     # existing outputs are refused and untouched
     out.mkdir()
     (out / "expression.md").write_text("mine")
     stamp = os.stat(out / "expression.md").st_mtime_ns
-    code, _, err = _cli(capsys, "expression", run, "--genes", "GENE1", "--out", out)
-    _one_line_error(code, err, "expression.md", "--overwrite")
+    code, _, err = cli("expression", run, "--genes", "GENE1", "--out", out)
+    one_line_error(code, err, "expression.md", "--overwrite")
     assert (out / "expression.md").read_text() == "mine" and os.stat(out / "expression.md").st_mtime_ns == stamp
     assert sorted(p.name for p in out.iterdir()) == ["expression.md"]

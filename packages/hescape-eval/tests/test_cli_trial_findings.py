@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 from hescape.eval import HescapeEvalError
-from hescape.eval.cli import build_parser, main
+from hescape.eval.cli import build_parser
 from hescape.eval.expression_report import read_gene_list
 from hescape.eval.io import embeddings_path, save_embeddings
 from hescape.eval.report import load_run, write_report
@@ -23,25 +23,6 @@ HAS_DATA = importlib.util.find_spec("hescape.data") is not None
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAS_ANNDATA = importlib.util.find_spec("anndata") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-
-
-def _cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hescape-eval: error: "), err
-    for word in words:
-        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
-    assert "np.str_" not in lines[0] and "Traceback" not in err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------- 1. numeric option ranges
@@ -77,11 +58,12 @@ _BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize(("argv", "flag"), _BAD_OPTIONS, ids=[f"{a[0]} {f} {a[a.index(f) + 1]}" for a, f in _BAD_OPTIONS])
-def test_numeric_option_out_of_range_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, flag):
+def test_numeric_option_out_of_range_is_one_line_exit_2_and_writes_nothing(tmp_path, cli, one_line_error, argv,
+                                                                           flag):
     out = tmp_path / "out"
     argv = [a.replace(_OUT, str(out)) for a in argv]
-    code, stdout, err = _cli(capsys, *argv)
-    line = _one_line_error(code, err, flag, "expected", "found", "fix")
+    code, stdout, err = cli(*argv)
+    line = one_line_error(code, err, flag, "expected", "found", "fix")
     value = argv[argv.index(flag) + 1]
     assert f"found {value!r}" in line
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing read
@@ -114,10 +96,10 @@ def _pair_run(tmp_path, n=40, seed=0, name="r"):
 
 @pytest.mark.parametrize("argv", [["--ks", "5,5"], ["--ks", "1,5,1"], ["--protocol", "full", "--protocol", "full"],
                                   ["--protocol", "batch", "--protocol", "batch:64"]])
-def test_duplicate_ks_or_protocol_is_refused(tmp_path, capsys, argv):
+def test_duplicate_ks_or_protocol_is_refused(tmp_path, cli, argv, one_line_error):
     run, _, _ = _pair_run(tmp_path)
-    code, stdout, err = _cli(capsys, "retrieval", run, *argv)
-    _one_line_error(code, err, argv[0], "once")
+    code, stdout, err = cli("retrieval", run, *argv)
+    one_line_error(code, err, argv[0], "once")
     assert stdout == ""
 
 
@@ -165,31 +147,31 @@ def _names(folder):
 
 
 @pytest.mark.skipif(not HAS_MPL, reason="the figure needs matplotlib")
-def test_overwrite_removes_report_outputs_not_written_again(tmp_path, capsys):
+def test_overwrite_removes_report_outputs_not_written_again(tmp_path, cli, one_line_error):
     runs = [_report_run(tmp_path, f"s{s}", seed=s) for s in range(2)]
     out = tmp_path / "rep"
     (out / "notes").mkdir(parents=True)
     (out / "my_notes.txt").write_text("mine")  # not a report output: never touched
     (out / "recall_at_5.png.bak").write_text("mine")
-    assert _cli(capsys, "report", *runs, "--out", out)[0] == 0
+    assert cli("report", *runs, "--out", out)[0] == 0
     assert _names(out) == ["my_notes.txt", "notes", "recall_at_5.png", "recall_at_5.png.bak", "report.csv",
                            "report.md", "report_long.csv"]
-    code, _, err = _cli(capsys, "report", *runs, "--out", out, "--overwrite", "--no-figures")
+    code, _, err = cli("report", *runs, "--out", out, "--overwrite", "--no-figures")
     assert code == 0, err
     assert _names(out) == ["my_notes.txt", "notes", "recall_at_5.png.bak", "report.csv", "report.md",
                            "report_long.csv"]
-    code, _, err = _cli(capsys, "report", *runs, "--out", out, "--overwrite", "--k", "1")
+    code, _, err = cli("report", *runs, "--out", out, "--overwrite", "--k", "1")
     assert code == 0, err
     assert "recall_at_1.png" in _names(out) and "Recall@1" in (out / "report.md").read_text()
-    code, _, err = _cli(capsys, "report", *runs, "--out", out, "--overwrite", "--k", "5")
+    code, _, err = cli("report", *runs, "--out", out, "--overwrite", "--k", "5")
     assert code == 0, err
     assert "recall_at_1.png" not in _names(out) and "recall_at_5.png" in _names(out)
     # without --overwrite, a previous report output of another k is refused too (it would be left stale)
     (out / "report.md").unlink()
     (out / "report.csv").unlink()
     (out / "report_long.csv").unlink()
-    code, _, err = _cli(capsys, "report", *runs, "--out", out, "--k", "1")
-    _one_line_error(code, err, "recall_at_5.png", "--overwrite")
+    code, _, err = cli("report", *runs, "--out", out, "--k", "1")
+    one_line_error(code, err, "recall_at_5.png", "--overwrite")
 
 
 def test_closed_stdout_pipe_is_quiet_exit_141(tmp_path):
@@ -228,23 +210,23 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- 5, 10. report advice and unfinished runs
 
 
-def test_pool_mismatch_under_one_protocol_suggests_a_smaller_batch(tmp_path, capsys):
+def test_pool_mismatch_under_one_protocol_suggests_a_smaller_batch(tmp_path, cli, one_line_error):
     a = _report_run(tmp_path, "a", seed=0, n=90)
     b = _report_run(tmp_path, "b", seed=1, n=39)
-    code, _, err = _cli(capsys, "report", a, b, "--out", tmp_path / "r", "--protocol", "batch:64")
-    line = _one_line_error(code, err, "pool 64", "pool 39", "batch:B with B <= 39", "report the runs separately")
+    code, _, err = cli("report", a, b, "--out", tmp_path / "r", "--protocol", "batch:64")
+    line = one_line_error(code, err, "pool 64", "pool 39", "batch:B with B <= 39", "report the runs separately")
     assert "pass --protocol to recompute" not in line
     assert not (tmp_path / "r").exists()
     # B = 39 makes them comparable: every pool is 39
-    code, stdout, err = _cli(capsys, "report", a, b, "--out", tmp_path / "r", "--protocol", "batch:39")
+    code, stdout, err = cli("report", a, b, "--out", tmp_path / "r", "--protocol", "batch:39")
     assert code == 0, err
     assert "pool 39" in stdout
 
 
-def test_missing_k_suggests_protocol_full_which_recomputes_results_json(tmp_path, capsys):
+def test_missing_k_suggests_protocol_full_which_recomputes_results_json(tmp_path, cli, one_line_error):
     run = _report_run(tmp_path, "a", n=60, ks=(1, 5))
-    code, _, err = _cli(capsys, "report", run, "--out", tmp_path / "r", "--k", "10")
-    _one_line_error(code, err, "--k among [1, 5]", "--protocol full", "retrain")
+    code, _, err = cli("report", run, "--out", tmp_path / "r", "--k", "10")
+    one_line_error(code, err, "--k among [1, 5]", "--protocol full", "retrain")
     # the advice is true: --protocol full reproduces results.json's numbers (brute force, written above)
     rec = load_run(run, k=5, protocol="full")
     res = json.loads((run / "results.json").read_text())
@@ -252,16 +234,16 @@ def test_missing_k_suggests_protocol_full_which_recomputes_results_json(tmp_path
     assert rec.pool == 60 and load_run(run, k=10, protocol="full").k == 10
     # without saved embeddings the advice is only to retrain or choose another k
     bare = _report_run(tmp_path, "bare", ks=(1, 5))
-    code, _, err = _cli(capsys, "report", bare, "--out", tmp_path / "r", "--k", "10")
-    assert "--protocol full" not in _one_line_error(code, err, "retrain")
+    code, _, err = cli("report", bare, "--out", tmp_path / "r", "--k", "10")
+    assert "--protocol full" not in one_line_error(code, err, "retrain")
 
 
 @pytest.mark.parametrize("protocol", [[], ["--protocol", "full"], ["--protocol", "batch:16"]])
-def test_unfinished_run_is_refused_in_every_mode(tmp_path, capsys, protocol):
+def test_unfinished_run_is_refused_in_every_mode(tmp_path, cli, protocol, one_line_error):
     done = _report_run(tmp_path, "done", seed=0, n=40)
     unfinished = _report_run(tmp_path, "unfinished", seed=1, n=40, results=False)
-    code, _, err = _cli(capsys, "report", done, unfinished, "--out", tmp_path / "r", *protocol)
-    _one_line_error(code, err, f"run {unfinished}", "found no results.json", "let the run finish")
+    code, _, err = cli("report", done, unfinished, "--out", tmp_path / "r", *protocol)
+    one_line_error(code, err, f"run {unfinished}", "found no results.json", "let the run finish")
     assert not (tmp_path / "r").exists()
 
 
@@ -369,18 +351,18 @@ def world(tmp_path_factory):
     return {"root": root, "ds": ds, "run": run}
 
 
-def test_expression_messages_name_flags_in_plain_text(world, tmp_path, capsys):
+def test_expression_messages_name_flags_in_plain_text(world, tmp_path, cli, one_line_error):
     out = tmp_path / "x"
     # 3 test donors of 30 spots: leaving one out trains on 60 spots, so PCA(12) fits but PCA(61) cannot
-    code, _, err = _cli(capsys, "expression", world["run"], "--out", out, "--genes", "GENE1,GENE2", "--n-components",
-                        13)
-    _one_line_error(code, err, "--n-components 13", "--n-components 12")  # the embedding width, d = 12
-    code, _, err = _cli(capsys, "expression", world["run"], "--out", out, "--genes", "GENE1,FOO")
-    _one_line_error(code, err, "1 missing: FOO", "--genes")
-    code, _, err = _cli(capsys, "expression", world["run"], "--out", out, "--genes", "GENE1,GENE1")
-    _one_line_error(code, err, "--genes", "duplicate")
-    code, _, err = _cli(capsys, "expression", world["run"], "--out", out, "--genes", "GENE1", "--folds", 4)
-    _one_line_error(code, err, "--folds")
+    code, _, err = cli("expression", world["run"], "--out", out, "--genes", "GENE1,GENE2", "--n-components",
+                       13)
+    one_line_error(code, err, "--n-components 13", "--n-components 12")  # the embedding width, d = 12
+    code, _, err = cli("expression", world["run"], "--out", out, "--genes", "GENE1,FOO")
+    one_line_error(code, err, "1 missing: FOO", "--genes")
+    code, _, err = cli("expression", world["run"], "--out", out, "--genes", "GENE1,GENE1")
+    one_line_error(code, err, "--genes", "duplicate")
+    code, _, err = cli("expression", world["run"], "--out", out, "--genes", "GENE1", "--folds", 4)
+    one_line_error(code, err, "--folds")
     assert not out.exists()
 
 
@@ -399,44 +381,44 @@ def test_expression_fold_too_small_names_the_flag_and_plain_donors(world):
     assert "found 40 (held out: donor_b)" in msg and "--n-components 30" in msg and "np.str_" not in msg
 
 
-def test_gene_list_with_bom_runs_the_probe(world, tmp_path, capsys):
+def test_gene_list_with_bom_runs_the_probe(world, tmp_path, cli):
     genes = tmp_path / "genes.txt"
     genes.write_text("GENE1\nGENE2\nGENE3\n", encoding="utf-8-sig")
-    code, _, err = _cli(capsys, "expression", world["run"], "--out", tmp_path / "x", "--genes", genes,
-                        "--n-components", 4)
+    code, _, err = cli("expression", world["run"], "--out", tmp_path / "x", "--genes", genes,
+                       "--n-components", 4)
     assert code == 0, err
     assert json.loads((tmp_path / "x" / "expression.json").read_text())["genes"] == ["GENE1", "GENE2", "GENE3"]
 
 
-def test_resplit_dataset_message_says_the_splits_may_have_changed(world, tmp_path, capsys):
+def test_resplit_dataset_message_says_the_splits_may_have_changed(world, tmp_path, cli, one_line_error):
     # the same samples, re-split: donor_3 (test at embedding time) is now train, so the file's samples span 2 splits
     moved = dict(SPLITS, donor_3="train")
     ds2 = _write_dataset(tmp_path / "resplit", moved)
     for cmd in (["expression", world["run"], "--out", tmp_path / "x"], ["export", world["run"], tmp_path / "x.h5ad"]):
-        code, _, err = _cli(capsys, *cmd, "--dataset", ds2)
-        line = _one_line_error(code, err, "no split of the dataset holds all 3 samples", "splits test, train",
-                               "splits may have changed")
+        code, _, err = cli(*cmd, "--dataset", ds2)
+        line = one_line_error(code, err, "no split of the dataset holds all 3 samples", "splits test, train",
+                              "splits may have changed")
         assert "counts the rows" not in line
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.h5ad").exists()
 
 
-def test_moved_dataset_is_named_once(world, tmp_path, capsys):
+def test_moved_dataset_is_named_once(world, tmp_path, cli, one_line_error):
     run = tmp_path / "run"
     _save_split(embeddings_path(run), ["donor_3", "donor_4", "donor_5"])
     gone = str(tmp_path / "moved_away")
     (run / "config.json").write_text(json.dumps({"seed": 0, "data": {"path": gone}, "data_resolved": gone}))
-    code, _, err = _cli(capsys, "expression", run, "--out", tmp_path / "x")
-    line = _one_line_error(code, err, gone, "--dataset")
+    code, _, err = cli("expression", run, "--out", tmp_path / "x")
+    line = one_line_error(code, err, gone, "--dataset")
     assert line.count(gone) == 1
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="needs anndata")
-def test_exports_of_two_splits_concatenate_with_unique_obs_names(world, tmp_path, capsys):
+def test_exports_of_two_splits_concatenate_with_unique_obs_names(world, tmp_path, cli):
     import anndata
 
-    assert _cli(capsys, "export", world["run"], tmp_path / "test.h5ad")[0] == 0
-    code, _, err = _cli(capsys, "export", world["root"] / "train.npz", tmp_path / "train.h5ad", "--dataset",
-                        world["ds"])
+    assert cli("export", world["run"], tmp_path / "test.h5ad")[0] == 0
+    code, _, err = cli("export", world["root"] / "train.npz", tmp_path / "train.h5ad", "--dataset",
+                       world["ds"])
     assert code == 0, err
     te, tr = anndata.read_h5ad(tmp_path / "test.h5ad"), anndata.read_h5ad(tmp_path / "train.h5ad")
     assert list(te.obs_names[:2]) == ["S_donor_3:hex_000", "S_donor_3:hex_001"]

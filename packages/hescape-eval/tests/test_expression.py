@@ -182,37 +182,29 @@ def test_sparse_and_dense_counts_agree():
     np.testing.assert_allclose(a.model.pearson, b.model.pearson, rtol=0, atol=1e-12)  # BLAS order only
 
 
-def _raises(fn, *words):
-    with pytest.raises(HescapeEvalError) as info:
-        fn()
-    msg = str(info.value)
-    for w in ("expected", "found", "fix", *words):
-        assert w in msg, f"{w!r} missing from: {msg}"
-
-
-def test_refusals():
+def test_refusals(refuses):
     emb, counts, genes, patients = _world(n_patients=3, n_per=20, g=5)
     kw = {"genes": genes, "n_components": 4}
-    _raises(lambda: expression_probe(emb, counts, genes, patients, genes=["G0", "NOPE1", "NOPE2"], n_components=4),
+    refuses(lambda: expression_probe(emb, counts, genes, patients, genes=["G0", "NOPE1", "NOPE2"], n_components=4),
             "2 missing", "NOPE1", "NOPE2")
-    _raises(lambda: expression_probe(emb, counts, genes, np.array(["X"] * len(emb)), **kw), "at least 2 patients")
+    refuses(lambda: expression_probe(emb, counts, genes, np.array(["X"] * len(emb)), **kw), "at least 2 patients")
     bad = emb.copy()
     bad[7, 1] = np.nan
-    _raises(lambda: expression_probe(bad, counts, genes, patients, **kw), "NaN", "row 7")
+    refuses(lambda: expression_probe(bad, counts, genes, patients, **kw), "NaN", "row 7")
     badc = counts.copy()
     badc[3, 0] = np.inf
-    _raises(lambda: expression_probe(emb, badc, genes, patients, **kw), "NaN or inf")
-    _raises(lambda: expression_probe(emb, -counts, genes, patients, **kw), "non-negative")
-    _raises(lambda: expression_probe(emb[:-1], counts, genes, patients, **kw), "59 and 60")
-    _raises(lambda: expression_probe(emb, counts, genes, patients[:-1], **kw), "one label per spot")
-    _raises(lambda: expression_probe(emb, counts, genes[:-1], patients, **kw), "one name per counts column")
+    refuses(lambda: expression_probe(emb, badc, genes, patients, **kw), "NaN or inf")
+    refuses(lambda: expression_probe(emb, -counts, genes, patients, **kw), "non-negative")
+    refuses(lambda: expression_probe(emb[:-1], counts, genes, patients, **kw), "59 and 60")
+    refuses(lambda: expression_probe(emb, counts, genes, patients[:-1], **kw), "one label per spot")
+    refuses(lambda: expression_probe(emb, counts, genes[:-1], patients, **kw), "one name per counts column")
     p2 = patients.astype(object)
     p2[4] = None
-    _raises(lambda: expression_probe(emb, counts, genes, p2, **kw), "missing")
-    _raises(lambda: expression_probe(emb, counts, genes, patients, genes=genes, n_components=17), "embedding width")
-    _raises(lambda: expression_probe(emb, counts, genes, patients, splits=["train"] * 60, **kw), "split 'test'")
-    _raises(lambda: expression_probe(emb, counts, genes, patients, alpha="magic", **kw), "positive float")
-    _raises(lambda: expression_probe(emb, counts, genes, patients, n_splits=4, **kw), "number of patients")
+    refuses(lambda: expression_probe(emb, counts, genes, p2, **kw), "missing")
+    refuses(lambda: expression_probe(emb, counts, genes, patients, genes=genes, n_components=17), "embedding width")
+    refuses(lambda: expression_probe(emb, counts, genes, patients, splits=["train"] * 60, **kw), "split 'test'")
+    refuses(lambda: expression_probe(emb, counts, genes, patients, alpha="magic", **kw), "positive float")
+    refuses(lambda: expression_probe(emb, counts, genes, patients, n_splits=4, **kw), "number of patients")
 
 
 def test_gene_selection_filters_like_hest():

@@ -19,27 +19,7 @@ SMALL = dict(heads=4, dim_head=16, mlp_dim=64)
 FAST = dict(epochs=10, lr=3e-4, model_kwargs=SMALL, seed=0)
 
 
-def _bags(seed=0, n=40, tiles=20, d=32, k=4, amp=5.0):
-    """n bags, half positive; positive bags have k tiles shifted by amp along one unit direction; 10 sites."""
-    rng = np.random.default_rng(seed)
-    u = rng.normal(size=d)
-    u /= np.linalg.norm(u)
-    y = np.tile([0, 1], n // 2)
-    bags = []
-    for i in range(n):
-        b = rng.normal(size=(tiles, d)).astype(np.float32)
-        if y[i]:
-            b[rng.choice(tiles, k, replace=False)] += amp * u
-        bags.append(b)
-    return bags, y, np.repeat(np.arange(10), n // 10)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_paper_architecture_size():
@@ -54,8 +34,8 @@ def test_paper_architecture_size():
     assert not hasattr(mean, "cls") and mean(torch.randn(5, d)).shape == (1, 1)
 
 
-def test_planted_signal_is_learned():
-    bags, y, sites = _bags()
+def test_planted_signal_is_learned(mil_bags):
+    bags, y, sites = mil_bags()
     r = cross_validate_mil(bags, y, sites, verbose=True, **FAST)
     print(r.summary())
     assert r.auroc[0] > 0.9
@@ -65,8 +45,8 @@ def test_planted_signal_is_learned():
     assert all(f.val_fold == (f.test_fold - 1) % 5 for f in r.folds)
 
 
-def test_shuffled_labels_stay_at_chance():
-    bags, y, sites = _bags()
+def test_shuffled_labels_stay_at_chance(mil_bags):
+    bags, y, sites = mil_bags()
     ys = np.random.default_rng(3).permutation(y)
     r = cross_validate_mil(bags, ys, sites, **FAST)
     band = 3 * r.chance_auroc_sd / math.sqrt(len(r.folds))  # 3 null s.d. of a mean over 5 folds
@@ -74,8 +54,8 @@ def test_shuffled_labels_stay_at_chance():
     assert abs(r.auroc[0] - 0.5) < band and r.auroc[0] < 0.8
 
 
-def test_validation_schedule_and_determinism():
-    bags, y, sites = _bags(n=30)
+def test_validation_schedule_and_determinism(mil_bags):
+    bags, y, sites = mil_bags(n=30)
     sites = np.repeat(np.arange(5), 6)
     kw = dict(epochs=2, lr=3e-4, model_kwargs=SMALL, seed=1, val_every=7)
     a = cross_validate_mil(bags, y, sites, **kw)
@@ -86,16 +66,16 @@ def test_validation_schedule_and_determinism():
         assert fa.best_step % 7 == 0 or fa.best_step % n_train == 0  # every 7 iterations or at an epoch end
 
 
-def test_site_folds_keep_sites_together():
-    _, y, sites = _bags()
+def test_site_folds_keep_sites_together(mil_bags):
+    _, y, sites = mil_bags()
     f = site_folds(y, sites, 5, seed=0)
     for s in np.unique(sites):
         assert len(np.unique(f[sites == s])) == 1
     assert sorted(np.unique(f)) == [0, 1, 2, 3, 4]
 
 
-def test_refusals(tmp_path):
-    bags, y, sites = _bags()
+def test_refusals(tmp_path, mil_bags):
+    bags, y, sites = mil_bags()
     # a CSV missing a column
     p = tmp_path / "slides.csv"
     p.write_text("path,patient,label\na.npz,p1,1\n")
@@ -121,8 +101,8 @@ def test_refusals(tmp_path):
         site_folds(y, np.repeat([0, 1], 20), 5)
 
 
-def test_csv_roundtrip(tmp_path):
-    bags, y, sites = _bags(n=10)
+def test_csv_roundtrip(tmp_path, mil_bags):
+    bags, y, sites = mil_bags(n=10)
     rows = ["path,patient,site,label"]
     for i, b in enumerate(bags):
         np.savez(tmp_path / f"s{i}.npz", features=b)
@@ -139,10 +119,10 @@ def test_too_few_slides_of_a_class_for_the_folds_is_one_message():
         site_folds([1, 1, 1, 0, 0, 0], ["a", "b", "c", "d", "e", "f"], n_folds=5)
 
 
-def test_one_class_labels_are_one_message():
+def test_one_class_labels_are_one_message(mil_bags):
     """All slides negative: said as such, not as a fold without both classes."""
     with pytest.raises(HescapeEvalError, match=r"slide labels: expected both classes.*only label \[0\] in all 10"):
         site_folds([0] * 10, [f"s{i}" for i in range(10)], n_folds=5)
-    bags, _, sites = _bags(n=10)
+    bags, _, sites = mil_bags(n=10)
     with pytest.raises(HescapeEvalError, match="only label \\[1\\]"):
         cross_validate_mil(bags, np.ones(10, dtype=int), sites, **FAST)

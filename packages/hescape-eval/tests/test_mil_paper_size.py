@@ -28,36 +28,15 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hescape.eval.mil import TransformerMIL, cross_validate_mil
 
-
-def _bags(seed=0, n=40, tiles=8, d=32, k=2, amp=4.0):
-    rng = np.random.default_rng(seed)
-    u = rng.normal(size=d)
-    u /= np.linalg.norm(u)
-    y = np.tile([0, 1], n // 2)
-    bags = []
-    for i in range(n):
-        b = rng.normal(size=(tiles, d)).astype(np.float32)
-        if y[i]:
-            b[rng.choice(tiles, k, replace=False)] += amp * u
-        bags.append(b)
-    return bags, y, np.repeat(np.arange(10), n // 10)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.mark.slow
-def test_paper_size_mil_learns_a_planted_signal_and_not_shuffled_labels():
+def test_paper_size_mil_learns_a_planted_signal_and_not_shuffled_labels(mil_bags):
     assert sum(p.numel() for p in TransformerMIL(32).parameters()) == 3_172_865  # the defaults are the paper's size
-    bags, y, sites = _bags()
+    bags, y, sites = mil_bags(tiles=8, k=2, amp=4.0)
     untrained = cross_validate_mil(bags, y, sites, epochs=0, seed=0)
     planted = cross_validate_mil(bags, y, sites, seed=0)  # paper defaults: 10 epochs, lr 2e-5, wd 2e-5, batch 1
     ys = np.random.default_rng(3).permutation(y)

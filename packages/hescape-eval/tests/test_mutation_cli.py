@@ -100,29 +100,12 @@ def cohort(tmp_path_factory):
     return root, pixels
 
 
-def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("hescape-eval: error:")]
-    assert len(lines) == 1, err
-    for w in words:
-        assert w in lines[0], f"{w!r} missing from: {lines[0]}"
-
-
 def _read_csv(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
-def test_end_to_end_features_metrics_baselines_and_resume(cohort, tmp_path, capsys):
+def test_end_to_end_features_metrics_baselines_and_resume(cohort, tmp_path, capsys, cli, one_line_error):
     root, pixels = cohort
     out = tmp_path / "res"
     args = ["mutation", str(root / "slides.csv"), "--encoder", ENCODER, "--out", str(out), "--epochs", "10",
@@ -136,7 +119,7 @@ def test_end_to_end_features_metrics_baselines_and_resume(cohort, tmp_path, caps
     assert not (out / "mutation.json").exists()
     # 2. resumed: only the 17 slides left are encoded (2 calls each: 6 tiles in batches of 4)
     _ColourStats.calls, _ColourStats.fail_after = 0, None
-    code, stdout, err = _run(capsys, *args)
+    code, stdout, err = cli(*args)
     assert code == 0, err
     assert _ColourStats.calls == 17 * 2
     # features = colour statistics of the slide pixels, tile by tile (positions: (x, y) µm of the top-left corner)
@@ -193,10 +176,10 @@ def test_end_to_end_features_metrics_baselines_and_resume(cohort, tmp_path, caps
     bags, y, sites, patients = load_bags_csv(out / "features.csv")
     assert len(bags) == 20 and all(b.shape == (6, 6) for b in bags) and y.sum() == 10
     # 3. a finished run is not overwritten; --overwrite reuses every cached feature file
-    code, _, err = _run(capsys, *args)
-    _one_line_error(code, err, "--overwrite", "mutation.md")
+    code, _, err = cli(*args)
+    one_line_error(code, err, "--overwrite", "mutation.md")
     _ColourStats.calls = 0
-    code, _, err = _run(capsys, *args, "--overwrite", "--epochs", "1")
+    code, _, err = cli(*args, "--overwrite", "--epochs", "1")
     assert code == 0 and _ColourStats.calls == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["features", "features.csv", "mutation.csv", "mutation.json",
                                                      "mutation.md", "predictions.csv"]  # no temporary file left
@@ -212,48 +195,48 @@ def _good_rows(root, n=20):
     return [f"{root}/slides/slide{i:02d}.ome.tif,P{i:02d},TSS-{i // 2:02d},{i % 2}" for i in range(n)]
 
 
-def test_refusals_before_any_work(cohort, tmp_path, capsys):
+def test_refusals_before_any_work(cohort, tmp_path, cli, one_line_error):
     root, _ = cohort
     out = tmp_path / "out"
     _ColourStats.calls, _ColourStats.fail_after = 0, None
     # a missing column
     t = _table(tmp_path, root, [r.rsplit(",", 1)[0] for r in _good_rows(root)], header="path,patient,site")
-    _one_line_error(*_run(capsys, "mutation", str(t), "--encoder", ENCODER, "--out", str(out))[::2],
-                    "missing ['label']", "columns")
+    one_line_error(*cli("mutation", str(t), "--encoder", ENCODER, "--out", str(out))[::2],
+                   "missing ['label']", "columns")
     # a slide that cannot be opened
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"this is not a TIFF")
     rows = _good_rows(root)
     rows[5] = f"{bad},P05,TSS-02,1"
-    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                          str(out))[::2], "row 7", "broken.svs", "readable Aperio SVS or OME-TIFF")
+    one_line_error(*cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                         str(out))[::2], "row 7", "broken.svs", "readable Aperio SVS or OME-TIFF")
     # one class in a fold: every slide of sites 00-01 negative... make one site hold the only positives
     rows = [f"{root}/slides/slide{i:02d}.ome.tif,P{i:02d},TSS-{i // 2:02d},{int(i < 2)}" for i in range(20)]
-    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                          str(out))[::2], "expected both classes")
+    one_line_error(*cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                         str(out))[::2], "expected both classes")
     # a label that is not 0/1, a slide listed twice, fewer sites than folds
     rows = _good_rows(root)
     rows[3] = rows[3][:-1] + "MSI"
-    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                          str(out))[::2], "row 5 label", "0 or 1")
+    one_line_error(*cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                         str(out))[::2], "row 5 label", "0 or 1")
     rows = _good_rows(root) + [_good_rows(root)[0]]
-    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                          str(out))[::2], "row 22", "already in row 2")
+    one_line_error(*cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                         str(out))[::2], "row 22", "already in row 2")
     rows = [f"{root}/slides/slide{i:02d}.ome.tif,P{i:02d},TSS-{i % 4},{i % 2}" for i in range(20)]
-    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                          str(out))[::2], "at least 5 sites")
+    one_line_error(*cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                         str(out))[::2], "at least 5 sites")
     # a pretrained encoder without weights, an unknown encoder
     good = _table(tmp_path, root, _good_rows(root))
-    _one_line_error(*_run(capsys, "mutation", str(good), "--encoder", "uni", "--out", str(out))[::2],
-                    "--encoder uni", "--weights")
-    _one_line_error(*_run(capsys, "mutation", str(good), "--encoder", "no_such_net", "--out", str(out))[::2],
-                    "unknown image encoder")
-    _one_line_error(*_run(capsys, "mutation", str(good), "--encoder", ENCODER, "--device", "gpu", "--out",
-                          str(out))[::2], "--device gpu", "cpu, cuda, cuda:N or auto")
+    one_line_error(*cli("mutation", str(good), "--encoder", "uni", "--out", str(out))[::2],
+                   "--encoder uni", "--weights")
+    one_line_error(*cli("mutation", str(good), "--encoder", "no_such_net", "--out", str(out))[::2],
+                   "unknown image encoder")
+    one_line_error(*cli("mutation", str(good), "--encoder", ENCODER, "--device", "gpu", "--out",
+                         str(out))[::2], "--device gpu", "cpu, cuda, cuda:N or auto")
     assert _ColourStats.calls == 0 and not out.exists()  # nothing was encoded or written
 
 
-def test_unusable_slides_named_before_folds_and_any_work(cohort, tmp_path, capsys):
+def test_unusable_slides_named_before_folds_and_any_work(cohort, tmp_path, cli, one_line_error):
     """A missing slide, a text file, a folder and a truncated copy in a table that would also fail the fold checks
     (3 sites < 5 folds): one error naming the first bad CSV row and path, listing the other bad rows; exit 2; nothing
     tiled, encoded or written."""
@@ -269,37 +252,37 @@ def test_unusable_slides_named_before_folds_and_any_work(cohort, tmp_path, capsy
     rows += [f"{tmp_path}/missing.svs,P10,TSS-0,1", f"{notes},P11,TSS-1,0", f"{tmp_path},P12,TSS-2,1",
              f"{cut},P13,TSS-0,0"]
     table = _table(tmp_path, root, rows)  # CSV lines: header 1, good slides 2-4, bad 5-8
-    code, _, err = _run(capsys, "mutation", str(table), "--encoder", ENCODER, "--out", str(out))
-    _one_line_error(code, err, "slide table row 5", "(also unusable: rows 6, 7, 8)", f"'{tmp_path}/missing.svs'",
-                    "found no such file")
+    code, _, err = cli("mutation", str(table), "--encoder", ENCODER, "--out", str(out))
+    one_line_error(code, err, "slide table row 5", "(also unusable: rows 6, 7, 8)", f"'{tmp_path}/missing.svs'",
+                   "found no such file")
     assert "sites" not in err
     # each bad row alone: its own cause, under its own row number
     for k, words in [(4, ("notes.svs", "not a TIFF file")), (5, ("found a folder",)),
                      (6, ("cut.ome.tif", "found a truncated file"))]:
-        code, _, err = _run(capsys, "mutation", str(_table(tmp_path, root, rows[:3] + [rows[k]])), "--encoder",
-                            ENCODER, "--out", str(out))
-        _one_line_error(code, err, "slide table row 5:", *words)
+        code, _, err = cli("mutation", str(_table(tmp_path, root, rows[:3] + [rows[k]])), "--encoder",
+                           ENCODER, "--out", str(out))
+        one_line_error(code, err, "slide table row 5:", *words)
     assert _ColourStats.calls == 0 and not out.exists()
 
 
-def test_table_refusals_empty_and_one_class(cohort, tmp_path, capsys):
+def test_table_refusals_empty_and_one_class(cohort, tmp_path, cli, one_line_error):
     root, _ = cohort
     out = tmp_path / "out"
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    _one_line_error(*_run(capsys, "mutation", str(empty), "--encoder", ENCODER, "--out", str(out))[::2],
-                    "empty.csv", "found an empty file")
+    one_line_error(*cli("mutation", str(empty), "--encoder", ENCODER, "--out", str(out))[::2],
+                   "empty.csv", "found an empty file")
     header = tmp_path / "header.csv"
     header.write_text("path,patient,site,label\n")
-    _one_line_error(*_run(capsys, "mutation", str(header), "--encoder", ENCODER, "--out", str(out))[::2],
-                    "found a header only")
+    one_line_error(*cli("mutation", str(header), "--encoder", ENCODER, "--out", str(out))[::2],
+                   "found a header only")
     rows = [f"{root}/slides/slide{i:02d}.ome.tif,P{i:02d},TSS-{i // 2:02d},0" for i in range(20)]
-    _one_line_error(*_run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                          str(out))[::2], "slide labels", "only label [0] in all 20 slides", "label column")
+    one_line_error(*cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                         str(out))[::2], "slide labels", "only label [0] in all 20 slides", "label column")
     assert not out.exists()
 
 
-def test_slide_without_tiles_refused_before_encoding(cohort, tmp_path, capsys):
+def test_slide_without_tiles_refused_before_encoding(cohort, tmp_path, cli, one_line_error):
     root, _ = cohort
     # A 100 x 100 µm slide with 50 x 50 µm of tissue: its one (edge) tile of 128 µm holds (50/128)² = 15 % tissue.
     img = np.clip(242 + np.random.default_rng(1).normal(0, 2, (200, 200, 3)), 0, 255).astype(np.uint8)
@@ -310,13 +293,13 @@ def test_slide_without_tiles_refused_before_encoding(cohort, tmp_path, capsys):
     rows = _good_rows(root)
     rows[-1] = f"{small},P19,TSS-09,1"
     _ColourStats.calls = 0
-    code, _, err = _run(capsys, "mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
-                        str(tmp_path / "o"), "--no-progress")
-    _one_line_error(code, err, "row 21", "at least one tile", "--min-tissue")
+    code, _, err = cli("mutation", str(_table(tmp_path, root, rows)), "--encoder", ENCODER, "--out",
+                       str(tmp_path / "o"), "--no-progress")
+    one_line_error(code, err, "row 21", "at least one tile", "--min-tissue", logged=True)  # after the plan line
     assert _ColourStats.calls == 0
 
 
-def test_hescape_run_as_encoder(cohort, tmp_path, capsys):
+def test_hescape_run_as_encoder(cohort, tmp_path, cli, one_line_error):
     """A hescape-train run as --encoder: features are its 128-d image embeddings (tower + projection, unit norm)."""
     import hashlib
 
@@ -331,8 +314,8 @@ def test_hescape_run_as_encoder(cohort, tmp_path, capsys):
               metadata={"model_cfg": json.dumps(models.cfg_to_dict(model.recorded_cfg())), "genes": '["A", "B", "C"]'})
     (ck.parent / "index.json").write_text(json.dumps({"best": ck.name, "last": ck.name}))
     out = tmp_path / "res"
-    code, _, err = _run(capsys, "mutation", str(root / "slides.csv"), "--encoder", str(tmp_path / "run"), "--out",
-                        str(out), "--epochs", "1", "--no-progress")
+    code, _, err = cli("mutation", str(root / "slides.csv"), "--encoder", str(tmp_path / "run"), "--out",
+                       str(out), "--epochs", "1", "--no-progress")
     assert code == 0, err
     digest = hashlib.sha256((ck / "model.safetensors").read_bytes()).hexdigest()[:16]
     res = json.loads((out / "mutation.json").read_text())
@@ -347,22 +330,22 @@ def test_hescape_run_as_encoder(cohort, tmp_path, capsys):
     np.testing.assert_allclose(feats, want, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
     # weights or options make no sense with a run: refused
-    code, _, err = _run(capsys, "mutation", str(root / "slides.csv"), "--encoder", str(tmp_path / "run"), "--weights",
-                        "w.bin", "--out", str(tmp_path / "o2"))
-    _one_line_error(code, err, "--weights", "HESCAPE run")
+    code, _, err = cli("mutation", str(root / "slides.csv"), "--encoder", str(tmp_path / "run"), "--weights",
+                       "w.bin", "--out", str(tmp_path / "o2"))
+    one_line_error(code, err, "--weights", "HESCAPE run")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_device_cuda_matches_cpu(cohort, tmp_path, capsys):
+def test_device_cuda_matches_cpu(cohort, tmp_path, cli):
     """`--device cuda`: the tile features equal the CPU run's (colour statistics, float32 tolerance), the MIL runs on
     the GPU and learns the planted colour signal as on the CPU."""
     root, _ = cohort
     res = {}
     for dev in ("cpu", "cuda"):
         out = tmp_path / dev
-        code, _, err = _run(capsys, "mutation", str(root / "slides.csv"), "--encoder", ENCODER, "--out", str(out),
-                            "--epochs", "10", "--batch-size", "4", "--no-progress", "--device", dev)
+        code, _, err = cli("mutation", str(root / "slides.csv"), "--encoder", ENCODER, "--out", str(out),
+                           "--epochs", "10", "--batch-size", "4", "--no-progress", "--device", dev)
         assert code == 0, err
         res[dev] = json.loads((out / "mutation.json").read_text())
     for sid in (f"slide{i:02d}" for i in range(20)):

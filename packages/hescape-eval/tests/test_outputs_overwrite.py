@@ -13,28 +13,18 @@ import numpy as np
 import pytest
 from hescape.eval import HescapeEvalError
 from hescape.eval._write import atomic_write_text, publish, refuse_existing
-from hescape.eval.cli import main
 
 
-def _cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_embed_refuses_an_existing_out_before_loading_anything(tmp_path, capsys):
+def test_embed_refuses_an_existing_out_before_loading_anything(tmp_path, cli):
     out = tmp_path / "e.npz"
     out.write_bytes(b"precious")
     # the model path does not exist: the refusal must come first, so nothing is loaded or computed
-    code, stdout, err = _cli(capsys, "embed", str(tmp_path / "no-model"), str(tmp_path / "no-data"), "--out", str(out))
+    code, stdout, err = cli("embed", str(tmp_path / "no-model"), str(tmp_path / "no-data"), "--out", str(out))
     assert code == 2 and stdout == "" and err.count("\n") == 1, err
     assert err.startswith(f"hescape-eval: error: --out {out}: expected a path where no output exists yet")
     assert "--overwrite" in err and out.read_bytes() == b"precious"
     (tmp_path / "d.npz").mkdir()
-    code, _, err = _cli(capsys, "embed", "m", "d", "--out", str(tmp_path / "d.npz"), "--overwrite")
+    code, _, err = cli("embed", "m", "d", "--out", str(tmp_path / "d.npz"), "--overwrite")
     assert code == 2 and "a directory" in err
 
 
@@ -72,7 +62,7 @@ def test_atomic_write_text_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     assert p.read_text() == "first\n" and [q.name for q in p.parent.iterdir()] == ["r.md"]
 
 
-def test_embed_overwrite_replaces_atomically(tmp_path, capsys):
+def test_embed_overwrite_replaces_atomically(tmp_path, cli):
     torch = pytest.importorskip("torch")
     models = pytest.importorskip("hescape.models", reason="hescape-eval embed needs hescape-models")
     data = pytest.importorskip("hescape.data", reason="hescape-eval embed needs hescape-data")
@@ -95,9 +85,9 @@ def test_embed_overwrite_replaces_atomically(tmp_path, capsys):
     out = tmp_path / "emb" / "test.npz"
     out.parent.mkdir()
     out.write_bytes(b"stale")
-    code, _, err = _cli(capsys, "embed", str(tmp_path / "run"), str(ds), "--out", str(out))
+    code, _, err = cli("embed", str(tmp_path / "run"), str(ds), "--out", str(out))
     assert code == 2 and out.read_bytes() == b"stale", err
-    code, stdout, err = _cli(capsys, "embed", str(tmp_path / "run"), str(ds), "--out", str(out), "--overwrite")
+    code, stdout, err = cli("embed", str(tmp_path / "run"), str(ds), "--out", str(out), "--overwrite")
     assert code == 0, err
     emb = load_embeddings(out)
     pds = data.PairedSpotDataset(ds, "test")
@@ -106,5 +96,5 @@ def test_embed_overwrite_replaces_atomically(tmp_path, capsys):
     np.testing.assert_allclose(emb.image, img, atol=1e-5)
     assert [p.name for p in out.parent.iterdir()] == ["test.npz"]  # no temporary file left
     # a new path needs no --overwrite
-    code, _, err = _cli(capsys, "embed", str(tmp_path / "run"), str(ds), "--out", str(tmp_path / "emb" / "b.npz"))
+    code, _, err = cli("embed", str(tmp_path / "run"), str(ds), "--out", str(tmp_path / "emb" / "b.npz"))
     assert code == 0 and load_embeddings(tmp_path / "emb" / "b.npz").image.shape == emb.image.shape, err

@@ -16,7 +16,7 @@ import hescape.eval as E
 import numpy as np
 import pytest
 import torch
-from hescape.eval import HescapeEvalError, RetrievalProtocol, _backend
+from hescape.eval import RetrievalProtocol, _backend
 from torch.utils.data import DataLoader, DistributedSampler
 
 _CPP_FUSED = _backend.has_cpp_ext() and hasattr(_backend._C, "rank_cpu_both")
@@ -99,15 +99,6 @@ def continuous_pair(n: int, d: int, seed: int, noise: float = 0.9) -> tuple[np.n
     return q.astype(np.float32), g.astype(np.float32)
 
 
-def _raises(fn, *words):
-    with pytest.raises(HescapeEvalError) as info:
-        fn()
-    msg = str(info.value)
-    for w in ("expected", "found", "fix", *words):
-        assert w in msg, f"{w!r} missing from: {msg}"
-    return msg
-
-
 # ----------------------------------------------------------------------------------------------- parsing
 @pytest.mark.parametrize(("spec", "kind", "b", "w", "name"), [
     ("full", "full", None, 1, "full"), (" FULL ", "full", None, 1, "full"), ("batch", "batch", 64, 1, "batch:64"),
@@ -122,11 +113,11 @@ def test_parse_round_trip(spec, kind, b, w, name):
 
 @pytest.mark.parametrize("spec", ["", "batch:", "batch:0", "batch:-3", "batch:64x0", "batch:6.4", "full:3", "top-k",
                                   "batch 64", None, 64])
-def test_unknown_protocol_is_one_clear_error(spec):
-    _raises(lambda: RetrievalProtocol.parse(spec), "protocol")
+def test_unknown_protocol_is_one_clear_error(spec, refuses):
+    refuses(lambda: RetrievalProtocol.parse(spec), "protocol")
     x = torch.randn(70, 4)
     if isinstance(spec, str):
-        _raises(lambda: E.retrieval_metrics(x, x, protocol=spec), "protocol")
+        refuses(lambda: E.retrieval_metrics(x, x, protocol=spec), "protocol")
 
 
 def test_paper_protocol_and_chance():
@@ -259,27 +250,27 @@ def test_groups_each_with_their_own_pool_and_chance(spec):
     assert "| s3 | image → gene | 16 |" in md or "| s3 | image → gene | 30 |" in md
 
 
-def test_group_smaller_than_k_is_named():
+def test_group_smaller_than_k_is_named(refuses):
     q, g = continuous_pair(60, 4, seed=1)
     groups = np.array(["big"] * 56 + ["tiny"] * 4)
-    _raises(lambda: E.retrieval_metrics(q, g, ks=(1, 5), groups=groups, group_key="sample"), "Recall@5",
+    refuses(lambda: E.retrieval_metrics(q, g, ks=(1, 5), groups=groups, group_key="sample"), "Recall@5",
             "sample 'tiny'", "4")
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def test_bad_input_errors():
+def test_bad_input_errors(refuses):
     q, g = continuous_pair(80, 4, seed=2)
-    _raises(lambda: E.retrieval_metrics(q, g[:79]), "paired rows")
-    _raises(lambda: E.retrieval_metrics(q, g[:79], protocol="batch:16"), "paired rows")
+    refuses(lambda: E.retrieval_metrics(q, g[:79]), "paired rows")
+    refuses(lambda: E.retrieval_metrics(q, g[:79], protocol="batch:16"), "paired rows")
     bad = q.copy()
     bad[3, 1] = np.nan
-    _raises(lambda: E.retrieval_metrics(bad, g, protocol="batch:16"), "NaN or inf")
-    _raises(lambda: E.retrieval_metrics(q, g, ks=(1, 81)), "Recall@81", "80")
-    _raises(lambda: E.retrieval_metrics(q, g, ks=(1, 17), protocol="batch:16"), "Recall@17", "16")
-    _raises(lambda: E.retrieval_metrics(q[:10], g[:10], ks=(12,), protocol="batch:64"), "Recall@12", "10")
-    _raises(lambda: E.retrieval_metrics(q, g, protocol="batch:16", positives=(np.zeros(80), np.zeros(80))), "pair")
-    _raises(lambda: E.retrieval_metrics(q, g, groups=np.zeros(79)), "one label per row")
-    _raises(lambda: E.retrieval_reports(q, g, protocols=("full", "batch:x")), "protocol")
+    refuses(lambda: E.retrieval_metrics(bad, g, protocol="batch:16"), "NaN or inf")
+    refuses(lambda: E.retrieval_metrics(q, g, ks=(1, 81)), "Recall@81", "80")
+    refuses(lambda: E.retrieval_metrics(q, g, ks=(1, 17), protocol="batch:16"), "Recall@17", "16")
+    refuses(lambda: E.retrieval_metrics(q[:10], g[:10], ks=(12,), protocol="batch:64"), "Recall@12", "10")
+    refuses(lambda: E.retrieval_metrics(q, g, protocol="batch:16", positives=(np.zeros(80), np.zeros(80))), "pair")
+    refuses(lambda: E.retrieval_metrics(q, g, groups=np.zeros(79)), "one label per row")
+    refuses(lambda: E.retrieval_reports(q, g, protocols=("full", "batch:x")), "protocol")
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -348,7 +339,7 @@ def test_cpp_fused_is_bit_exact_on_continuous_data(isa, n, d):
         np.testing.assert_array_equal(rev.best_score.numpy().view(np.int32), b.best_score.numpy().view(np.int32))
 
 
-def test_fused_unpaired_label_pair_and_reverse_coverage():
+def test_fused_unpaired_label_pair_and_reverse_coverage(refuses):
     q, _ = quantised_pair(40, 5, seed=1)
     _, g = quantised_pair(70, 5, seed=2)
     ql = np.random.default_rng(0).integers(0, 4, 40)
@@ -361,7 +352,7 @@ def test_fused_unpaired_label_pair_and_reverse_coverage():
         np.testing.assert_array_equal(rev.ranks.numpy(), want_r)
     gl_extra = gl.copy()
     gl_extra[5] = 99  # a gene label that no image carries: gene->image has no positive for it
-    _raises(lambda: E.compute_ranks_both(q, g, positives=(ql, gl_extra)), "gene")
+    refuses(lambda: E.compute_ranks_both(q, g, positives=(ql, gl_extra)), "gene")
 
 
 def test_retrieval_metrics_uses_one_pass():

@@ -13,7 +13,6 @@ import statistics
 import numpy as np
 import pytest
 from hescape.eval import HescapeEvalError
-from hescape.eval.cli import main
 from hescape.eval.io import embeddings_path, save_embeddings
 from hescape.eval.report import build_table, load_run, load_runs, write_report
 
@@ -155,28 +154,19 @@ def test_bad_inputs_one_clear_error_each(tmp_path):
         load_run(done, k=10)
 
 
-def _cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(tmp_path, cli):
     (tmp_path / "empty").mkdir()
-    code, out, err = _cli(capsys, "report", tmp_path / "empty", "--out", tmp_path / "o")
+    code, out, err = cli("report", tmp_path / "empty", "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("hescape-eval: error: ")
     assert "config.json" in err
     unfinished = _run(tmp_path, "u", image="uni", gene="mlp", seed=0, i2g=0, g2i=0, results=False)
-    code, out, err = _cli(capsys, "report", unfinished, "--out", tmp_path / "o")
+    code, out, err = cli("report", unfinished, "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "results.json" in err
 
 
-def test_cli_writes_markdown_csv_and_figure(runs, tmp_path, capsys):
+def test_cli_writes_markdown_csv_and_figure(runs, tmp_path, cli):
     out = tmp_path / "rep"
-    code, stdout, err = _cli(capsys, "report", *runs, "--out", out)
+    code, stdout, err = cli("report", *runs, "--out", out)
     assert code == 0, err
     assert "**0.300(0.100)**" in stdout and (out / "report.md").read_text().count("**0.300(0.100)**") == 1
     rows = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))

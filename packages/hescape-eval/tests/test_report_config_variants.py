@@ -6,34 +6,32 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import pytest
 from hescape.eval.cli import main
 from hescape.eval.report import build_table, config_variants, load_runs
 
 
-def _run(tmp_path, name, *, seed, i2g, g2i, loss="clip", lr=1e-3, workers=0, pool=100):
-    """A run directory as hescape-train writes it (the keys the report reads, plus the ones a sweep varies)."""
-    run = tmp_path / "runs" / name
-    run.mkdir(parents=True)
-    cfg = {"format": "hescape-train-config/1", "seed": seed, "out_dir": str(tmp_path / "runs"), "run_name": name,
-           "progress": False,
-           "model": {"name": "vit_mlp_nano", "image": "uni", "gene": "mlp", "loss": loss},
-           "optim": {"lr": lr, "weight_decay": 0.01},
-           "data": {"path": None, "panel": "human-breast-panel", "num_workers": workers}}
-    (run / "config.json").write_text(json.dumps(cfg))
-    res = {}
-    for d, v in (("i2g", i2g), ("g2i", g2i)):
-        res.update({f"{d}_R@5": v, f"{d}_R@5_chance": 5 / pool, f"{d}_protocol": "full", f"{d}_pool": pool})
-    (run / "results.json").write_text(json.dumps(res))
-    return run
+@pytest.fixture
+def make_run(tmp_path, train_run):
+    """``make_run(name, *, seed, i2g, g2i, ...)``: a run directory as hescape-train writes it (the keys the report
+    reads, plus the ones a sweep varies)."""
+
+    def make(name, *, seed, i2g, g2i, loss="clip", lr=1e-3, workers=0, pool=100):
+        cfg = {"format": "hescape-train-config/1", "seed": seed, "out_dir": str(tmp_path / "runs"), "run_name": name,
+               "progress": False,
+               "model": {"name": "vit_mlp_nano", "image": "uni", "gene": "mlp", "loss": loss},
+               "optim": {"lr": lr, "weight_decay": 0.01},
+               "data": {"path": None, "panel": "human-breast-panel", "num_workers": workers}}
+        return train_run(tmp_path / "runs" / name, cfg, i2g=i2g, g2i=g2i, pool=pool)
+
+    return make
 
 
-def test_runs_differing_in_the_loss_are_not_averaged_as_seeds(tmp_path):
+def test_runs_differing_in_the_loss_are_not_averaged_as_seeds(make_run):
     # one CLIP run (seed 0) and one SigLIP run (seed 1): before, one row "mlp-uni" with mean 0.3 over "2 seeds"
-    runs = [_run(tmp_path, "a", seed=0, i2g=0.1, g2i=0.2, loss="clip"),
-            _run(tmp_path, "b", seed=1, i2g=0.5, g2i=0.6, loss="siglip")]
+    runs = [make_run("a", seed=0, i2g=0.1, g2i=0.2, loss="clip"),
+            make_run("b", seed=1, i2g=0.5, g2i=0.6, loss="siglip")]
     table = build_table(load_runs(runs))
     assert table.rows == ["mlp-uni [loss=clip]", "mlp-uni [loss=siglip]"]
     col = ("human-breast-panel", "i2g")
@@ -42,11 +40,11 @@ def test_runs_differing_in_the_loss_are_not_averaged_as_seeds(tmp_path):
     assert "Rows marked [key=value]" in table.to_markdown()
 
 
-def test_sweep_of_two_keys_over_seeds(tmp_path):
-    runs = [_run(tmp_path, "c0", seed=0, i2g=0.10, g2i=0.1), _run(tmp_path, "c1", seed=1, i2g=0.30, g2i=0.1),
-            _run(tmp_path, "s0", seed=0, i2g=0.50, g2i=0.1, loss="siglip"),
-            _run(tmp_path, "s1", seed=1, i2g=0.70, g2i=0.1, loss="siglip"),
-            _run(tmp_path, "l0", seed=0, i2g=0.20, g2i=0.1, lr=3e-4)]
+def test_sweep_of_two_keys_over_seeds(make_run):
+    runs = [make_run("c0", seed=0, i2g=0.10, g2i=0.1), make_run("c1", seed=1, i2g=0.30, g2i=0.1),
+            make_run("s0", seed=0, i2g=0.50, g2i=0.1, loss="siglip"),
+            make_run("s1", seed=1, i2g=0.70, g2i=0.1, loss="siglip"),
+            make_run("l0", seed=0, i2g=0.20, g2i=0.1, lr=3e-4)]
     records = load_runs(runs)
     assert config_variants(records) == ["loss=clip, lr=0.001"] * 2 + ["loss=siglip, lr=0.001"] * 2 + [
         "loss=clip, lr=0.0003"]
@@ -59,26 +57,25 @@ def test_sweep_of_two_keys_over_seeds(tmp_path):
     assert table.cells[("mlp-uni [loss=clip, lr=0.0003]", col)].values == [0.2]
 
 
-def test_settings_that_do_not_change_results_do_not_split_rows(tmp_path):
+def test_settings_that_do_not_change_results_do_not_split_rows(make_run):
     # data.num_workers, run_name, out_dir: hescape-train documents them as not changing results
-    runs = [_run(tmp_path, "w0", seed=0, i2g=0.1, g2i=0.2, workers=0),
-            _run(tmp_path, "w4", seed=1, i2g=0.3, g2i=0.4, workers=4)]
+    runs = [make_run("w0", seed=0, i2g=0.1, g2i=0.2, workers=0),
+            make_run("w4", seed=1, i2g=0.3, g2i=0.4, workers=4)]
     table = build_table(load_runs(runs))
     assert table.rows == ["mlp-uni"]
     assert table.cells[("mlp-uni", ("human-breast-panel", "i2g"))].values == [0.1, 0.3]
 
 
-def test_same_settings_and_seed_is_still_a_duplicate(tmp_path, capsys):
-    runs = [_run(tmp_path, "a", seed=0, i2g=0.1, g2i=0.2), _run(tmp_path, "a-copy", seed=0, i2g=0.1, g2i=0.2)]
+def test_same_settings_and_seed_is_still_a_duplicate(tmp_path, capsys, make_run):
+    runs = [make_run("a", seed=0, i2g=0.1, g2i=0.2), make_run("a-copy", seed=0, i2g=0.1, g2i=0.2)]
     assert main(["report", *map(str, runs), "--out", str(tmp_path / "out"), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert "one run per (model, panel, seed)" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_report_shows_each_setting_as_its_own_row(tmp_path, capsys):
-    runs = [_run(tmp_path, "a", seed=0, i2g=0.1, g2i=0.2), _run(tmp_path, "b", seed=0, i2g=0.5, g2i=0.6,
-                                                                  loss="siglip")]
+def test_cli_report_shows_each_setting_as_its_own_row(tmp_path, capsys, make_run):
+    runs = [make_run("a", seed=0, i2g=0.1, g2i=0.2), make_run("b", seed=0, i2g=0.5, g2i=0.6, loss="siglip")]
     assert main(["report", *map(str, runs), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "report_long.csv").read_text())))
     assert {(r["model"], r["direction"], r["mean"], r["n"]) for r in rows} == {

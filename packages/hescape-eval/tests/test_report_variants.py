@@ -5,34 +5,33 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import pytest
 from hescape.eval import HescapeEvalError
 from hescape.eval.report import build_table, load_runs, write_report
 
 
-def _run(tmp_path, name, *, seed, i2g, g2i, pool=100):
-    run = tmp_path / "runs" / name
-    run.mkdir(parents=True)
-    cfg = {"format": "hescape-train-config/1", "seed": seed, "model": {"name": "paper", "image": "uni", "gene": "mlp"},
-           "data": {"path": None, "panel": "human-breast-panel"}}
-    (run / "config.json").write_text(json.dumps(cfg))
-    res = {}
-    for d, v in (("i2g", i2g), ("g2i", g2i)):
-        res.update({f"{d}_R@5": v, f"{d}_R@5_chance": 5 / pool, f"{d}_protocol": "full", f"{d}_pool": pool})
-    (run / "results.json").write_text(json.dumps(res))
-    return run
+@pytest.fixture
+def make_run(tmp_path, train_run):
+    """``make_run(name, *, seed, i2g, g2i, pool=100)``: a finished mlp-uni run directory."""
+
+    def make(name, *, seed, i2g, g2i, pool=100):
+        cfg = {"format": "hescape-train-config/1", "seed": seed,
+               "model": {"name": "paper", "image": "uni", "gene": "mlp"},
+               "data": {"path": None, "panel": "human-breast-panel"}}
+        return train_run(tmp_path / "runs" / name, cfg, i2g=i2g, g2i=g2i, pool=pool)
+
+    return make
 
 
 @pytest.fixture
-def sweep(tmp_path):
+def sweep(make_run):
     """mlp-uni trained with two losses, two seeds each: (i2g, g2i) recall per run."""
     vals = {"clip": [(0.10, 0.20), (0.30, 0.40)], "siglip": [(0.50, 0.05), (0.70, 0.15)]}
     runs, variants = [], []
     for loss, seeds in vals.items():
         for s, (a, b) in enumerate(seeds):
-            runs.append(_run(tmp_path, f"{loss}-s{s}", seed=s, i2g=a, g2i=b))
+            runs.append(make_run(f"{loss}-s{s}", seed=s, i2g=a, g2i=b))
             variants.append(f"loss={loss}")
     return runs, variants
 
