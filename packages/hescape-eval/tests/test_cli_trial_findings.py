@@ -426,3 +426,13 @@ def test_exports_of_two_splits_concatenate_with_unique_obs_names(world, tmp_path
     assert te.obs["row"].tolist() == list(range(90)) and tr.obs["row"].tolist() == list(range(60))
     both = anndata.concat([tr, te])
     assert both.n_obs == 150 and both.obs_names.is_unique
+
+
+def test_missing_split_embeddings_point_to_embed(tmp_path, cli, one_line_error):
+    """hescape-train saves only the test split's embeddings: asking a run for another split names the
+    `hescape-eval embed ... --split train --out train.npz` command that makes them (not "rerun training")."""
+    run = tmp_path / "run"
+    (run / "embeddings").mkdir(parents=True)
+    code, _, err = cli("retrieval", run, "--split", "train")
+    line = one_line_error(code, err, "embed", "--split train", "--out train.npz")
+    assert "rerun training" not in line

@@ -225,8 +225,12 @@ def load_embeddings(source: str | os.PathLike, split: str = "test") -> Embedding
         found = "no such file" if path.parent.parent.exists() or path == source else f"no such directory {source}"
         raise HescapeEvalError.build(
             what=f"embeddings of {where}", expected=f"the file {path}", found=found,
-            fix=f"rerun training with a hescape-train that saves embeddings (embeddings/{path.name}), or write them "
-                "with hescape.eval.io.save_embeddings(path, image=..., gene=..., index=..., sample=..., donor=...)")
+            fix=(f"embed that split with the run's checkpoint (hescape-eval embed {source} DATASET --split {split} "
+                 f"--out {split}.npz) and pass that file instead of the run directory"
+                 if source.is_dir() and split != "test" else
+                 f"rerun training with a hescape-train that saves embeddings (embeddings/{path.name}), or embed the "
+                 "split with hescape-eval embed RUN DATASET --split SPLIT, or write them with "
+                 "hescape.eval.io.save_embeddings(path, image=..., gene=..., index=..., sample=..., donor=...)"))
     data = read_npz(path, what=f"embeddings file {path}", fix="write it again with hescape.eval.io.save_embeddings")
     fmt = str(data.get("format", ""))
     missing = [k for k in ("image", "gene", "index", "sample", "donor") if k not in data]
