@@ -224,6 +224,26 @@ def _check_probe_options(genes, n_genes, min_cells_pct, gene_selection, alpha) -
     return value
 
 
+def _check_genes(genes, names: Sequence[str]) -> list[str]:
+    """``genes`` as strings, each once and each in the panel ``names``.
+
+    Raises
+    ------
+    HescapeEvalError
+        A gene missing from the panel, or listed twice.
+    """
+    genes = [str(g) for g in genes]
+    missing = [g for g in genes if g not in set(names)]
+    if missing:
+        raise _err(what="genes (--genes)", expected="genes present in the panel (gene_names)",
+                   found=f"{len(missing)} missing: {plain_list(missing, 20)}",
+                   fix="drop those genes from genes= (--genes), or use counts (a --dataset) of a panel that has them")
+    if len(set(genes)) != len(genes):
+        raise _err(what="genes (--genes)", expected="unique genes",
+                   found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="list each gene once")
+    return genes
+
+
 def select_variable_genes(counts, gene_names: Sequence[str], samples, *, n_genes: int = HEST_N_GENES,
                           min_cells_pct: float = HEST_MIN_CELLS_PCT, rows=None) -> list[str]:
     """The ``n_genes`` most variable genes as HEST-Benchmark selects them (``src/hest/utils.py`` ``get_k_genes``).
@@ -610,17 +630,7 @@ def expression_probe(embeddings, counts, gene_names: Sequence[str], patients, *,
     n_components = int(n_components)
 
     if genes is not None:
-        genes = [str(g) for g in genes]
-        missing = [g for g in genes if g not in set(names)]
-        if missing:
-            raise _err(what="genes (--genes)", expected="genes present in the panel (gene_names)",
-                       found=f"{len(missing)} missing: {plain_list(missing, 20)}",
-                       fix="drop those genes from genes= (--genes), or use counts (a --dataset) of a panel that has "
-                           "them")
-        if len(set(genes)) != len(genes):
-            raise _err(what="genes (--genes)", expected="unique genes",
-                       found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="list each gene once")
-        fixed_genes: list[str] | None = genes
+        fixed_genes: list[str] | None = _check_genes(genes, names)
     elif gene_selection == "all":
         fixed_genes = select_variable_genes(cnt, names, samples_all, n_genes=n_genes, min_cells_pct=min_cells_pct,
                                             rows=rows)

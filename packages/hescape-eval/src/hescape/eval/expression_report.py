@@ -199,17 +199,7 @@ def train_test_probe(x_train, x_test, counts_train, counts_test, gene_names: Seq
                     expected=f"between 1 and the embedding width {xtr.shape[1]} and the training spots {len(xtr)}",
                     found=str(n_components), fix=f"pass n_components={top} or less (--n-components {top})")
     if genes is not None:
-        genes = [str(g) for g in genes]
-        missing = [g for g in genes if g not in set(names)]
-        if missing:
-            raise _fail(what="genes (--genes)", expected="genes present in the panel (gene_names)",
-                        found=f"{len(missing)} missing: {plain_list(missing, 20)}",
-                        fix="drop those genes from genes= (--genes), or use counts (a --dataset) of a panel that has "
-                            "them")
-        if len(set(genes)) != len(genes):
-            raise _fail(what="genes (--genes)", expected="unique genes",
-                        found=f"{len(genes) - len(set(genes))} duplicate(s)", fix="list each gene once")
-        chosen = genes
+        chosen = E._check_genes(genes, names)
     else:
         rows = None if gene_selection == "all" else np.arange(len(xtr))
         chosen = select_variable_genes(_stack(ctr.x, cte.x), names, np.concatenate([str_, ste]), n_genes=n_genes,
