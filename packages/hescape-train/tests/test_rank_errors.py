@@ -31,16 +31,22 @@ def _torchrun(*args, timeout=240):
 
 def _check_once(proc, message_start: str) -> None:
     assert proc.returncode != 0
-    ours = [line for line in proc.stderr.splitlines() if line.startswith(_PREFIX)]
-    full = [line for line in ours if line.startswith(f"{_PREFIX}error: {message_start}")]
-    assert len(full) == 1, proc.stderr[-3000:]  # rank 0, in full
-    others = [line for line in ours if line not in full]
-    assert len(others) == 1 and others[0].startswith(f"{_PREFIX}rank 1: error: {message_start[:40]}"), others
-    short = others[0].removeprefix(f"{_PREFIX}rank 1: error: ")
-    assert len(short) <= 61 < len(full[0].removeprefix(f"{_PREFIX}error: "))  # the first 60 characters and '…'
-    # torchrun's report: both ranks stopped with exit code 2 (not killed, not a traceback)
-    codes = re.findall(r"rank\s+: (\d+) \(local_rank[^\n]*\n\s*exitcode\s+: (-?\d+)", proc.stderr)
-    assert sorted(codes) == [("0", "2"), ("1", "2")], proc.stderr[-3000:]
+    err = proc.stderr
+    # counted as substrings: the two ranks share one stderr, so their lines may interleave (seen under load)
+    assert err.count(f"{_PREFIX}error: {message_start}") == 1, err[-3000:]  # rank 0, in full
+    assert err.count(f"{_PREFIX}rank 1: error: {message_start[:40]}") == 1, err[-3000:]  # rank 1, one short line
+    assert err.count(_PREFIX) == 2, err[-3000:]
+    full = err[err.index(f"{_PREFIX}error: {message_start}"):].split("\n")[0]
+    short = err[err.index(f"{_PREFIX}rank 1: error: "):].removeprefix(f"{_PREFIX}rank 1: error: ")
+    short = short[: short.index("…") + 1] if "…" in short else short.split("\n")[0]
+    assert len(short) <= 61 and "…" in short  # the first 60 characters and '…'
+    assert len(full.removeprefix(f"{_PREFIX}error: ")) > 61 or _PREFIX in full[len(_PREFIX):]
+    # torchrun's report: the ranks stopped with exit code 2 (not a traceback). Whichever rank exits first makes
+    # torchrun SIGTERM the other (exit code -15) if it has not exited yet: a race, so one of them may read -15
+    # (seen in CI); at least one reports 2, and none anything else.
+    codes = dict(re.findall(r"rank\s+: (\d+) \(local_rank[^\n]*\n\s*exitcode\s+: (-?\d+)", proc.stderr))
+    assert set(codes) <= {"0", "1"} and "2" in codes.values(), proc.stderr[-3000:]
+    assert set(codes.values()) <= {"2", "-15"}, proc.stderr[-3000:]
     assert not re.search(r'File "[^"]*hescape[/\\]train', proc.stderr)  # torchrun's own traceback only
 
 
