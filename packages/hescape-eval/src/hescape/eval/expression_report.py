@@ -61,7 +61,7 @@ from .expression import (
     pearson_per_gene,
     select_variable_genes,
 )
-from .io import _umask
+from .io import _umask, remove_if_empty
 
 __all__ = ["PROTOCOLS", "OUTPUT_FILES", "read_gene_list", "train_test_probe", "expression_report", "context_line"]
 
@@ -519,10 +519,7 @@ def expression_report(source: str | os.PathLike, out: str | os.PathLike, *, data
         files = _write_all(out, texts, res, overwrite)
     except BaseException:
         if created:
-            try:
-                out.rmdir()  # only if still empty: nothing of ours is left
-            except OSError:
-                pass
+            remove_if_empty(out)  # nothing of ours is left
         raise
     return {"result": res, "markdown": markdown, "files": files, "info": info}
 

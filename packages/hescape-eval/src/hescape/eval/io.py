@@ -242,3 +242,11 @@ def load_embeddings(source: str | os.PathLike, split: str = "test") -> Embedding
     arrays = _validate(data["image"], data["gene"], data["index"], data["sample"], data["donor"],
                        data.get("spot_id"))
     return Embeddings(**arrays, path=path)
+
+
+def remove_if_empty(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` if it is still empty (an output folder a failed command created); otherwise leave it."""
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HescapeEvalError
+from .io import remove_if_empty
 
 __all__ = ["ReportTable", "RunRecord", "build_table", "config_variants", "load_run", "load_runs", "plot_recall",
            "existing_report_files", "report_files", "write_report"]
@@ -754,9 +755,6 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
         if created:
-            try:
-                out.rmdir()  # only if still empty: nothing of ours is left
-            except OSError:
-                pass
+            remove_if_empty(out)  # nothing of ours is left
         raise
     return result
