@@ -17,11 +17,11 @@ Datasets imported from the official HESCAPE shards record that their coordinates
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from ._write import refuse_existing
 from .errors import HescapeEvalError
+from .io import probe_writable
 
 __all__ = ["export_run"]
 
@@ -68,10 +68,7 @@ def export_run(source: str | os.PathLike, out: str | os.PathLike, *, dataset: st
     if not overwrite:
         refuse_existing([out], option="OUT")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out.parent)  # unwritable: refused before the work
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out.parent)  # unwritable: refused before the work
     except OSError as exc:
         raise HescapeEvalError.build(what=f"OUT {out}", expected="a file in a folder this command can create and "
                                      "write", found=exc.strerror or type(exc).__name__,

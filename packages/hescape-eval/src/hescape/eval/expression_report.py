@@ -39,7 +39,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +60,7 @@ from .expression import (
     pearson_per_gene,
     select_variable_genes,
 )
-from .io import _umask, remove_if_empty
+from .io import _umask, probe_writable, remove_if_empty
 
 __all__ = ["PROTOCOLS", "OUTPUT_FILES", "read_gene_list", "train_test_probe", "expression_report", "context_line"]
 
@@ -267,10 +266,7 @@ def _prepare_out(out: Path, overwrite: bool) -> bool:
         refuse_existing([out / n for n in OUTPUT_FILES])
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)  # unwritable: refused now, not after the work
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out)  # unwritable: refused now, not after the work
     except OSError as exc:
         if created and out.is_dir():
             out.rmdir()

@@ -250,3 +250,12 @@ def remove_if_empty(folder: str | os.PathLike) -> None:
         Path(folder).rmdir()
     except OSError:
         pass
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` (and parents) and prove a file can be written in it, so that a command refuses an
+    unwritable output before its work, not after. Raises the ``OSError`` met."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
