@@ -436,3 +436,11 @@ def test_missing_split_embeddings_point_to_embed(tmp_path, cli, one_line_error):
     code, _, err = cli("retrieval", run, "--split", "train")
     line = one_line_error(code, err, "embed", "--split train", "--out train.npz")
     assert "rerun training" not in line
+
+
+def test_expression_empty_out_refused(tmp_path, cli, one_line_error, monkeypatch):
+    """`--out ''` read as the current folder and wrote four files there: refused before any work, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("expression", tmp_path / "no-run", "--out", "")
+    one_line_error(code, err, "--out", "empty path")
+    assert list(tmp_path.iterdir()) == []

@@ -88,6 +88,11 @@ def add_expression(sub) -> None:
 def run_expression(args: argparse.Namespace) -> int:
     from .expression_report import context_line, expression_report, read_gene_list
 
+    if not str(args.out).strip():  # '' would read as the current folder: files written where nobody asked
+        from .errors import HescapeEvalError
+
+        raise HescapeEvalError.build(what="--out", expected="a folder for the outputs", found="an empty path",
+                                     fix="name a folder, e.g. --out reports/expression (or --out . for this folder)")
     genes = read_gene_list(args.genes) if args.genes else None
     alpha = "cv" if args.alpha_cv else (args.alpha if args.alpha is not None else "hest")
     res = expression_report(args.source, args.out, dataset=args.dataset, split=args.split,

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HescapeEvalError
+from .io import _umask
 
 __all__ = ["SCHEMA", "IMG_KEY", "GEX_KEY", "SPATIAL_KEY", "export_anndata", "read_params"]
 
@@ -214,6 +215,7 @@ def export_anndata(path: str | os.PathLike, *, obs: Mapping[str, Sequence], row_
     os.close(fd)
     try:
         adata.write_h5ad(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
